@@ -21,7 +21,8 @@
     │   ├── RepoFull                exit 7   ENOSPC or quota on the store
     │   ├── KeyError_               exit 7   missing, wrong or insecure key file
     │   └── StorageError            exit 7   the store failed (network, permission); transient ones are retried
-    │       └── TransientStorageError
+    │       ├── TransientStorageError
+    │       └── ObjectNotFound      exit 7   the store has no object under that key
     ├── DaemonError                 exit 8   the per-disk daemon or agent is not reachable / died
     └── VerifyFailed                exit 9   verify found missing or corrupt data (the report names it)
 
@@ -130,6 +131,10 @@ class StorageError(RepoError):
 
 class TransientStorageError(StorageError):
     """A failure that may succeed when retried (timeouts, 5xx, throttling)."""
+
+
+class ObjectNotFound(StorageError):
+    """The store holds no object under the requested key (never retried)."""
 
 
 class DaemonError(BatonError):
