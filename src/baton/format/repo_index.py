@@ -1,0 +1,99 @@
+"""Chunk-index files and snapshot index pages: the bodies that go inside an envelope (repo_envelope).
+
+Chunk-index file body (envelope magic b"BTNINDEX")::
+
+    INDEX_HEAD, then entry_count x INDEX_ENTRY
+
+Index page body (envelope magic b"BTNIPAGE")::
+
+    PAGE_HEAD, then count x 32-byte ids (chunk ids at level 0, child page ids above)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from baton.errors import RepoCorrupt
+
+INDEX_VERSION = 1
+INDEX_HEAD = struct.Struct(
+    "<"
+    "I"   # entry_count
+    "H"   # version       INDEX_VERSION
+    "H"   # reserved      0
+)
+INDEX_ENTRY = struct.Struct(
+    "<"
+    "32s"  # chunk_id
+    "32s"  # pack_id       BLAKE3-256 of the pack object (its name)
+    "Q"    # offset        of the blob in the pack
+    "I"    # stored_length
+    "I"    # raw_length
+    "B"    # flags         BLOB_* flags (repo_pack)
+    "3x"   # padding
+)
+
+PAGE_FANOUT = 4096          # ids per page: 128 KiB of ids = 256 MiB of disk at 64 KiB chunks
+PAGE_VERSION = 1
+PAGE_HEAD = struct.Struct(
+    "<"
+    "B"   # level        0 = leaf (chunk ids), n = ids of level n-1 pages
+    "B"   # version      PAGE_VERSION
+    "H"   # reserved     0
+    "I"   # count        ids that follow (1..PAGE_FANOUT)
+)
+ID_LEN = 32
+ZERO_ID = bytes(ID_LEN)     # the id of an all-zero chunk, and of a page whose ids are all ZERO_ID
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """Where a chunk lives."""
+
+    pack_id: bytes
+    offset: int
+    stored_length: int
+    raw_length: int
+    flags: int
+
+
+def encode_index(entries: list[tuple[bytes, IndexEntry]]) -> bytes:
+    parts = [INDEX_HEAD.pack(len(entries), INDEX_VERSION, 0)]
+    parts.extend(INDEX_ENTRY.pack(cid, e.pack_id, e.offset, e.stored_length, e.raw_length, e.flags)
+                 for cid, e in entries)
+    return b"".join(parts)
+
+
+def decode_index(body: bytes, name: str) -> list[tuple[bytes, IndexEntry]]:
+    if len(body) < INDEX_HEAD.size:
+        raise RepoCorrupt(f"index {name}: truncated")
+    count, version, _r = INDEX_HEAD.unpack_from(body)
+    if version != INDEX_VERSION:
+        raise RepoCorrupt(f"index {name}: version {version}, this Baton reads {INDEX_VERSION}")
+    if len(body) != INDEX_HEAD.size + count * INDEX_ENTRY.size:
+        raise RepoCorrupt(f"index {name}: {len(body)} bytes for {count} entries")
+    out = []
+    for i in range(count):
+        cid, pid, off, slen, rlen, flags = INDEX_ENTRY.unpack_from(body, INDEX_HEAD.size + i * INDEX_ENTRY.size)
+        out.append((cid, IndexEntry(pid, off, slen, rlen, flags)))
+    return out
+
+
+def encode_page(level: int, ids: list[bytes]) -> bytes:
+    if not 1 <= len(ids) <= PAGE_FANOUT:
+        raise ValueError(f"a page holds 1..{PAGE_FANOUT} ids, not {len(ids)}")
+    return PAGE_HEAD.pack(level, PAGE_VERSION, 0, len(ids)) + b"".join(ids)
+
+
+def decode_page(body: bytes, name: str) -> tuple[int, list[bytes]]:
+    """(level, ids) of a page body, checked."""
+    if len(body) < PAGE_HEAD.size:
+        raise RepoCorrupt(f"page {name}: truncated")
+    level, version, _r, count = PAGE_HEAD.unpack_from(body)
+    if version != PAGE_VERSION:
+        raise RepoCorrupt(f"page {name}: version {version}, this Baton reads {PAGE_VERSION}")
+    if not 1 <= count <= PAGE_FANOUT or len(body) != PAGE_HEAD.size + count * ID_LEN:
+        raise RepoCorrupt(f"page {name}: {len(body)} bytes for {count} ids")
+    base = PAGE_HEAD.size
+    return level, [body[base + i * ID_LEN: base + (i + 1) * ID_LEN] for i in range(count)]
