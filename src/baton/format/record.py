@@ -1,0 +1,616 @@
+"""Pure codecs for the change record (format v1). No I/O here: bytes in, frozen dataclasses out.
+
+The layout, field tables and rationale are in docs/format.md; constant names match the spec. Every structure
+carries a magic, a version checked against ``SUPPORTED_VERSIONS``, its length, a CRC32C and its own identity
+(its copy number and region/page index, the disk UUID and owner epoch where they apply). ``unpack`` checks them
+in a fixed order (magic, version, length, checksum, identity) and raises :class:`FormatError` saying what it
+expected and what it found.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass, field
+
+import crc32c as _crc
+
+BLOCK = 4096  # every record structure occupies whole 4 KiB blocks, aligned for O_DIRECT
+SECTOR = 512  # the smallest unit a torn write can leave half-old/half-new
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = range(1, 2)
+
+MIN_CHUNK = 4096
+MAX_CHUNK = 4 * 1024 * 1024
+DEFAULT_CHUNK = 64 * 1024
+
+HEADER_MAGIC = b"BATONREC"
+SLOT_MAGIC = b"BATONSLT"
+PAGE_MAGIC = b"BATONBMP"
+HISTORY_MAGIC = b"BATONHIS"
+RDISK_MAGIC = b"BATONRDK"
+
+PLACEMENT_TAIL = 1
+PLACEMENT_FILE = 2
+PLACEMENT_EXTERNAL = 3
+PLACEMENT_NAMES = {PLACEMENT_TAIL: "tail", PLACEMENT_FILE: "file", PLACEMENT_EXTERNAL: "external"}
+
+# header flags
+FLAG_CLEAN = 1 << 0  # the last owner detached cleanly
+FLAG_RESET = 1 << 1  # the record was reset (new lineage); the next backup must be full
+
+REGION_NODE = 1
+REGION_FROZEN = 2
+
+HEADER_COPIES = 2
+HISTORY_ENTRY_SIZE = 512
+HISTORY_ENTRIES = 64
+HISTORY_BLOCKS = HISTORY_ENTRIES * HISTORY_ENTRY_SIZE // BLOCK  # 8
+REGIONS_START = HEADER_COPIES + HISTORY_BLOCKS  # block 10
+
+PAGE_HEADER_SIZE = 64
+PAGE_BITS = (BLOCK - PAGE_HEADER_SIZE) * 8  # 32256 chunks per bitmap page
+NODE_NAME_MAX = 64
+MAX_EXTENTS = 140
+
+
+class FormatError(ValueError):
+    """A structure failed a check. ``what`` names the structure, ``reason`` says expected vs found."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what}: {reason}")
+        self.what = what
+        self.reason = reason
+
+
+class BadMagic(FormatError):
+    """No structure of this kind here (blank or foreign data)."""
+
+
+class BadVersion(FormatError):
+    """A structure of an unsupported format version."""
+
+
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    return int(_crc.crc32c(data))
+
+
+def _name(b: bytes) -> str:
+    return b.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def _enc_name(s: str, n: int = NODE_NAME_MAX) -> bytes:
+    raw = s.encode("utf-8")
+    if len(raw) > n:
+        raise ValueError(f"name {s!r} is longer than {n} bytes")
+    return raw
+
+
+def _uuid_bytes(s: str) -> bytes:
+    return uuid.UUID(s).bytes if s else bytes(16)
+
+
+def _uuid_str(b: bytes) -> str:
+    return "" if b == bytes(16) else str(uuid.UUID(bytes=b))
+
+
+def _check_common(what: str, data: bytes, magic: bytes, min_len: int) -> int:
+    if len(data) < min_len:
+        raise FormatError(what, f"expected at least {min_len} bytes, found {len(data)}")
+    if data[:8] != magic:
+        if data[:8] == bytes(8):
+            raise BadMagic(what, f"expected magic {magic!r}, found a blank block")
+        raise BadMagic(what, f"expected magic {magic!r}, found {bytes(data[:8])!r}")
+    (version,) = struct.unpack_from("<H", data, 8)
+    if version not in SUPPORTED_VERSIONS:
+        raise BadVersion(
+            what,
+            f"format version {version} is not supported (this Baton reads versions "
+            f"{SUPPORTED_VERSIONS.start}..{SUPPORTED_VERSIONS.stop - 1})",
+        )
+    return int(version)
+
+
+def _check_crc(what: str, body: bytes | memoryview, stored: int) -> None:
+    got = crc32c(body)
+    if got != stored:
+        raise FormatError(what, f"checksum mismatch: stored crc32c {stored:#010x}, computed {got:#010x}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Extent: where a piece of the record area lives on its device (one for tail/external; FIEMAP's for file)
+
+
+@dataclass(frozen=True)
+class Extent:
+    logical: int  # byte offset inside the record area
+    physical: int  # byte offset on the device
+    length: int  # bytes
+
+
+EXTENT = struct.Struct("<QQQ")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Record header: two alternating copies in blocks 0 and 1; the valid copy with the highest seq wins.
+
+HEADER = struct.Struct(
+    "<"
+    "8s"  # magic            b"BATONREC"
+    "H"  # version           FORMAT_VERSION
+    "H"  # length            bytes covered: this struct + extents + crc
+    "B"  # copy              0 or 1: which header block this is (self-location)
+    "B"  # placement         PLACEMENT_TAIL | PLACEMENT_FILE | PLACEMENT_EXTERNAL
+    "H"  # nslots            node slots (regions 0..nslots-1); region nslots is the frozen set
+    "Q"  # seq               incremented on every header write
+    "I"  # chunk_size        tracking granularity in bytes (power of two, 4 KiB..4 MiB)
+    "I"  # flags             FLAG_CLEAN | FLAG_RESET
+    "16s"  # disk_uuid       Baton's id of the data disk
+    "16s"  # fs_uuid         file-system UUID blkid saw at init (zeros if none)
+    "16s"  # lineage         changes whenever the record is reset
+    "16s"  # last_backup     snapshot id of the last backup (or checkpoint) committed from this record
+    "Q"  # disk_size         bytes of the data disk at init
+    "Q"  # data_size         bytes tracked and exposed (disk minus a tail record area)
+    "Q"  # record_offset     physical byte offset of record block 0 on its device (self-location)
+    "Q"  # record_size       bytes of the record area
+    "I"  # pages_per_slot    bitmap pages per region
+    "Q"  # epoch             owner epoch: the fencing token
+    "64s"  # owner           node name of the current owner (utf-8, NUL padded)
+    "Q"  # created_ns        wall clock at init
+    "Q"  # updated_ns        wall clock at this write
+    "Q"  # backup_seq        backups committed so far (history ring head)
+    "48s"  # hw_id           serial/WWN of the data disk when known (external placement identity)
+    "H"  # nextents          extent table entries following this struct
+)
+HEADER_CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    placement: int
+    nslots: int
+    chunk_size: int
+    disk_uuid: str
+    lineage: str
+    disk_size: int
+    data_size: int
+    record_offset: int
+    record_size: int
+    pages_per_slot: int
+    seq: int = 0
+    copy: int = 0
+    flags: int = 0
+    fs_uuid: str = ""
+    last_backup: str = ""  # 32 hex chars or ""
+    epoch: int = 0
+    owner: str = ""
+    created_ns: int = 0
+    updated_ns: int = 0
+    backup_seq: int = 0
+    hw_id: str = ""
+    extents: tuple[Extent, ...] = field(default_factory=tuple)
+    version: int = FORMAT_VERSION
+
+    @property
+    def nchunks(self) -> int:
+        return (self.data_size + self.chunk_size - 1) // self.chunk_size
+
+    @property
+    def clean(self) -> bool:
+        return bool(self.flags & FLAG_CLEAN)
+
+    def pack(self) -> bytes:
+        if len(self.extents) > MAX_EXTENTS:
+            raise ValueError(f"{len(self.extents)} extents exceed the maximum of {MAX_EXTENTS}")
+        length = HEADER.size + EXTENT.size * len(self.extents) + HEADER_CRC.size
+        body = HEADER.pack(
+            HEADER_MAGIC, self.version, length, self.copy, self.placement, self.nslots, self.seq,
+            self.chunk_size, self.flags, _uuid_bytes(self.disk_uuid), _uuid_bytes(self.fs_uuid),
+            _uuid_bytes(self.lineage), bytes.fromhex(self.last_backup) if self.last_backup else bytes(16),
+            self.disk_size, self.data_size, self.record_offset, self.record_size, self.pages_per_slot,
+            self.epoch, _enc_name(self.owner), self.created_ns, self.updated_ns, self.backup_seq,
+            _enc_name(self.hw_id, 48), len(self.extents),
+        ) + b"".join(EXTENT.pack(e.logical, e.physical, e.length) for e in self.extents)
+        out = body + HEADER_CRC.pack(crc32c(body))
+        return out + bytes(BLOCK - len(out))
+
+    @classmethod
+    def unpack(cls, data: bytes, *, copy: int | None = None, record_offset: int | None = None) -> RecordHeader:
+        """Decode one header block. ``copy`` and ``record_offset``, when given, are checked against the block's
+        own claims of where it lives (a header read from the wrong place is rejected)."""
+        what = "record header" if copy is None else f"record header copy {copy}"
+        version = _check_common(what, data, HEADER_MAGIC, HEADER.size + HEADER_CRC.size)
+        (length,) = struct.unpack_from("<H", data, 10)
+        if not HEADER.size + HEADER_CRC.size <= length <= BLOCK:
+            raise FormatError(what, f"length {length} outside {HEADER.size + HEADER_CRC.size}..{BLOCK}")
+        (stored,) = HEADER_CRC.unpack_from(data, length - HEADER_CRC.size)
+        _check_crc(what, memoryview(data)[: length - HEADER_CRC.size], stored)
+        f = HEADER.unpack_from(data, 0)
+        (_, _, _, hcopy, placement, nslots, seq, chunk_size, flags, disk_uuid, fs_uuid, lineage, last_backup,
+         disk_size, data_size, rec_off, rec_size, pps, epoch, owner, created, updated, bseq, hw_id, next) = f
+        if HEADER.size + next * EXTENT.size + HEADER_CRC.size != length:
+            raise FormatError(what, f"length {length} does not match {next} extents")
+        if copy is not None and hcopy != copy:
+            raise FormatError(what, f"expected copy {copy}, the block says it is copy {hcopy}")
+        if record_offset is not None and rec_off != record_offset:
+            raise FormatError(what, f"expected record at byte {record_offset}, the block says {rec_off}")
+        if placement not in PLACEMENT_NAMES:
+            raise FormatError(what, f"unknown placement {placement}")
+        if chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
+            raise FormatError(what, f"chunk size {chunk_size} is not a power of two in 4 KiB..4 MiB")
+        extents = tuple(
+            Extent(*EXTENT.unpack_from(data, HEADER.size + i * EXTENT.size)) for i in range(next)
+        )
+        return cls(
+            placement=placement, nslots=nslots, chunk_size=chunk_size, disk_uuid=_uuid_str(disk_uuid),
+            lineage=_uuid_str(lineage), disk_size=disk_size, data_size=data_size, record_offset=rec_off,
+            record_size=rec_size, pages_per_slot=pps, seq=seq, copy=hcopy, flags=flags,
+            fs_uuid=_uuid_str(fs_uuid), last_backup="" if last_backup == bytes(16) else last_backup.hex(),
+            epoch=epoch, owner=_name(owner), created_ns=created, updated_ns=updated, backup_seq=bseq,
+            hw_id=_name(hw_id), extents=extents, version=version,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Region (slot) header: two alternating copies at the start of each region. A region holds one bitmap: a node's
+# slot (the chunks it dirtied while owner) or the frozen set of an in-flight backup.
+
+SLOT = struct.Struct(
+    "<"
+    "8s"  # magic        b"BATONSLT"
+    "H"  # version
+    "H"  # length        bytes covered: struct + page map + crc
+    "I"  # region        region index (self-identity)
+    "B"  # kind          REGION_NODE | REGION_FROZEN
+    "B"  # copy          0 or 1 (self-location)
+    "2x"  # reserved
+    "Q"  # seq           incremented on every write of this slot header
+    "Q"  # generation    bumped when the region is cleared; pages of older generations are ignored
+    "Q"  # epoch         owner epoch of the writer
+    "16s"  # disk_uuid
+    "64s"  # node        node owning this slot (node regions), "" if free
+    "16s"  # backup_id   frozen region: the backup that froze it
+    "I"  # npages       pages in this region (== header.pages_per_slot)
+)
+
+
+@dataclass(frozen=True)
+class SlotHeader:
+    region: int
+    kind: int
+    disk_uuid: str
+    npages: int
+    seq: int = 0
+    copy: int = 0
+    generation: int = 1
+    epoch: int = 0
+    node: str = ""
+    backup_id: str = ""
+    page_map: bytes = b""  # bit p set = page p holds bits of this generation
+
+    def pack(self) -> bytes:
+        pm_len = (self.npages + 7) // 8
+        pm = self.page_map.ljust(pm_len, b"\0")[:pm_len]
+        length = SLOT.size + pm_len + 4
+        if length > BLOCK:
+            raise ValueError(f"{self.npages} pages do not fit a slot header block")
+        body = SLOT.pack(
+            SLOT_MAGIC, FORMAT_VERSION, length, self.region, self.kind, self.copy, self.seq, self.generation,
+            self.epoch, _uuid_bytes(self.disk_uuid), _enc_name(self.node),
+            bytes.fromhex(self.backup_id) if self.backup_id else bytes(16), self.npages,
+        ) + pm
+        out = body + struct.pack("<I", crc32c(body))
+        return out + bytes(BLOCK - len(out))
+
+    @classmethod
+    def unpack(cls, data: bytes, *, region: int, copy: int, disk_uuid: str) -> SlotHeader:
+        what = f"slot header (region {region} copy {copy})"
+        _check_common(what, data, SLOT_MAGIC, SLOT.size + 4)
+        (length,) = struct.unpack_from("<H", data, 10)
+        if not SLOT.size + 4 <= length <= BLOCK:
+            raise FormatError(what, f"length {length} out of range")
+        (stored,) = struct.unpack_from("<I", data, length - 4)
+        _check_crc(what, memoryview(data)[: length - 4], stored)
+        (_, _, _, reg, kind, hcopy, seq, gen, epoch, duuid, node, bid, npages) = SLOT.unpack_from(data, 0)
+        if length != SLOT.size + (npages + 7) // 8 + 4:
+            raise FormatError(what, f"length {length} does not match {npages} pages")
+        if reg != region or hcopy != copy:
+            raise FormatError(what, f"expected region {region} copy {copy}, found region {reg} copy {hcopy}")
+        if _uuid_str(duuid) != disk_uuid:
+            raise FormatError(what, f"belongs to disk {_uuid_str(duuid)}, expected {disk_uuid}")
+        return cls(
+            region=reg, kind=kind, disk_uuid=disk_uuid, npages=npages, seq=seq, copy=hcopy, generation=gen,
+            epoch=epoch, node=_name(node), backup_id="" if bid == bytes(16) else bid.hex(),
+            page_map=bytes(data[SLOT.size : SLOT.size + (npages + 7) // 8]),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bitmap page: two alternating copies per page; a 64-byte header then PAGE_BITS bits (bit i of byte j = chunk
+# page*PAGE_BITS + 8*j + i). A torn write damages only the copy being written; the other copy still holds the
+# previous durable state, so at most the in-flight marks are lost -- and those were never acknowledged.
+
+PAGE = struct.Struct(
+    "<"
+    "8s"  # magic        b"BATONBMP"
+    "H"  # version
+    "H"  # header_len   PAGE_HEADER_SIZE
+    "I"  # region       (self-identity)
+    "I"  # page         page index within the region (self-identity)
+    "B"  # copy         0 or 1 (self-location)
+    "3x"  # reserved
+    "Q"  # seq          higher wins between the two copies
+    "Q"  # generation   must equal the region's slot-header generation
+    "Q"  # epoch        owner epoch of the writer
+    "8s"  # disk_tag    first 8 bytes of the disk UUID
+    "I"  # crc          crc32c of the whole block with this field zeroed
+)
+PAGE_CRC_OFF = PAGE.size - 4
+assert PAGE.size <= PAGE_HEADER_SIZE
+
+
+@dataclass(frozen=True)
+class BitmapPage:
+    region: int
+    page: int
+    copy: int
+    seq: int
+    generation: int
+    epoch: int
+    disk_uuid: str
+    bits: bytes  # PAGE_BITS // 8 bytes
+
+    def pack(self) -> bytes:
+        if len(self.bits) != PAGE_BITS // 8:
+            raise ValueError(f"page bits must be {PAGE_BITS // 8} bytes, got {len(self.bits)}")
+        hdr = PAGE.pack(
+            PAGE_MAGIC, FORMAT_VERSION, PAGE_HEADER_SIZE, self.region, self.page, self.copy, self.seq,
+            self.generation, self.epoch, _uuid_bytes(self.disk_uuid)[:8], 0,
+        ).ljust(PAGE_HEADER_SIZE, b"\0")
+        block = bytearray(hdr + self.bits)
+        struct.pack_into("<I", block, PAGE_CRC_OFF, crc32c(block))
+        return bytes(block)
+
+    @classmethod
+    def unpack(cls, data: bytes, *, region: int, page: int, copy: int, disk_uuid: str) -> BitmapPage:
+        what = f"bitmap page {page} (region {region} copy {copy})"
+        _check_common(what, data, PAGE_MAGIC, BLOCK)
+        (_, _, hlen, reg, pg, hcopy, seq, gen, epoch, tag, stored) = PAGE.unpack_from(data, 0)
+        if hlen != PAGE_HEADER_SIZE:
+            raise FormatError(what, f"header length {hlen}, expected {PAGE_HEADER_SIZE}")
+        block = bytearray(data[:BLOCK])
+        struct.pack_into("<I", block, PAGE_CRC_OFF, 0)
+        _check_crc(what, block, stored)
+        if (reg, pg, hcopy) != (region, page, copy):
+            raise FormatError(what, f"found region {reg} page {pg} copy {hcopy} in its place")
+        if tag != _uuid_bytes(disk_uuid)[:8]:
+            raise FormatError(what, "belongs to another disk")
+        return cls(region=reg, page=pg, copy=hcopy, seq=seq, generation=gen, epoch=epoch, disk_uuid=disk_uuid,
+                   bits=bytes(data[PAGE_HEADER_SIZE:BLOCK]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# History entry: the seed patent's "backup info saved in the record area". A ring of HISTORY_ENTRIES entries of
+# 512 bytes (one sector each, so a torn write can only damage the entry being written).
+
+HISTORY = struct.Struct(
+    "<"
+    "8s"  # magic          b"BATONHIS"
+    "H"  # version
+    "H"  # length         HISTORY_ENTRY_SIZE
+    "I"  # slot           ring position (self-location)
+    "Q"  # seq            backup sequence number (1, 2, ...)
+    "16s"  # snapshot_id
+    "16s"  # lineage
+    "64s"  # node
+    "Q"  # start_ns
+    "Q"  # end_ns
+    "Q"  # chunks_read
+    "Q"  # bytes_read
+    "Q"  # chunks_stored
+    "Q"  # bytes_stored
+    "Q"  # bytes_deduped
+    "B"  # mode           1 full, 2 incremental
+    "B"  # result         1 ok, 2 failed, 3 aborted
+    "6x"  # reserved
+    "96s"  # reason       why full (or "" for incremental), utf-8
+    "32s"  # digest       integrity digest (snapshot root digest)
+    "Q"  # epoch          owner epoch at commit
+)
+MODES = {1: "full", 2: "incremental"}
+RESULTS = {1: "ok", 2: "failed", 3: "aborted"}
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    seq: int
+    snapshot_id: str
+    lineage: str
+    node: str
+    start_ns: int
+    end_ns: int
+    chunks_read: int
+    bytes_read: int
+    chunks_stored: int
+    bytes_stored: int
+    bytes_deduped: int
+    mode: str
+    result: str
+    reason: str
+    digest: str  # hex
+    epoch: int
+    slot: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+    def pack(self) -> bytes:
+        mode = {v: k for k, v in MODES.items()}[self.mode]
+        result = {v: k for k, v in RESULTS.items()}[self.result]
+        reason = self.reason.encode("utf-8")[:96]
+        body = HISTORY.pack(
+            HISTORY_MAGIC, FORMAT_VERSION, HISTORY_ENTRY_SIZE, self.slot, self.seq,
+            bytes.fromhex(self.snapshot_id) if self.snapshot_id else bytes(16), _uuid_bytes(self.lineage),
+            _enc_name(self.node), self.start_ns, self.end_ns, self.chunks_read, self.bytes_read,
+            self.chunks_stored, self.bytes_stored, self.bytes_deduped, mode, result, reason,
+            bytes.fromhex(self.digest)[:32].ljust(32, b"\0") if self.digest else bytes(32), self.epoch,
+        )
+        body = body.ljust(HISTORY_ENTRY_SIZE - 4, b"\0")
+        return body + struct.pack("<I", crc32c(body))
+
+    @classmethod
+    def unpack(cls, data: bytes, *, slot: int) -> HistoryEntry:
+        what = f"history entry {slot}"
+        _check_common(what, data, HISTORY_MAGIC, HISTORY_ENTRY_SIZE)
+        (stored,) = struct.unpack_from("<I", data, HISTORY_ENTRY_SIZE - 4)
+        _check_crc(what, memoryview(data)[: HISTORY_ENTRY_SIZE - 4], stored)
+        f = HISTORY.unpack_from(data, 0)
+        (_, _, _, hslot, seq, sid, lin, node, s, e, cr, br, cs, bs, bd, mode, result, reason, digest, ep) = f
+        if hslot != slot:
+            raise FormatError(what, f"found entry for ring slot {hslot}")
+        return cls(
+            seq=seq, snapshot_id="" if sid == bytes(16) else sid.hex(), lineage=_uuid_str(lin), node=_name(node),
+            start_ns=s, end_ns=e, chunks_read=cr, bytes_read=br, chunks_stored=cs, bytes_stored=bs,
+            bytes_deduped=bd, mode=MODES.get(mode, "?"), result=RESULTS.get(result, "?"), reason=_name(reason),
+            digest=digest.hex(), epoch=ep, slot=hslot,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Record disk (external placement): a superblock in two copies (blocks 0, 1) with a slot table keyed by data-disk
+# identity. Slot i's record area starts at byte RDISK_DATA_START + i * slot_size.
+
+RDISK = struct.Struct(
+    "<"
+    "8s"  # magic        b"BATONRDK"
+    "H"  # version
+    "H"  # length       struct + table + crc
+    "B"  # copy         0 or 1
+    "3x"  # reserved
+    "Q"  # seq
+    "16s"  # rdisk_uuid  id of the record disk itself
+    "Q"  # slot_size    bytes per slot (a multiple of BLOCK)
+    "H"  # nslots
+    "6x"  # reserved
+)
+RDISK_ENTRY = struct.Struct(
+    "<"
+    "B"  # in_use
+    "7x"  # reserved
+    "16s"  # disk_uuid   Baton id of the data disk using this slot
+    "Q"  # disk_size
+    "16s"  # fs_uuid
+    "48s"  # hw_id
+)
+RDISK_MAX_SLOTS = (BLOCK - RDISK.size - 4) // RDISK_ENTRY.size
+RDISK_DATA_START = 2 * BLOCK
+
+
+@dataclass(frozen=True)
+class RecordDiskSlot:
+    in_use: bool = False
+    disk_uuid: str = ""
+    disk_size: int = 0
+    fs_uuid: str = ""
+    hw_id: str = ""
+
+
+@dataclass(frozen=True)
+class RecordDiskSuper:
+    rdisk_uuid: str
+    slot_size: int
+    slots: tuple[RecordDiskSlot, ...]
+    seq: int = 0
+    copy: int = 0
+
+    def pack(self) -> bytes:
+        n = len(self.slots)
+        if n > RDISK_MAX_SLOTS:
+            raise ValueError(f"at most {RDISK_MAX_SLOTS} slots fit a record disk")
+        length = RDISK.size + n * RDISK_ENTRY.size + 4
+        body = RDISK.pack(RDISK_MAGIC, FORMAT_VERSION, length, self.copy, self.seq,
+                          _uuid_bytes(self.rdisk_uuid), self.slot_size, n)
+        body += b"".join(
+            RDISK_ENTRY.pack(int(s.in_use), _uuid_bytes(s.disk_uuid), s.disk_size, _uuid_bytes(s.fs_uuid),
+                             _enc_name(s.hw_id, 48))
+            for s in self.slots
+        )
+        out = body + struct.pack("<I", crc32c(body))
+        return out + bytes(BLOCK - len(out))
+
+    @classmethod
+    def unpack(cls, data: bytes, *, copy: int) -> RecordDiskSuper:
+        what = f"record-disk superblock copy {copy}"
+        _check_common(what, data, RDISK_MAGIC, RDISK.size + 4)
+        (length,) = struct.unpack_from("<H", data, 10)
+        if not RDISK.size + 4 <= length <= BLOCK:
+            raise FormatError(what, f"length {length} out of range")
+        (stored,) = struct.unpack_from("<I", data, length - 4)
+        _check_crc(what, memoryview(data)[: length - 4], stored)
+        (_, _, _, hcopy, seq, ruuid, slot_size, n) = RDISK.unpack_from(data, 0)
+        if hcopy != copy:
+            raise FormatError(what, f"the block says it is copy {hcopy}")
+        if length != RDISK.size + n * RDISK_ENTRY.size + 4:
+            raise FormatError(what, f"length {length} does not match {n} slots")
+        slots = []
+        for i in range(n):
+            in_use, duuid, dsize, fsu, hw = RDISK_ENTRY.unpack_from(data, RDISK.size + i * RDISK_ENTRY.size)
+            slots.append(RecordDiskSlot(bool(in_use), _uuid_str(duuid), dsize, _uuid_str(fsu), _name(hw)))
+        return cls(rdisk_uuid=_uuid_str(ruuid), slot_size=slot_size, slots=tuple(slots), seq=seq, copy=hcopy)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Geometry: where everything sits inside a record area (in blocks from record block 0).
+
+
+@dataclass(frozen=True)
+class Geometry:
+    nslots: int
+    pages_per_slot: int
+
+    @property
+    def region_blocks(self) -> int:
+        return 2 + 2 * self.pages_per_slot
+
+    @property
+    def nregions(self) -> int:
+        return self.nslots + 1  # node slots, then the frozen set
+
+    @property
+    def frozen_region(self) -> int:
+        return self.nslots
+
+    @property
+    def total_blocks(self) -> int:
+        return REGIONS_START + self.nregions * self.region_blocks
+
+    @property
+    def size(self) -> int:
+        return self.total_blocks * BLOCK
+
+    def header_block(self, copy: int) -> int:
+        return copy
+
+    def history_offset(self, slot: int) -> int:
+        """Byte offset of history ring entry ``slot``."""
+        return HEADER_COPIES * BLOCK + slot * HISTORY_ENTRY_SIZE
+
+    def slot_header_block(self, region: int, copy: int) -> int:
+        return REGIONS_START + region * self.region_blocks + copy
+
+    def page_block(self, region: int, page: int, copy: int) -> int:
+        return REGIONS_START + region * self.region_blocks + 2 + 2 * page + copy
+
+
+def pages_for(nchunks: int) -> int:
+    return max(1, (nchunks + PAGE_BITS - 1) // PAGE_BITS)
+
+
+def geometry_for(data_size: int, chunk_size: int, nslots: int) -> Geometry:
+    nchunks = (data_size + chunk_size - 1) // chunk_size
+    return Geometry(nslots=nslots, pages_per_slot=pages_for(nchunks))
+
+
+def max_pages_per_slot() -> int:
+    return (BLOCK - SLOT.size - 4) * 8

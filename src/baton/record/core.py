@@ -1,0 +1,634 @@
+"""The change record: per-node slots, the frozen set, group-committed write-ahead marking, fencing, history.
+
+One ``Record`` object is the single writer of one disk's record on this node (STYLE §12). Everything else
+(frontends, the backup engine) calls its methods. The write-ordering rules (docs/design.md "Write ordering"):
+
+* ``mark``: the chunk's bit is durable in the owner's slot (page copy + slot header, one sync shared by every
+  concurrent caller: group commit) before ``mark`` returns, and so before the write is acknowledged.
+* Every structure has two copies and a write always goes to the copy that is *not* the current best one, so a
+  torn write damages only the copy being written; the previous durable state survives in the other copy.
+* Before every commit the writer re-reads the header; if a newer epoch is there it raises ``Fenced`` and never
+  writes again (sticky). A takeover makes its new epoch durable before it reads the slots.
+* Takeover: new epoch durable -> OR every slot and the frozen set into the owner's slot (durable) -> clear the
+  other slots and the frozen set. A crash between steps leaves bits in two places, never in none.
+* Backup: ``freeze`` copies the owner's set into the frozen set (durable) before clearing the owner's slot.
+  ``checkpoint`` makes ``last_backup`` point at a stored checkpoint (durable) before clearing that batch's bits.
+  ``commit_backup`` writes history + ``last_backup`` (durable) before clearing the frozen set.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from baton.device import BlockDev
+from baton.errors import Fenced, RecordCorrupt, RecordError, RecordNotFound, RecordVersionError
+from baton.format.record import (
+    BLOCK,
+    FLAG_CLEAN,
+    FLAG_RESET,
+    HISTORY_ENTRIES,
+    HISTORY_ENTRY_SIZE,
+    PAGE_BITS,
+    PLACEMENT_NAMES,
+    REGION_FROZEN,
+    REGION_NODE,
+    BadMagic,
+    BadVersion,
+    BitmapPage,
+    FormatError,
+    Geometry,
+    HistoryEntry,
+    RecordHeader,
+    SlotHeader,
+)
+
+PAGE_BYTES = PAGE_BITS // 8
+
+
+def popcount(b: bytes | bytearray) -> int:
+    return int.from_bytes(b, "little").bit_count() if b else 0
+
+
+def or_into(dst: bytearray, src: bytes | bytearray) -> None:
+    """dst |= src (same length), fast: one big-int OR instead of a Python loop."""
+    n = len(dst)
+    v = int.from_bytes(dst, "little") | int.from_bytes(src, "little")
+    dst[:] = v.to_bytes(n, "little")
+
+
+def set_bits(bits: bytearray, chunks: Iterable[int]) -> None:
+    for c in chunks:
+        bits[c >> 3] |= 1 << (c & 7)
+
+
+def iter_bits(bits: bytes | bytearray, limit: int | None = None) -> Iterable[int]:
+    """Indices of set bits, ascending (skips zero bytes quickly)."""
+    n = len(bits) if limit is None else min(len(bits), (limit + 7) // 8)
+    mv = memoryview(bits)
+    step = 4096
+    for base in range(0, n, step):
+        blk = mv[base : min(n, base + step)]
+        if not any(blk):
+            continue
+        for j, byte in enumerate(blk):
+            if byte:
+                for i in range(8):
+                    if byte >> i & 1:
+                        c = (base + j) * 8 + i
+                        if limit is None or c < limit:
+                            yield c
+
+
+@dataclass
+class _Region:
+    """In-memory state of one region (a node slot or the frozen set)."""
+
+    index: int
+    hdr: SlotHeader
+    page_seq: list[int]
+    page_copy: list[int]  # copy holding the current best version (-1: none yet)
+    bits: bytearray | None = None  # loaded lazily (only the owner's slot and the frozen set stay in memory)
+    corrupt_pages: list[int] = field(default_factory=list)
+    corrupt_header: bool = False
+
+
+@dataclass
+class RecordStats:
+    marks: int = 0  # mark() calls
+    marks_fast: int = 0  # calls satisfied from memory, no I/O
+    first_touch_chunks: int = 0  # chunks newly made durable
+    commits: int = 0  # group commits (one sync each for marks)
+    metadata_syncs: int = 0  # every sync of the record device
+    metadata_writes: int = 0  # blocks written
+    fence_checks: int = 0
+
+
+class Record:
+    """An opened record. Use :meth:`load` to read it; :meth:`attach` to become its owner (single writer)."""
+
+    def __init__(self, area: BlockDev, header: RecordHeader, *, clock: Callable[[], int] = time.time_ns) -> None:
+        self.area = area
+        self.header = header
+        self.geo = Geometry(header.nslots, header.pages_per_slot)
+        self.clock = clock
+        self.stats = RecordStats()
+        self.regions: list[_Region] = []
+        self.notes: list[str] = []  # what was found damaged or repaired, for status and backup reasons
+        self.owner_region: int | None = None
+        self.attached = False
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: set[int] = set()
+        self._committing = False
+        self._broken: BaseException | None = None
+
+    # ---------------------------------------------------------------------------------------------- reading
+
+    @classmethod
+    def read_header(cls, area: BlockDev, *, record_offset: int | None = None) -> RecordHeader:
+        """The valid header copy with the highest seq. Raises RecordNotFound (both blank/foreign),
+        RecordVersionError, or RecordCorrupt (both copies damaged: a reset is needed)."""
+        raw = area.pread(0, 2 * BLOCK)
+        best: RecordHeader | None = None
+        errors: list[FormatError] = []
+        for copy in (0, 1):
+            try:
+                h = RecordHeader.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy,
+                                        record_offset=record_offset)
+            except FormatError as e:
+                errors.append(e)
+                continue
+            if best is None or h.seq > best.seq:
+                best = h
+        if best is not None:
+            return best
+        if any(isinstance(e, BadVersion) for e in errors):
+            raise RecordVersionError("; ".join(str(e) for e in errors),
+                                     hint="upgrade Baton, or re-initialise the disk with `baton init --force`")
+        if all(isinstance(e, BadMagic) for e in errors):
+            raise RecordNotFound("no Baton record here: " + "; ".join(str(e) for e in errors))
+        raise RecordCorrupt(
+            "both copies of the record header are damaged (" + "; ".join(str(e) for e in errors) + ")",
+            hint="the change history cannot be trusted; reset the record with `baton init --reset DISK`; "
+            "the next backup will then be full (reason: record reset). The data on the disk is not affected.",
+        )
+
+    @classmethod
+    def load(cls, area: BlockDev, *, record_offset: int | None = None,
+             clock: Callable[[], int] = time.time_ns) -> Record:
+        """Read the header and every region's slot header (not the bitmaps)."""
+        rec = cls(area, cls.read_header(area, record_offset=record_offset), clock=clock)
+        for r in range(rec.geo.nregions):
+            rec.regions.append(rec._load_region_header(r))
+        return rec
+
+    def _load_region_header(self, r: int) -> _Region:
+        h = self.header
+        raw = self.area.pread(self.geo.slot_header_block(r, 0) * BLOCK, 2 * BLOCK)
+        best: SlotHeader | None = None
+        errs = []
+        for copy in (0, 1):
+            try:
+                s = SlotHeader.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], region=r, copy=copy,
+                                      disk_uuid=h.disk_uuid)
+            except FormatError as e:
+                errs.append(str(e))
+                continue
+            if best is None or s.seq > best.seq:
+                best = s
+        kind = REGION_FROZEN if r == self.geo.frozen_region else REGION_NODE
+        npages = self.geo.pages_per_slot
+        if best is None:
+            # Unknown contents: the whole region counts as dirty (never under-report), and says so.
+            self.notes.append(f"region {r} slot header unreadable ({'; '.join(errs)}): whole disk marked dirty")
+            full = bytes([0xFF]) * ((npages + 7) // 8)
+            reg = _Region(r, SlotHeader(region=r, kind=kind, disk_uuid=h.disk_uuid, npages=npages, seq=0,
+                                        copy=1, generation=1, page_map=full),
+                          [0] * npages, [-1] * npages, corrupt_header=True)
+            return reg
+        return _Region(r, best, [0] * npages, [-1] * npages)
+
+    def _load_bits(self, reg: _Region) -> bytearray:
+        """Read every in-use page of a region. A page with no valid copy marks its whole range dirty."""
+        if reg.bits is not None:
+            return reg.bits
+        npages = self.geo.pages_per_slot
+        bits = bytearray(npages * PAGE_BYTES)
+        pm = reg.hdr.page_map
+        for p in range(npages):
+            if not pm[p >> 3] >> (p & 7) & 1:
+                continue
+            if reg.corrupt_header:
+                bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = b"\xff" * PAGE_BYTES
+                continue
+            raw = self.area.pread(self.geo.page_block(reg.index, p, 0) * BLOCK, 2 * BLOCK)
+            best: BitmapPage | None = None
+            errs = []
+            for copy in (0, 1):
+                try:
+                    pg = BitmapPage.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], region=reg.index, page=p,
+                                           copy=copy, disk_uuid=self.header.disk_uuid)
+                except FormatError as e:
+                    errs.append(str(e))
+                    continue
+                if pg.generation != reg.hdr.generation:
+                    errs.append(f"copy {copy} is from generation {pg.generation}, slot is {reg.hdr.generation}")
+                    continue
+                if best is None or pg.seq > best.seq:
+                    best = pg
+            if best is None:
+                reg.corrupt_pages.append(p)
+                lo = p * PAGE_BITS * self.header.chunk_size
+                hi = min((p + 1) * PAGE_BITS * self.header.chunk_size, self.header.data_size)
+                self.notes.append(
+                    f"bitmap page {p} of region {reg.index} unreadable ({'; '.join(errs)}): "
+                    f"bytes {lo}..{hi} marked dirty"
+                )
+                bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = b"\xff" * PAGE_BYTES
+                reg.page_seq[p] = max(reg.page_seq[p], 0)
+            else:
+                bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = best.bits
+                reg.page_seq[p] = best.seq
+                reg.page_copy[p] = best.copy
+        self._trim(bits)
+        reg.bits = bits
+        return bits
+
+    def _trim(self, bits: bytearray) -> None:
+        """Clear bits past the last chunk (a corrupt last page sets them all)."""
+        n = self.header.nchunks
+        if n % 8:
+            bits[n >> 3] &= (1 << (n & 7)) - 1
+            start = (n >> 3) + 1
+        else:
+            start = n >> 3
+        if start < len(bits):
+            bits[start:] = bytes(len(bits) - start)
+
+    def dirty_bits(self) -> bytearray:
+        """Union of every region: the chunks a backup must read now (frozen set included)."""
+        out = bytearray(self.geo.pages_per_slot * PAGE_BYTES)
+        for reg in self.regions:
+            if any(reg.hdr.page_map) or reg.corrupt_header:
+                or_into(out, self._load_bits(reg))
+        return out
+
+    def history(self) -> list[HistoryEntry]:
+        """Valid history entries, oldest first (damaged ring entries are skipped and noted)."""
+        raw = self.area.pread(self.geo.history_offset(0), HISTORY_ENTRIES * HISTORY_ENTRY_SIZE)
+        out = []
+        for i in range(HISTORY_ENTRIES):
+            chunk = raw[i * HISTORY_ENTRY_SIZE : (i + 1) * HISTORY_ENTRY_SIZE]
+            if not any(chunk):
+                continue
+            try:
+                out.append(HistoryEntry.unpack(chunk, slot=i))
+            except FormatError as e:
+                self.notes.append(f"history entry {i} unreadable: {e.reason}")
+        return sorted(out, key=lambda e: e.seq)
+
+    def status(self) -> dict[str, Any]:
+        """Offline facts about the record (no writes). Keys documented in docs/cli.md."""
+        h = self.header
+        dirty = popcount(self.dirty_bits())
+        hist = self.history()
+        last = hist[-1] if hist else None
+        frozen = self.regions[self.geo.frozen_region]
+        return {
+            "placement": PLACEMENT_NAMES[h.placement],
+            "chunk_size": h.chunk_size,
+            "disk_uuid": h.disk_uuid,
+            "fs_uuid": h.fs_uuid or None,
+            "disk_size": h.disk_size,
+            "data_size": h.data_size,
+            "record_size": h.record_size,
+            "chunks": h.nchunks,
+            "owner": h.owner or None,
+            "epoch": h.epoch,
+            "clean": h.clean,
+            "reset": bool(h.flags & FLAG_RESET),
+            "dirty_chunks": dirty,
+            "dirty_bytes": dirty * h.chunk_size,
+            "backup_in_progress": frozen.hdr.backup_id or None,
+            "lineage": h.lineage,
+            "last_backup": (
+                {"snapshot": h.last_backup or None, "seq": h.backup_seq}
+                | ({"node": last.node, "mode": last.mode, "reason": last.reason, "result": last.result,
+                    "end": last.end_ns / 1e9, "duration_s": round(last.duration_s, 3),
+                    "bytes_read": last.bytes_read, "bytes_stored": last.bytes_stored} if last else {})
+            ) if h.last_backup or last else None,
+            "slots": [
+                {"region": r.index, "kind": "frozen" if r.index == self.geo.frozen_region else "node",
+                 "node": r.hdr.node or None, "generation": r.hdr.generation, "epoch": r.hdr.epoch,
+                 "pages_in_use": popcount(r.hdr.page_map)}
+                for r in self.regions
+            ],
+            "problems": list(self.notes),
+            "format_version": h.version,
+        }
+
+    # ---------------------------------------------------------------------------------------------- writing
+
+    def _write_header(self, new: RecordHeader) -> None:
+        copy = 1 - self.header.copy
+        new = replace(new, seq=self.header.seq + 1, copy=copy, updated_ns=self.clock())
+        self.area.pwrite(copy * BLOCK, new.pack())
+        self.stats.metadata_writes += 1
+        self.header = new
+
+    def _write_slot_header(self, reg: _Region, **changes: Any) -> None:
+        copy = 1 - reg.hdr.copy
+        hdr = replace(reg.hdr, seq=reg.hdr.seq + 1, copy=copy, epoch=self.header.epoch, **changes)
+        self.area.pwrite(self.geo.slot_header_block(reg.index, copy) * BLOCK, hdr.pack())
+        self.stats.metadata_writes += 1
+        reg.hdr = hdr
+        reg.corrupt_header = False
+
+    def _write_page(self, reg: _Region, p: int, bits: bytes | bytearray) -> None:
+        copy = 1 - reg.page_copy[p] if reg.page_copy[p] >= 0 else 0
+        seq = reg.page_seq[p] + 1
+        pg = BitmapPage(region=reg.index, page=p, copy=copy, seq=seq, generation=reg.hdr.generation,
+                        epoch=self.header.epoch, disk_uuid=self.header.disk_uuid,
+                        bits=bytes(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]))
+        self.area.pwrite(self.geo.page_block(reg.index, p, copy) * BLOCK, pg.pack())
+        self.stats.metadata_writes += 1
+        reg.page_seq[p] = seq
+        reg.page_copy[p] = copy
+
+    def _sync(self) -> None:
+        self.area.sync()
+        self.stats.metadata_syncs += 1
+
+    def _persist_region(self, reg: _Region, bits: bytearray, pages: Iterable[int] | None = None,
+                        **hdr_changes: Any) -> None:
+        """Write ``pages`` (default: all pages that have bits) of ``bits`` into ``reg`` and, if the page map or
+        anything else changed, its slot header. No sync."""
+        # Rules (docs/format.md "Bitmap pages"): a page-map bit is never cleared within a generation (so no
+        # valid same-generation copy ever hides outside the map), and a page enters the map only after one valid
+        # copy of it is durable (so a torn first write can never leave a mapped page with no valid copy).
+        npages = self.geo.pages_per_slot
+        pm = bytearray(reg.hdr.page_map.ljust((npages + 7) // 8, b"\0"))
+        todo = range(npages) if pages is None else sorted(set(pages))
+        entering = []
+        for p in todo:
+            mapped = pm[p >> 3] >> (p & 7) & 1
+            if mapped or any(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]):
+                self._write_page(reg, p, bits)
+                if not mapped:
+                    entering.append(p)
+                    pm[p >> 3] |= 1 << (p & 7)
+        if entering:
+            self._sync()
+        if entering or hdr_changes:
+            self._write_slot_header(reg, page_map=bytes(pm), **hdr_changes)
+        reg.bits = bits
+
+    def _clear_region(self, reg: _Region, **hdr_changes: Any) -> None:
+        """Empty a region: bump its generation (stale pages become invalid) and clear its page map. No sync."""
+        npages = self.geo.pages_per_slot
+        self._write_slot_header(reg, generation=reg.hdr.generation + 1, page_map=bytes((npages + 7) // 8),
+                                **hdr_changes)
+        reg.page_seq = [0] * npages
+        reg.page_copy = [-1] * npages
+        reg.corrupt_pages = []
+        reg.bits = bytearray(npages * PAGE_BYTES)
+
+    def check_fence(self) -> None:
+        """Raise Fenced (sticky) if the on-disk header carries a newer epoch than ours."""
+        self.stats.fence_checks += 1
+        try:
+            cur = self.read_header(self.area, record_offset=self.header.record_offset)
+        except RecordError as e:
+            raise RecordCorrupt(f"record header became unreadable while attached: {e}") from e
+        if cur.epoch != self.header.epoch or cur.owner != self.header.owner:
+            err = Fenced(
+                f"disk {self.header.disk_uuid} was taken over by {cur.owner or '?'} (epoch {cur.epoch}); "
+                f"this node ({self.header.owner}, epoch {self.header.epoch}) stops writing",
+                mine=self.header.epoch, on_disk=cur.epoch,
+                hint="this node is no longer the owner; its I/O fails until it re-attaches",
+            )
+            self._broken = err
+            raise err
+
+    def _guard(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+        if not self.attached:
+            raise RecordError("the record is not attached on this node (attach first)")
+
+    # ---------------------------------------------------------------------------------------------- ownership
+
+    def attach(self, node: str) -> None:
+        """Take the record over for ``node``: epoch+1 durable, then OR every slot and the frozen set of an
+        interrupted backup into this node's slot, then clear the others. Returns with the record attached."""
+        with self._lock:
+            h = self.header
+            self._write_header(replace(h, epoch=h.epoch + 1, owner=node, flags=h.flags & ~FLAG_CLEAN))
+            self._sync()
+            # Choose our slot: ours by name, else a free one, else region 0 (its bits are kept and merged).
+            nodes = self.regions[: self.geo.nslots]
+            mine = next((r for r in nodes if r.hdr.node == node), None)
+            if mine is None:
+                mine = next((r for r in nodes if not any(r.hdr.page_map) and not r.corrupt_header), nodes[0])
+            merged = bytearray(self._load_bits(mine))
+            others = [r for r in self.regions if r is not mine and (any(r.hdr.page_map) or r.corrupt_header)]
+            for r in others:
+                or_into(merged, self._load_bits(r))
+            self._persist_region(mine, merged, node=node)
+            self._sync()
+            for r in others:
+                extra = {"backup_id": ""} if r.index == self.geo.frozen_region else {"node": ""}
+                self._clear_region(r, **extra)
+            if others:
+                self._sync()
+            frozen = self.regions[self.geo.frozen_region]
+            if frozen.bits is None:
+                frozen.bits = bytearray(self.geo.pages_per_slot * PAGE_BYTES)
+            self.owner_region = mine.index
+            self.attached = True
+
+    def detach(self) -> None:
+        """Wait for in-flight commits, then mark the record clean. The object cannot write afterwards."""
+        with self._cond:
+            while self._committing:
+                self._cond.wait()
+            self._guard()
+            self.check_fence()
+            self._write_header(replace(self.header, flags=self.header.flags | FLAG_CLEAN))
+            self._sync()
+            self.attached = False
+
+    # ---------------------------------------------------------------------------------------------- marking
+
+    def _mine(self) -> _Region:
+        assert self.owner_region is not None
+        return self.regions[self.owner_region]
+
+    def is_marked(self, chunk: int) -> bool:
+        """Durably marked in the owner's slot (no I/O)."""
+        bits = self._mine().bits
+        return bits is not None and bool(bits[chunk >> 3] >> (chunk & 7) & 1)
+
+    def mark(self, chunks: Iterable[int]) -> None:
+        """Make ``chunks`` durably marked before returning. Concurrent callers share one metadata write + sync
+        (group commit). Already-marked chunks cost no I/O. Raises Fenced (sticky) if a newer owner appeared, or
+        the I/O error of the commit (sticky: the tracker must stop acknowledging writes)."""
+        with self._cond:
+            self.stats.marks += 1
+            bits = self._mine().bits
+            assert bits is not None
+            need = [c for c in chunks if not bits[c >> 3] >> (c & 7) & 1]
+            if not need:
+                if self._broken is not None:
+                    raise self._broken
+                self.stats.marks_fast += 1
+                return
+            self._guard()
+            self._pending.update(need)
+            while True:
+                bits = self._mine().bits
+                assert bits is not None
+                if all(bits[c >> 3] >> (c & 7) & 1 for c in need):
+                    return
+                if self._broken is not None:
+                    raise self._broken
+                if self._committing:
+                    self._cond.wait()
+                    continue
+                batch = self._pending
+                self._pending = set()
+                self._committing = True
+                try:
+                    self._cond.release()
+                    try:
+                        self._commit_marks(batch)
+                    finally:
+                        self._cond.acquire()
+                except BaseException as e:
+                    if self._broken is None:
+                        self._broken = e
+                    raise
+                finally:
+                    self._committing = False
+                    self._cond.notify_all()
+
+    def _commit_marks(self, batch: set[int]) -> None:
+        self.check_fence()
+        reg = self._mine()
+        assert reg.bits is not None
+        new = bytearray(reg.bits)
+        set_bits(new, batch)
+        pages = {c // PAGE_BITS for c in batch}
+        bits_before = reg.bits
+        self._persist_region(reg, new, pages)
+        reg.bits = bits_before  # the in-memory set changes only after the sync below
+        self._sync()
+        reg.bits = new
+        self.stats.commits += 1
+        self.stats.first_touch_chunks += len(batch)
+
+    def _exclusive(self) -> None:
+        """Enter exclusive record I/O: wait out any group commit. Caller holds the lock."""
+        while self._committing:
+            self._cond.wait()
+        self._guard()
+
+    # ---------------------------------------------------------------------------------------------- backups
+
+    def freeze(self, backup_id: str) -> bytearray:
+        """Backup start: the owner's set (plus any frozen set left by an interrupted backup on this node) becomes
+        the frozen set, durably, then the owner's slot is cleared. Returns the frozen bits (a copy).
+        The caller must have drained in-flight writes (the tracker's write barrier)."""
+        with self._cond:
+            self._exclusive()
+            self.check_fence()
+            mine = self._mine()
+            frozen = self.regions[self.geo.frozen_region]
+            assert mine.bits is not None and frozen.bits is not None
+            fbits = bytearray(frozen.bits)
+            or_into(fbits, mine.bits)
+            self._persist_region(frozen, fbits, backup_id=backup_id)
+            self._sync()
+            self._clear_region(mine)
+            self._sync()
+            return bytearray(fbits)
+
+    def frozen_bits(self) -> bytearray:
+        with self._lock:
+            b = self.regions[self.geo.frozen_region].bits
+            return bytearray(b) if b is not None else bytearray()
+
+    def checkpoint(self, snapshot_id: str, chunks: Iterable[int]) -> None:
+        """A batch of frozen chunks is stored in the repository and referenced by committed checkpoint
+        ``snapshot_id``. First ``last_backup`` points at the checkpoint (durable), then the batch's bits leave
+        the frozen set (durable). A crash between the two only over-reports."""
+        with self._cond:
+            self._exclusive()
+            self.check_fence()
+            self._write_header(replace(self.header, last_backup=snapshot_id))
+            self._sync()
+            frozen = self.regions[self.geo.frozen_region]
+            assert frozen.bits is not None
+            fbits = bytearray(frozen.bits)
+            pages = set()
+            for c in chunks:
+                fbits[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+                pages.add(c // PAGE_BITS)
+            self._persist_region(frozen, fbits, pages)
+            self._sync()
+
+    def abort_backup(self) -> None:
+        """Merge the frozen set back into the owner's slot (durable), then clear it."""
+        with self._cond:
+            self._exclusive()
+            self.check_fence()
+            mine = self._mine()
+            frozen = self.regions[self.geo.frozen_region]
+            assert mine.bits is not None and frozen.bits is not None
+            if any(frozen.bits):
+                merged = bytearray(mine.bits)
+                or_into(merged, frozen.bits)
+                self._persist_region(mine, merged)
+                self._sync()
+            self._clear_region(frozen, backup_id="")
+            self._sync()
+
+    def commit_backup(self, entry: HistoryEntry) -> None:
+        """The snapshot is committed in the repository: history entry + ``last_backup`` (durable), then the frozen
+        set is cleared (durable)."""
+        with self._cond:
+            self._exclusive()
+            self.check_fence()
+            seq = self.header.backup_seq + 1
+            slot = (seq - 1) % HISTORY_ENTRIES
+            entry = replace(entry, seq=seq, slot=slot, epoch=self.header.epoch, lineage=self.header.lineage)
+            self.area.pwrite(self.geo.history_offset(slot), entry.pack())
+            self._write_header(replace(self.header, last_backup=entry.snapshot_id, backup_seq=seq,
+                                       flags=self.header.flags & ~FLAG_RESET))
+            self._sync()
+            self._clear_region(self.regions[self.geo.frozen_region], backup_id="")
+            self._sync()
+
+    def statistics(self) -> dict[str, int]:
+        s = self.stats
+        return {"marks": s.marks, "marks_fast": s.marks_fast, "first_touch_chunks": s.first_touch_chunks,
+                "commits": s.commits, "metadata_syncs": s.metadata_syncs, "metadata_writes": s.metadata_writes,
+                "fence_checks": s.fence_checks}
+
+    def owner_dirty_chunks(self) -> int:
+        with self._lock:
+            b = self._mine().bits if self.owner_region is not None else None
+            f = self.regions[self.geo.frozen_region].bits
+            return popcount(b or b"") + popcount(f or b"")
+
+
+# -------------------------------------------------------------------------------------------------- formatting
+
+
+def format_record(area: BlockDev, header: RecordHeader) -> Record:
+    """Write a fresh record (both header copies, every region's slot headers, an empty history ring) and sync.
+    ``header`` must have its geometry fields set; seq/lineage are filled in here when empty."""
+    geo = Geometry(header.nslots, header.pages_per_slot)
+    if geo.size > header.record_size:
+        raise ValueError(f"record needs {geo.size} bytes, area has {header.record_size}")
+    now = time.time_ns()
+    h = replace(header, lineage=header.lineage or str(uuid.uuid4()), created_ns=header.created_ns or now,
+                updated_ns=now, flags=header.flags | FLAG_CLEAN)
+    area.pwrite(geo.history_offset(0), bytes(HISTORY_ENTRIES * HISTORY_ENTRY_SIZE))
+    for r in range(geo.nregions):
+        kind = REGION_FROZEN if r == geo.frozen_region else REGION_NODE
+        for copy in (0, 1):
+            s = SlotHeader(region=r, kind=kind, disk_uuid=h.disk_uuid, npages=geo.pages_per_slot, seq=copy,
+                           copy=copy, generation=1, page_map=bytes((geo.pages_per_slot + 7) // 8))
+            area.pwrite(geo.slot_header_block(r, copy) * BLOCK, s.pack())
+    # Header copies last: a crash while formatting leaves no valid header, so nothing half-made is trusted.
+    area.sync()
+    for copy in (0, 1):
+        area.pwrite(copy * BLOCK, replace(h, copy=copy, seq=copy).pack())
+    area.sync()
+    return Record.load(area, record_offset=h.record_offset)

@@ -1,0 +1,144 @@
+"""The record core on a crash-simulating device: marking, takeover merge, fencing, backups, corruption."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from baton.errors import Fenced, RecordCorrupt, RecordNotFound
+from baton.format.record import BLOCK, PLACEMENT_TAIL, RecordHeader, geometry_for
+from baton.record.core import Record, format_record, iter_bits, popcount
+from baton.testing.crashdev import CrashDevice
+
+CHUNK = 4096
+DATA = 64 * 1024 * 1024  # 16384 chunks -> 1 page per region
+
+
+def make(seed: int = 0, nslots: int = 4, data: int = DATA) -> tuple[CrashDevice, RecordHeader]:
+    geo = geometry_for(data, CHUNK, nslots)
+    dev = CrashDevice(geo.size, seed=seed)
+    hdr = RecordHeader(placement=PLACEMENT_TAIL, nslots=nslots, chunk_size=CHUNK, disk_uuid=str(uuid.uuid4()),
+                       lineage="", disk_size=data + geo.size, data_size=data, record_offset=data,
+                       record_size=geo.size, pages_per_slot=geo.pages_per_slot)
+    format_record(dev, hdr)
+    return dev, hdr
+
+
+def reopen(dev: CrashDevice) -> Record:
+    return Record.load(dev)
+
+
+def test_marks_survive_crash_and_takeover() -> None:
+    dev, _ = make()
+    a = reopen(dev)
+    a.attach("a")
+    a.mark([1, 2, 3])
+    a.mark([2])  # already marked: no I/O
+    assert a.stats.marks_fast == 1
+    dev.crash("drop")
+    b = reopen(dev)
+    b.attach("b")
+    assert set(iter_bits(b.dirty_bits())) == {1, 2, 3}
+    assert b.header.epoch == 2
+    b.mark([100])
+    dev.crash("tear")
+    c = reopen(dev)
+    c.attach("c")
+    assert {1, 2, 3, 100} <= set(iter_bits(c.dirty_bits()))
+
+
+def test_stale_owner_is_fenced_and_never_writes_again() -> None:
+    dev, _ = make()
+    a = reopen(dev)
+    a.attach("a")
+    a.mark([5])
+    b = reopen(dev)
+    b.attach("b")
+    writes = dev.writes
+    with pytest.raises(Fenced):
+        a.mark([6])
+    with pytest.raises(Fenced):
+        a.mark([7])
+    assert dev.writes == writes
+    assert not b.is_marked(6)
+
+
+def test_backup_freeze_checkpoint_commit() -> None:
+    dev, _ = make()
+    a = reopen(dev)
+    a.attach("a")
+    a.mark(range(10))
+    frozen = a.freeze("ab" * 16)
+    assert set(iter_bits(frozen)) == set(range(10))
+    a.mark([50])  # a write during the backup is recorded in the owner slot
+    a.checkpoint("cd" * 16, range(5))
+    dev.crash("drop")
+    b = reopen(dev)
+    assert b.header.last_backup == "cd" * 16
+    b.attach("b")
+    assert set(iter_bits(b.dirty_bits())) == set(range(5, 10)) | {50}
+
+
+def test_commit_clears_frozen_and_records_history() -> None:
+    dev, _ = make()
+    a = reopen(dev)
+    a.attach("a")
+    a.mark([1])
+    a.freeze("11" * 16)
+    from baton.format.record import HistoryEntry
+
+    a.commit_backup(HistoryEntry(seq=0, snapshot_id="22" * 16, lineage="", node="a", start_ns=1, end_ns=2,
+                                 chunks_read=1, bytes_read=CHUNK, chunks_stored=1, bytes_stored=10,
+                                 bytes_deduped=0, mode="full", result="ok", reason="no previous snapshot",
+                                 digest="ff" * 32, epoch=0))
+    r = reopen(dev)
+    st = r.status()
+    assert st["dirty_chunks"] == 0
+    assert st["last_backup"]["snapshot"] == "22" * 16
+    assert st["last_backup"]["reason"] == "no previous snapshot"
+
+
+def test_abort_merges_frozen_back() -> None:
+    dev, _ = make()
+    a = reopen(dev)
+    a.attach("a")
+    a.mark([7, 8])
+    a.freeze("33" * 16)
+    a.abort_backup()
+    assert a.is_marked(7) and a.is_marked(8)
+    assert popcount(a.frozen_bits()) == 0
+
+
+def test_corrupt_page_marks_only_its_region() -> None:
+    data = 2 * 32256 * CHUNK  # two pages per region
+    dev, _ = make(data=data)
+    a = reopen(dev)
+    a.attach("a")
+    a.mark([3, 40000])
+    region = a.owner_region
+    blk = a.geo.page_block(region, 0, 0)
+    # damage both copies of page 0
+    dev.durable[blk * BLOCK + 100] ^= 0xFF
+    dev.durable[(blk + 1) * BLOCK + 100] ^= 0xFF
+    b = reopen(dev)
+    bits = set(iter_bits(b.dirty_bits()))
+    assert 40000 in bits
+    assert set(range(32256)) <= bits  # page 0's region
+    assert len(bits) == 32256 + 1
+    assert any("bitmap page 0" in n for n in b.notes)
+
+
+def test_both_headers_corrupt_says_reset_needed() -> None:
+    dev, _ = make()
+    dev.durable[10] ^= 1
+    dev.durable[BLOCK + 10] ^= 1
+    with pytest.raises(RecordCorrupt) as ei:
+        reopen(dev)
+    assert "reset" in ei.value.hint
+
+
+def test_blank_area_is_not_found() -> None:
+    dev = CrashDevice(1 << 20)
+    with pytest.raises(RecordNotFound):
+        Record.load(dev)
