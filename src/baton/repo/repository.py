@@ -1,0 +1,356 @@
+"""The repository: configuration, chunk index, snapshots and page access over a byte store.
+
+Object layout (docs/format-repo.md)::
+
+    config                       RepoConfig (envelope BTNCONFG)
+    packs/<2 hex>/<64 hex>       packs, named by the unkeyed BLAKE3 of their bytes
+    index/<64 hex>               chunk-index files (envelope BTNINDEX), named by BLAKE3 of their bytes
+    pages/<2 hex>/<64 hex>       index pages (envelope BTNIPAGE), named by their keyed page id
+    snapshots/<32 hex>           manifests (envelope BTNSNAP), the commit points
+    locks/exclusive, locks/shared-<id>
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import blake3
+
+from baton.errors import ObjectNotFound, RepoCorrupt, RepoError, RepoNotFound, UsageError
+from baton.format.repo_envelope import MAGIC_INDEX, MAGIC_PAGE, MAGIC_SNAPSHOT, seal, unseal
+from baton.format.repo_index import ZERO_ID, IndexEntry, decode_index, decode_page, encode_index, encode_page
+from baton.repo.crypto import decode_blob
+from baton.repo.keys import RepoConfig, RepoKeys, create_key_file, new_config, read_key_file, unlock
+from baton.repo.locks import RepoLock
+from baton.repo.model import DiskIdentity, Manifest
+from baton.repo.tree import TreeReader
+from baton.storage import RetryPolicy, Store, open_store
+
+if TYPE_CHECKING:
+    from baton.repo.writer import BackupWriter
+
+PACK_TARGET = 32 << 20
+CONFIG_KEY = "config"
+KEY_FILE_ENV = "BATON_KEY_FILE"
+
+
+def pack_key(pack_id: bytes) -> str:
+    h = pack_id.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
+def page_key(page_id: bytes) -> str:
+    h = page_id.hex()
+    return f"pages/{h[:2]}/{h}"
+
+
+def snapshot_key(snapshot_id: str) -> str:
+    return f"snapshots/{snapshot_id}"
+
+
+def _resolve_key_file(key_file: str | None) -> str | None:
+    return key_file or os.environ.get(KEY_FILE_ENV) or None
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    chunk_id: bytes
+    entry: IndexEntry
+
+
+class Repository:
+    """An open repository. Thread-safe for reads; one :class:`BackupWriter` per backup.
+
+    Use :meth:`init` or :meth:`open`; both raise the errors listed on them and never leave a half-open object.
+    """
+
+    def __init__(self, url: str, store: Store, config: RepoConfig, keys: RepoKeys) -> None:
+        self.url = url
+        self.store = store
+        self.config = config
+        self.keys = keys
+        self._index: dict[bytes, IndexEntry] | None = None
+        self._index_files: set[str] = set()
+        self._lock = threading.RLock()
+        self._stats = {"chunks_read": 0, "bytes_read": 0, "pages_read": 0, "pages_written": 0,
+                       "index_files_loaded": 0}
+
+    # ----- lifecycle -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, url: str, *, encryption: str = "none", key_file: str | None = None,
+             store: Store | None = None, pack_target: int = PACK_TARGET) -> Repository:
+        """Create a repository at ``url``. RepoError if one exists there.
+
+        With ``encryption="aes-256-gcm"`` the key file is read if it exists (it must be mode 0600 or
+        stricter) or created with a new random key if it does not.
+        """
+        st = store if store is not None else open_store(url)
+        key_file = _resolve_key_file(key_file)
+        secret: bytes | None = None
+        if encryption != "none":
+            if not key_file:
+                raise UsageError("--encryption aes-256-gcm needs --key-file FILE (created if missing)")
+            secret = read_key_file(key_file) if os.path.exists(key_file) else create_key_file(key_file)
+        elif key_file:
+            raise UsageError("--key-file is only used with --encryption aes-256-gcm")
+        cfg, keys = new_config(encryption, secret, pack_target)
+        if any(True for _ in st.list("snapshots/")) or any(True for _ in st.list("packs/")):
+            raise RepoError(f"{url} already holds repository data")
+        if not st.put_if_absent(CONFIG_KEY, cfg.encode()):
+            raise RepoError(f"a repository already exists at {url}")
+        return cls(url, st, cfg, keys)
+
+    @classmethod
+    def open(cls, url: str, *, key_file: str | None = None, store: Store | None = None,
+             read_only: bool = False, retry: RetryPolicy | None = None) -> Repository:
+        """Open an existing repository. RepoNotFound if there is none; KeyError_ for a missing/wrong key."""
+        if store is None:
+            if "://" not in url and not os.path.isdir(url):
+                raise RepoNotFound(f"no repository at {url} (no such directory)")
+            st = open_store(url, read_only=read_only) if retry is None else \
+                open_store(url, read_only=read_only, retry=retry)
+        else:
+            st = store
+        try:
+            raw = st.get(CONFIG_KEY)
+        except ObjectNotFound as e:
+            raise RepoNotFound(f"no repository at {url} (no config object)") from e
+        cfg = RepoConfig.decode(raw)
+        key_file = _resolve_key_file(key_file)
+        secret = read_key_file(key_file) if (key_file and cfg.encryption != "none") else None
+        return cls(url, st, cfg, unlock(cfg, secret))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ----- chunk index -----------------------------------------------------------------------------------------
+
+    def chunk_index(self) -> dict[bytes, IndexEntry]:
+        """The merged chunk index (loaded once, then kept up to date by this process's writers)."""
+        with self._lock:
+            if self._index is None:
+                self._index = {}
+                self.reload_index()
+            return self._index
+
+    def reload_index(self) -> None:
+        """Load index files not seen yet (other clients' backups since open)."""
+        with self._lock:
+            if self._index is None:
+                self._index = {}
+            for obj in self.store.list("index/"):
+                if obj.key in self._index_files:
+                    continue
+                for cid, entry in self.read_index_file(obj.key):
+                    self._index[cid] = entry
+                self._index_files.add(obj.key)
+                self._stats["index_files_loaded"] += 1
+
+    def read_index_file(self, key: str) -> list[tuple[bytes, IndexEntry]]:
+        data = self.store.get(key)
+        if blake3.blake3(data).hexdigest() != key.rsplit("/", 1)[-1]:
+            raise RepoCorrupt(f"{key}: content does not match its name")
+        return decode_index(unseal(data, MAGIC_INDEX, key=self.keys.data_key, name=key), key)
+
+    def write_index_file(self, entries: list[tuple[bytes, IndexEntry]]) -> str:
+        """Store a chunk-index file; returns its key. The packs it names must already be stored."""
+        data = seal(MAGIC_INDEX, encode_index(entries), compress=True, key=self.keys.data_key)
+        key = f"index/{blake3.blake3(data).hexdigest()}"
+        self.store.put_if_absent(key, data)
+        with self._lock:
+            if self._index is not None:
+                for cid, e in entries:
+                    self._index[cid] = e
+            self._index_files.add(key)
+        return key
+
+    def forget_index_files(self, keys: list[str]) -> None:
+        with self._lock:
+            self._index_files.difference_update(keys)
+
+    def lookup(self, chunk_id: bytes) -> IndexEntry:
+        entry = self.chunk_index().get(chunk_id)
+        if entry is None:
+            raise RepoCorrupt(f"chunk {chunk_id.hex()} is not in the chunk index (missing data)")
+        return entry
+
+    def read_blob(self, entry: IndexEntry) -> bytes:
+        return self.store.get_range(pack_key(entry.pack_id), entry.offset, entry.stored_length)
+
+    def read_chunk(self, chunk_id: bytes, raw_length: int | None = None) -> bytes:
+        """The plaintext of a chunk, verified against its id. RepoCorrupt names the chunk (and pack) on failure.
+
+        ZERO_ID gives ``raw_length`` zero bytes (the caller must pass the length for that case).
+        """
+        if chunk_id == ZERO_ID:
+            if raw_length is None:
+                raise ValueError("the zero chunk needs an explicit length")
+            return bytes(raw_length)
+        entry = self.lookup(chunk_id)
+        try:
+            stored = self.read_blob(entry)
+        except ObjectNotFound as e:
+            raise RepoCorrupt(f"chunk {chunk_id.hex()}: its pack {entry.pack_id.hex()} is missing") from e
+        if len(stored) != entry.stored_length:
+            raise RepoCorrupt(f"chunk {chunk_id.hex()}: pack {entry.pack_id.hex()} is truncated")
+        try:
+            data = decode_blob(self.keys, chunk_id, stored, entry.flags, entry.raw_length)
+        except RepoCorrupt as e:
+            raise RepoCorrupt(f"{e} in pack {entry.pack_id.hex()}") from e
+        with self._lock:
+            self._stats["chunks_read"] += 1
+            self._stats["bytes_read"] += len(stored)
+        return data
+
+    # ----- pages -----------------------------------------------------------------------------------------------
+
+    def page_id(self, body: bytes) -> bytes:
+        return blake3.blake3(body, key=self.keys.id_key).digest()
+
+    def store_page(self, level: int, ids: list[bytes]) -> bytes:
+        """Store a page (if new) and return its id; an all-zero page is ZERO_ID and not stored."""
+        if all(i == ZERO_ID for i in ids):
+            return ZERO_ID
+        body = encode_page(level, ids)
+        pid = self.page_id(body)
+        if self.store.put_if_absent(page_key(pid), seal(MAGIC_PAGE, body, compress=True, key=self.keys.data_key)):
+            with self._lock:
+                self._stats["pages_written"] += 1
+        return pid
+
+    def load_page(self, page_id: bytes) -> tuple[int, list[bytes]]:
+        key = page_key(page_id)
+        try:
+            data = self.store.get(key)
+        except ObjectNotFound as e:
+            raise RepoCorrupt(f"index page {page_id.hex()} is missing") from e
+        body = unseal(data, MAGIC_PAGE, key=self.keys.data_key, name=key)
+        if self.page_id(body) != page_id:
+            raise RepoCorrupt(f"index page {page_id.hex()}: content does not match its id")
+        with self._lock:
+            self._stats["pages_read"] += 1
+        return decode_page(body, key)
+
+    def tree(self, manifest: Manifest) -> TreeReader:
+        t = TreeReader(bytes.fromhex(manifest.root), manifest.disk.chunk_count, self.load_page)
+        if t.depth != manifest.tree_depth:
+            raise RepoCorrupt(f"snapshot {manifest.snapshot_id}: tree depth {manifest.tree_depth} does not fit "
+                              f"{manifest.disk.chunk_count} chunks")
+        return t
+
+    def snapshot_reader(self, manifest: Manifest) -> SnapshotReader:
+        return SnapshotReader(self, manifest)
+
+    # ----- snapshots -------------------------------------------------------------------------------------------
+
+    def write_manifest(self, m: Manifest) -> None:
+        self.store.put(snapshot_key(m.snapshot_id),
+                       seal(MAGIC_SNAPSHOT, m.encode_body(), compress=True, key=self.keys.data_key))
+
+    def read_manifest(self, snapshot_id: str) -> Manifest:
+        key = snapshot_key(snapshot_id)
+        body = unseal(self.store.get(key), MAGIC_SNAPSHOT, key=self.keys.data_key, name=key)
+        m = Manifest.decode_body(body, key)
+        if m.snapshot_id != snapshot_id:
+            raise RepoCorrupt(f"{key}: holds snapshot {m.snapshot_id}")
+        return m
+
+    def snapshot_ids(self) -> list[str]:
+        return [o.key.split("/", 1)[1] for o in self.store.list("snapshots/")]
+
+    def snapshots(self, disk_uuid: str | None = None, include_partial: bool = False) -> list[Manifest]:
+        """Manifests, oldest first (by start time), filtered by disk and completeness."""
+        out = []
+        for sid in self.snapshot_ids():
+            try:
+                m = self.read_manifest(sid)
+            except ObjectNotFound:
+                continue  # forgotten between list and get
+            if disk_uuid is not None and m.disk.disk_uuid != disk_uuid:
+                continue
+            if not m.complete and not include_partial:
+                continue
+            out.append(m)
+        out.sort(key=lambda m: (m.start_time, m.snapshot_id))
+        return out
+
+    def latest(self, disk_uuid: str, include_partial: bool = True) -> Manifest | None:
+        """The newest snapshot of ``disk_uuid`` (parent lookup is by disk uuid, never by name)."""
+        snaps = self.snapshots(disk_uuid, include_partial=include_partial)
+        return snaps[-1] if snaps else None
+
+    def get_snapshot(self, ref: str) -> Manifest:
+        """A snapshot by id or unique prefix (>= 6 hex chars; "latest" picks the newest complete one)."""
+        ref = ref.strip().lower()
+        ids = self.snapshot_ids()
+        if ref == "latest":
+            snaps = self.snapshots()
+            if not snaps:
+                raise RepoError("the repository holds no complete snapshot")
+            return snaps[-1]
+        if len(ref) < 6 or any(c not in "0123456789abcdef" for c in ref):
+            raise UsageError(f"snapshot reference {ref!r}: give at least 6 hex digits of its id")
+        matches = [i for i in ids if i.startswith(ref)]
+        if not matches:
+            raise RepoError(f"no snapshot {ref} in the repository")
+        if len(matches) > 1:
+            raise RepoError(f"snapshot prefix {ref} is ambiguous ({len(matches)} matches); give more digits")
+        return self.read_manifest(matches[0])
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.store.delete(snapshot_key(snapshot_id))
+
+    # ----- backup ----------------------------------------------------------------------------------------------
+
+    def begin_backup(self, disk: DiskIdentity, *, parent: Manifest | None, node: str, mode: str, reason: str,
+                     lineage: str, snapshot_id: str | None = None, workers: int = 2,
+                     lock_ttl: float | None = None) -> BackupWriter:
+        """Start a backup: takes the shared lock (RepoLocked if prune holds the exclusive one)."""
+        from baton.repo.writer import BackupWriter
+
+        return BackupWriter(self, disk, parent=parent, node=node, mode=mode, reason=reason, lineage=lineage,
+                            snapshot_id=snapshot_id, workers=workers, lock_ttl=lock_ttl)
+
+    def shared_lock(self, op: str, node: str = "") -> RepoLock:
+        return RepoLock.acquire_shared(self.store, op, node)
+
+    def exclusive_lock(self, op: str, node: str = "") -> RepoLock:
+        return RepoLock.acquire_exclusive(self.store, op, node)
+
+    def statistics(self) -> dict[str, Any]:
+        with self._lock:
+            mine: dict[str, Any] = dict(self._stats)
+            mine["index_entries"] = len(self._index) if self._index is not None else 0
+        mine["store"] = self.store.statistics()
+        return mine
+
+
+class SnapshotReader:
+    """Chunk ids per chunk index of one snapshot, and the chunks themselves (verified)."""
+
+    def __init__(self, repo: Repository, manifest: Manifest) -> None:
+        self.repo = repo
+        self.manifest = manifest
+        self.tree = repo.tree(manifest)
+
+    @property
+    def chunk_count(self) -> int:
+        return self.manifest.disk.chunk_count
+
+    def chunk_length(self, chunk_index: int) -> int:
+        cs = self.manifest.disk.chunk_size
+        return min(cs, self.manifest.disk.size - chunk_index * cs)
+
+    def chunk_id(self, chunk_index: int) -> bytes:
+        return self.tree.chunk_id(chunk_index)
+
+    def iter_ids(self) -> Iterator[bytes]:
+        return self.tree.iter_ids()
+
+    def read(self, chunk_index: int) -> bytes:
+        return self.repo.read_chunk(self.chunk_id(chunk_index), self.chunk_length(chunk_index))
