@@ -1,0 +1,243 @@
+"""A file-backed stand-in for the real tracker, for frontend tests and benchmarks.
+
+It implements the ``TrackerLike`` contract (see docs/design.md): reads pass through, writes/discards/zeroes mark
+their chunks in an in-memory dirty bitmap *before* they touch the file, flush and FUA call ``fdatasync``. It is
+not durable across a crash (the bitmap lives in memory); that is the real tracker's job.
+
+Test hooks:
+
+* ``fence_after_writes=N``: the (N+1)-th content-changing call (write, discard, write_zeroes) and every later
+  call, flush included, raise :class:`baton.errors.Fenced`, like a tracker that found a newer owner epoch. The
+  fenced call changes nothing.
+* :meth:`fence` fences at once; :meth:`fail` makes the next ``times`` calls of one operation raise a given
+  exception (without side effects), to exercise a frontend's EIO path.
+* :meth:`clear_dirty` forgets the dirty bitmap (as a committed backup would); :meth:`dirty_chunks` lists it.
+
+All methods are thread-safe: the bitmap and counters sit behind one lock, file I/O uses pread/pwrite.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from pathlib import Path
+
+from baton.errors import Fenced
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_BLOCK = bytes(1 << 20)
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _libc.fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):  # not glibc-like: fall back to writing zeroes
+    _libc = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) with ``mode``; False if the file system or platform does not support it."""
+    if _libc is None:
+        return False
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+class FakeTracker:
+    """A TrackerLike over a regular file with an in-memory dirty bitmap and counters.
+
+    ``path`` is created if missing. ``size`` (bytes) truncates/extends the file to that size; None keeps the
+    file's size. ``chunk_size`` must be a power of two from 4 KiB to 4 MiB.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        *,
+        chunk_size: int = 64 * 1024,
+        fence_after_writes: int | None = None,
+    ) -> None:
+        if chunk_size & (chunk_size - 1) or not 4096 <= chunk_size <= 4 << 20:
+            raise ValueError(f"chunk_size must be a power of two in 4 KiB..4 MiB, got {chunk_size}")
+        self.path = Path(path)
+        self.chunk_size = chunk_size
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if size is not None:
+            os.ftruncate(self._fd, size)
+        self.size: int = os.fstat(self._fd).st_size
+        nchunks = -(-self.size // chunk_size)
+        self._dirty = bytearray(nchunks)  # one byte per chunk: simple, and tests use small disks
+        self._lock = threading.Lock()
+        self._fence_after = fence_after_writes
+        self._fenced = False
+        self._changes_started = 0  # content-changing calls let through, counted for fence_after_writes
+        self._failures: dict[str, tuple[BaseException, int]] = {}
+        self._stats: dict[str, int] = dict.fromkeys(
+            (
+                "reads", "writes", "fua_writes", "flushes", "discards", "write_zeroes", "dirty_queries",
+                "bytes_read", "bytes_written", "first_touch_marks", "errors", "fenced",
+            ),
+            0,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ test hooks
+    def fence(self) -> None:
+        """Behave from now on as a superseded owner: every call but read/dirty_extents raises Fenced."""
+        with self._lock:
+            self._fenced = True
+            self._stats["fenced"] = 1
+
+    def fail(self, op: str, exc: BaseException, times: int = 1) -> None:
+        """Make the next ``times`` calls of ``op`` (a method name) raise ``exc`` without side effects."""
+        with self._lock:
+            self._failures[op] = (exc, times)
+
+    def clear_dirty(self) -> None:
+        """Forget every dirty mark (what a committed backup does to the real record)."""
+        with self._lock:
+            self._dirty[:] = bytes(len(self._dirty))
+
+    def dirty_chunks(self) -> list[int]:
+        """Indices of the chunks marked dirty, ascending."""
+        with self._lock:
+            return [i for i, d in enumerate(self._dirty) if d]
+
+    def close(self) -> None:
+        """Close the backing file. Further calls fail with OSError."""
+        os.close(self._fd)
+
+    # ---------------------------------------------------------------------------------------- TrackerLike
+    def read(self, offset: int, length: int) -> bytes:
+        self._check("read", offset, length, changes=False)
+        data = os.pread(self._fd, length, offset)
+        while len(data) < length:  # short reads only at EOF of a sparse/short file: it reads as zeroes
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:
+                data += bytes(length - len(data))
+                break
+            data += more
+        with self._lock:
+            self._stats["reads"] += 1
+            self._stats["bytes_read"] += length
+        return data
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._check("write", offset, len(data), changes=True)
+        self._mark(offset, len(data))
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
+        if fua:
+            os.fdatasync(self._fd)
+        with self._lock:
+            self._stats["writes"] += 1
+            self._stats["fua_writes"] += int(fua)
+            self._stats["bytes_written"] += len(data)
+
+    def flush(self) -> None:
+        self._check("flush", 0, 0, changes=False, fenced_too=True)
+        os.fdatasync(self._fd)
+        with self._lock:
+            self._stats["flushes"] += 1
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check("discard", offset, length, changes=True)
+        self._mark(offset, length)
+        self._zero(offset, length, punch=True)
+        with self._lock:
+            self._stats["discards"] += 1
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = False) -> None:
+        self._check("write_zeroes", offset, length, changes=True)
+        self._mark(offset, length)
+        self._zero(offset, length, punch=may_trim)
+        with self._lock:
+            self._stats["write_zeroes"] += 1
+
+    def dirty_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Runs (start, length, dirty) covering exactly [offset, offset+length), merged by state."""
+        self._check("dirty_extents", offset, length, changes=False)
+        out: list[tuple[int, int, bool]] = []
+        end = offset + length
+        cs = self.chunk_size
+        with self._lock:
+            self._stats["dirty_queries"] += 1
+            pos = offset
+            while pos < end:
+                state = bool(self._dirty[pos // cs])
+                nxt = min(end, (pos // cs + 1) * cs)
+                if out and out[-1][2] == state:
+                    start, _, _ = out[-1]
+                    out[-1] = (start, nxt - start, state)
+                else:
+                    out.append((pos, nxt - pos, state))
+                pos = nxt
+        return out
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: reads, writes, fua_writes, flushes, discards, write_zeroes, dirty_queries, bytes_read,
+        bytes_written, first_touch_marks, errors (injected or fenced failures), fenced (0/1), dirty_chunks."""
+        with self._lock:
+            out = dict(self._stats)
+            out["dirty_chunks"] = sum(1 for d in self._dirty if d)
+        return out
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _check(self, op: str, offset: int, length: int, *, changes: bool, fenced_too: bool = False) -> None:
+        """Raise an injected failure, Fenced, or ValueError for a range outside the disk. No side effects."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{op}: range {offset}+{length} outside the {self.size}-byte disk")
+        with self._lock:
+            failure = self._failures.get(op)
+            if failure is not None:
+                exc, times = failure
+                if times <= 1:
+                    del self._failures[op]
+                else:
+                    self._failures[op] = (exc, times - 1)
+                self._stats["errors"] += 1
+                raise exc
+            fence_now = self._fence_after is not None and self._changes_started >= self._fence_after
+            if changes and not self._fenced and fence_now:
+                self._fenced = True
+                self._stats["fenced"] = 1
+            if self._fenced and (changes or fenced_too):
+                self._stats["errors"] += 1
+                raise Fenced("a newer owner epoch is on disk (fake tracker)", mine=1, on_disk=2)
+            if changes:
+                self._changes_started += 1
+
+    def _mark(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
+        with self._lock:
+            for i in range(first, last + 1):
+                if not self._dirty[i]:
+                    self._dirty[i] = 1
+                    self._stats["first_touch_marks"] += 1
+
+    def _zero(self, offset: int, length: int, *, punch: bool) -> None:
+        mode = (
+            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if punch
+            else _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE
+        )
+        if length == 0 or _fallocate(self._fd, mode, offset, length):
+            return
+        pos = offset
+        while pos < offset + length:
+            n = min(len(_ZERO_BLOCK), offset + length - pos)
+            pos += os.pwrite(self._fd, _ZERO_BLOCK[:n], pos)
