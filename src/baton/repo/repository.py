@@ -169,6 +169,12 @@ class Repository:
             self._index_files.add(key)
         return key
 
+    def invalidate_index(self) -> None:
+        """Drop the in-memory chunk index; the next use reloads it from the store (after prune)."""
+        with self._lock:
+            self._index = None
+            self._index_files = set()
+
     def forget_index_files(self, keys: list[str]) -> None:
         with self._lock:
             self._index_files.difference_update(keys)
