@@ -1,0 +1,41 @@
+"""`baton restore`: write a snapshot to a file or block device."""
+
+from __future__ import annotations
+
+import click
+
+from baton.cli import emit
+from baton.cli.cmd_repo import json_option, key_option, open_repo, progress_bar, repo_option
+
+
+@click.command("restore")
+@click.argument("snapshot")
+@repo_option
+@click.option("--to", "target", required=True, metavar="TARGET", help="File or block device to write.")
+@click.option("--allow-partial", is_flag=True,
+              help="Also restore a checkpoint of an unfinished backup (NOT a point-in-time image).")
+@key_option
+@json_option
+def command(snapshot: str, repo_url: str, target: str, allow_partial: bool, key_file: str | None,
+            as_json: bool) -> None:
+    """Restore SNAPSHOT (an id, a unique prefix of 6+ digits, or "latest") to TARGET.
+
+    \b
+    TARGET is a regular file (created or truncated; all-zero chunks are left as holes, so the file is
+    sparse) or a block device at least as large as the disk (zero chunks are written as zeros).
+    A mounted, loop-attached or otherwise busy target is refused (exit 3) before anything is written.
+
+    Every chunk is decrypted, decompressed and re-hashed against its id; a damaged chunk stops the restore
+    (exit 7) and is named. The result reports the bytes written and the BLAKE3-256 digest of the whole
+    image, which equals `b3sum TARGET` for a file target of the same size.
+    """
+    from baton.restore import restore
+
+    repo = open_repo(repo_url, key_file)
+    manifest = repo.get_snapshot(snapshot)
+    with progress_bar(f"restore {manifest.snapshot_id[:8]}", not as_json) as prog:
+        res = restore(repo, manifest, target, progress=prog, allow_partial=allow_partial)
+    emit(res.to_json(), as_json,
+         f"restored snapshot {res.snapshot} to {res.target}: {res.disk_size:,} bytes "
+         f"({res.bytes_written:,} written, {res.zero_chunks} zero chunks) in {res.seconds}s\n"
+         f"image blake3 {res.image_digest}")
