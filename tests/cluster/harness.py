@@ -484,7 +484,10 @@ class Cluster:
                 back = bf.read_text().strip()
             except OSError:
                 continue
-            if back.startswith(str(self.workdir)) or f"baton-{self.tag}" in back:
+            # A device stacked on one of our loop devices shows that device as its backing file.
+            # (sysfs renders /dev/loopN as /loopN: the device node lives on the devtmpfs mounted at /dev).
+            stacked = any(back in (d, d.removeprefix("/dev")) for d in self._loops)
+            if back.startswith(str(self.workdir)) or f"baton-{self.tag}" in back or stacked:
                 out.append("/dev/" + bf.parent.parent.name)
         return out
 
