@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import REPO, Cluster, ClusterError, missing_tools, run  # noqa: E402
+from harness import REPO, Cluster, ClusterError, missing_tools, run
 
 HERE = Path(__file__).resolve().parent
 WORKLOAD = HERE / "workload.py"
