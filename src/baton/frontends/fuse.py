@@ -184,9 +184,10 @@ class State:
     pid: int  # the serving process
     pid_start: int  # its start time in clock ticks (/proc/PID/stat field 22): guards against pid reuse
     loop: str  # "/dev/loopN"
+    loop_diskseq: int  # /sys/block/loopN/diskseq at attach: tells our attachment from a later reuse of loopN
     link: str  # dev_dir/NAME
     mountpoint: str  # run_dir/NAME/fuse
-    fuse_dev: tuple[int, int]  # (major, minor) of the FUSE mount: identifies the loop's backing file
+    fuse_dev: tuple[int, int]  # (major, minor) of the FUSE mount: identifies it for a lazy unmount
     fuse_ino: int  # inode of the FUSE file
     fuse_conn: int  # /sys/fs/fuse/connections/N
     size: int  # bytes exposed
@@ -248,7 +249,7 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
     """Remove what a dead frontend for ``name`` left behind; return a list of the actions taken.
 
     Touches only what run_dir/NAME/state.json names, and only after checking it is still that object: the loop
-    device is detached only if its backing file is still the recorded FUSE file (device and inode), the FUSE
+    device is detached only if it is still the recorded attachment (same disk sequence number), the FUSE
     mount is lazily unmounted only if it is still the recorded one ("Transport endpoint is not connected"),
     and the symlink is removed only if it still points at the recorded loop device.
 
@@ -265,7 +266,7 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
                          hint=f"detach it with `baton detach {name}` or stop pid {st.pid}")
     actions: list[str] = []
     li = loopdev.info(st.loop)
-    if li is not None and li.back_dev == st.fuse_dev and li.back_ino == st.fuse_ino:
+    if li is not None and li.diskseq == st.loop_diskseq:
         u = loopdev.users(st.loop)
         if u.mounts or u.holders or u.exclusive_busy:
             raise DeviceBusy(f"stale {st.loop} of {name} (its daemon pid {st.pid} died) is still in use: "
@@ -332,6 +333,7 @@ class FuseFrontend:
         self._state: State | None = None
         self._conn: int | None = None
         self._fuse_stat: os.stat_result | None = None
+        self._diskseq: int | None = None  # of our loop attachment
         self._dead = False  # fenced/aborted: reject every request without calling the tracker
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
@@ -408,6 +410,10 @@ class FuseFrontend:
 
     def _attach_loop(self) -> None:
         self.loop_device = dev = loopdev.attach(self.fuse_file, direct_io=True)
+        li = loopdev.info(dev)
+        if li is None or not li.back_file.endswith(f"/{FILE_NAME}"):
+            raise DeviceError(f"{dev} is not attached to {self.fuse_file} after losetup ({li})")
+        self._diskseq = li.diskseq
         size = loopdev.size_of(dev)
         if size != self.tracker.size:
             raise DeviceError(f"{dev}: size {size}, expected {self.tracker.size}")
@@ -415,7 +421,7 @@ class FuseFrontend:
         assert self._fuse_stat is not None and self._conn is not None
         self._state = State(
             name=self.name, frontend="fuse", pid=os.getpid(), pid_start=process_start_time(os.getpid()) or 0,
-            loop=dev, link=str(self.link), mountpoint=str(self.mountpoint),
+            loop=dev, loop_diskseq=li.diskseq, link=str(self.link), mountpoint=str(self.mountpoint),
             fuse_dev=(os.major(self._fuse_stat.st_dev), os.minor(self._fuse_stat.st_dev)),
             fuse_ino=self._fuse_stat.st_ino, fuse_conn=self._conn, size=self.tracker.size,
             started_at=time.time())
@@ -517,11 +523,14 @@ class FuseFrontend:
 
     def _loop_is_ours(self, dev: str) -> bool:
         li = loopdev.info(dev)
-        st = self._fuse_stat
-        return (li is not None and st is not None and li.back_ino == st.st_ino
-                and li.back_dev == (os.major(st.st_dev), os.minor(st.st_dev)))
+        return li is not None and self._diskseq is not None and li.diskseq == self._diskseq
 
-    def _end_session(self, lazy: bool) -> None:
+    def _end_session(self, lazy: bool, join_timeout: float = _STOP_JOIN_TIMEOUT) -> None:
+        """Unmount FUSE and let the libfuse loop end; abort the connection if it does not end in time.
+
+        A worker stuck inside a tracker call keeps libfuse's loop (which joins its workers) from returning,
+        so after an abort we stop waiting: the stuck thread is abandoned, the device is already failing I/O.
+        """
         if self._thread is None:
             return
         if not self._loop_exited.is_set():
@@ -531,16 +540,17 @@ class FuseFrontend:
                 log.warning("%s: umount %s: %s; unmounting lazily", self.name, self.mountpoint, exc)
                 with contextlib.suppress(OSError):
                     loopdev.umount(self.mountpoint, lazy=True)
-            if not self._loop_exited.wait(_STOP_JOIN_TIMEOUT) and self._conn is not None:
-                # Another mount namespace may hold a copy of our mount and keep the session alive.
+            if not self._loop_exited.wait(join_timeout) and self._conn is not None:
+                # Another mount namespace may hold a copy of our mount and keep the session alive, or a
+                # worker is stuck in the tracker.
                 log.warning("%s: FUSE loop still running; aborting connection %d", self.name, self._conn)
                 abort_connection(self._conn)
-                self._loop_exited.wait(_STOP_JOIN_TIMEOUT)
+                self._loop_exited.wait(join_timeout)
         m = loopdev.mounted_at(self.mountpoint)
         if m is not None and m.fstype.startswith("fuse"):
             with contextlib.suppress(OSError):
                 loopdev.umount(self.mountpoint, lazy=True)
-        self._thread.join(_STOP_JOIN_TIMEOUT)
+        self._thread.join(join_timeout)
 
     def _remove_names(self) -> None:
         dev = self.loop_device
@@ -584,7 +594,7 @@ class FuseFrontend:
                 if dev is not None and self._loop_is_ours(dev):
                     with contextlib.suppress(BatonError):
                         loopdev.detach(dev)  # lazily, at the last close of a mounted file system
-                self._end_session(lazy=True)
+                self._end_session(lazy=True, join_timeout=1.0)  # the connection is aborted already
                 self._remove_names()
             except Exception:
                 log.exception("%s: error during emergency shutdown", self.name)

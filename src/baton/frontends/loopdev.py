@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import stat
 import struct
@@ -31,12 +30,15 @@ _LOSETUP_TIMEOUT = 30.0  # seconds; losetup only does ioctls, so this only trips
 
 @dataclass(frozen=True)
 class LoopInfo:
-    """What the kernel says a loop device is attached to (from ``losetup --list --json``)."""
+    """What sysfs says about an attached loop device.
+
+    Read from /sys only: ``losetup --list`` asks the kernel for the backing file's inode, which is a FUSE
+    getattr and fails (or hangs) when the FUSE daemon behind it is dead (or hung).
+    """
 
     device: str  # "/dev/loopN"
-    back_file: str  # path of the backing file, as the kernel last saw it
-    back_dev: tuple[int, int]  # (major, minor) of the file system holding the backing file
-    back_ino: int  # inode number of the backing file
+    back_file: str  # path of the backing file as the kernel prints it (relative to a vanished namespace: "/disk")
+    diskseq: int  # the kernel's disk sequence number: changes whenever the device is attached again
     dio: bool  # direct I/O to the backing file is on
 
 
@@ -125,26 +127,14 @@ def dio_enabled(dev: str) -> bool:
 
 
 def info(dev: str) -> LoopInfo | None:
-    """The loop device's backing file, or None when ``dev`` is not attached (or does not exist)."""
-    name = Path(dev).name
-    if not Path(f"/sys/block/{name}/loop").is_dir():
-        return None
+    """The loop device's backing file and attachment identity, None when ``dev`` is not attached."""
+    sysdir = Path(f"/sys/block/{Path(dev).name}")
     try:
-        out = _run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,DIO", dev])
-    except DeviceError:
-        return None  # detached between the sysfs check and losetup
-    rows = json.loads(out or "{}").get("loopdevices", [])
-    if not rows:
-        return None
-    row = rows[0]
-    maj, _, mnr = str(row.get("back-maj:min", "0:0")).partition(":")
-    return LoopInfo(
-        device=row["name"],
-        back_file=str(row.get("back-file") or ""),
-        back_dev=(int(maj or 0), int(mnr or 0)),
-        back_ino=int(row.get("back-ino") or 0),
-        dio=str(row.get("dio")) in ("1", "True", "true"),
-    )
+        back = (sysdir / "loop" / "backing_file").read_text().rstrip("\n")
+        seq = int((sysdir / "diskseq").read_text())
+    except (OSError, ValueError):
+        return None  # no such device, or not attached (sysfs has no loop/ attributes then)
+    return LoopInfo(device=str(Path(dev)), back_file=back, diskseq=seq, dio=dio_enabled(dev))
 
 
 def size_of(dev: str) -> int:

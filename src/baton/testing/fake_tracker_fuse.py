@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"event": "error", "error": type(exc).__name__, "message": str(exc)})
         return 3
     _emit({"event": "ready", "device": dev, "loop": fe.loop_device, "pid": os.getpid(),
+           "diskseq": fe.state.loop_diskseq if fe.state else None,
            "state": str(fe.state_path)})
 
     def commands() -> None:
