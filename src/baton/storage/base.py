@@ -60,7 +60,7 @@ class Store(Protocol):
         """Size and mtime of ``key``. ObjectNotFound if missing."""
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix`` (a directory-like prefix ending in ``/`` or empty)."""
+        """Every object whose key starts with ``prefix`` (any string; sorted by key)."""
 
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is fine."""

@@ -149,6 +149,7 @@ class LocalStore:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():
             return
+        items: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in sorted(filenames):
@@ -162,7 +163,9 @@ class LocalStore:
                     st = os.stat(full)
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(key, st.st_size, st.st_mtime)
+                items.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        items.sort(key=lambda i: i.key)
+        yield from items
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -124,8 +124,11 @@ class ObjectStore:
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         self._count("lists")
+        # obstore matches prefixes by whole path segments; list the enclosing "directory" and filter, so a
+        # partial last segment ("locks/shared-") behaves the same on every backend.
+        directory = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         try:
-            batches = list(obstore.list(self._store, prefix=prefix or None))
+            batches = list(obstore.list(self._store, prefix=directory or None))
         except StorageError:
             raise
         except Exception as e:

@@ -97,6 +97,11 @@ def check_list(s: Store) -> None:
     assert sorted(o.key for o in s.list("l/a/")) == ["l/a/1", "l/a/2"]
     assert [o.size for o in s.list("m/")] == [3]
     assert list(s.list("zzz/")) == []
+    assert [o.key for o in s.list("l/a/")] == ["l/a/1", "l/a/2"]         # sorted
+    s.put("l/shared-1", b"")
+    s.put("l/shared-2", b"")
+    assert [o.key for o in s.list("l/shared-")] == ["l/shared-1", "l/shared-2"]   # partial last segment
+    assert [o.key for o in s.list("l/")] == ["l/a/1", "l/a/2", "l/b/1", "l/c", "l/shared-1", "l/shared-2"]
 
 
 def check_list_many(s: Store) -> None:
