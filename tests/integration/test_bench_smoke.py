@@ -1,0 +1,102 @@
+"""The benchmark command keeps working: ``python -m bench --smoke`` at tiny sizes writes complete results.
+
+No speed is asserted. The checks are structural: every benchmark section is present and carries measured
+numbers, every row is either available with numbers or unavailable with a reason, the run recorded the
+machine, tool versions and commands, and the markdown summary and plots were written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import need_root, need_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+SECTIONS = ("incremental", "tracking", "full", "scale")
+
+
+def numbers(node: Any) -> int:
+    """How many numeric leaves (not booleans) a JSON tree holds."""
+    if isinstance(node, bool):
+        return 0
+    if isinstance(node, int | float):
+        return 1
+    if isinstance(node, dict):
+        return sum(numbers(v) for v in node.values())
+    if isinstance(node, list):
+        return sum(numbers(v) for v in node)
+    return 0
+
+
+def rows(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every dict carrying an ``available`` flag, with where it sits."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(node, dict):
+        if "available" in node:
+            found.append((path, node))
+        for k, v in node.items():
+            found += rows(v, f"{path}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += rows(v, f"{path}[{i}]")
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_bench_smoke_writes_complete_results(tmp_path: Path) -> None:
+    need_root()
+    need_tool("fio", "restic", "borg", "losetup")
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    data = json.loads((out / "latest.json").read_text())
+    assert data["smoke"] is True
+    assert data["command"].startswith("python -m bench --smoke")
+    assert data["machine"]["cores"] >= 1 and data["machine"]["memory_bytes"] > 0 and data["machine"]["kernel"]
+    assert set(data["tools"]) >= {"baton", "restic", "borg", "fio"}
+    assert data["cold_cache"]["failures"] == 0, data["cold_cache"]
+
+    for name in SECTIONS:
+        section = data["sections"][name]
+        assert numbers(section) > 0, f"section {name} has no numbers: {section}"
+        for where, row in rows(section, name):
+            if row["available"]:
+                continue
+            assert isinstance(row.get("error"), str) and row["error"], f"{where} unavailable without a reason"
+
+    # The peers and the raw device need no Baton command, so their rows must hold real measurements.
+    inc = data["sections"]["incremental"]
+    assert [c["rate_pct"] for c in inc["cells"]] == [0.1, 1.0, 10.0, 50.0]
+    for cell in inc["cells"]:
+        for peer in ("restic", "borg"):
+            row = cell["contenders"][peer]
+            assert row["available"], row
+            assert row["wall_s"]["median"] > 0 and row["bytes_read"]["median"] > 0
+            assert "command" in row["runs"][0]
+        assert cell["contenders"]["physical_bound"]["wall_s"]["median"] > 0
+    raw = data["sections"]["tracking"]["results"]["raw-loop"]
+    assert raw["available"], raw
+    assert raw["randwrite-4k-qd16"]["iops"]["median"] > 0
+    assert raw["randwrite-4k-qd16"]["runs"][0]["command"].startswith("fio ")
+    full = data["sections"]["full"]["results"]
+    for peer in ("restic", "borg"):
+        assert full[peer]["restore"]["runs"][0]["identical"] is True, full[peer]["restore"]
+
+    md = (out / "latest.md").read_text()
+    for heading in ("## 1. Incremental after failover", "## 2. Tracking cost", "## 3. Full backup",
+                    "## 4. Scale"):
+        assert heading in md
+    assert (out / "img" / "incremental.png").stat().st_size > 0
+    assert (out / "img" / "tracking.png").stat().st_size > 0
+    dated = [p for p in out.glob("*.json") if p.name != "latest.json"]
+    assert len(dated) == 1
