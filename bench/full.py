@@ -30,6 +30,7 @@ from bench.common import (
     Measured,
     Series,
     StepFailed,
+    check,
     median_of,
     ratio,
     stat,
@@ -40,7 +41,7 @@ from bench.context import Context
 from bench.diskgen import files_identical, make_image, seq_write_rate
 from bench.peers import Borg, Restic
 
-TOOLS = ("baton", "restic", "borg")
+TOOLS = ("baton", "baton-aes", "restic", "borg")
 STEPS = ("backup", "restore", "verify")
 
 
@@ -51,10 +52,19 @@ def _synced(m: Measured) -> float:
     return m.wall_s + (time.perf_counter() - t0)
 
 
-def _baton_rep(ctx: Context, img: Path, root: Path, check_identical: bool, s: dict[str, Series]) -> None:
+def _baton_rep(ctx: Context, img: Path, root: Path, check_identical: bool, s: dict[str, Series],
+               encrypted: bool) -> None:
     b = ctx.baton
     repo = root / "baton-repo"
-    b.repo_init(str(repo))
+    if encrypted:
+        # The key file is created by `repo init`; later commands find it through BATON_KEY_FILE.
+        key = root / "repo.key"
+        check([b.exe, "repo", "init", str(repo), "--encryption", "aes-256-gcm", "--key-file", str(key)],
+              env=b.env, timeout=120)
+        b.env["BATON_KEY_FILE"] = str(key)
+    else:
+        b.env.pop("BATON_KEY_FILE", None)
+        b.repo_init(str(repo))
     ctx.cold_for("baton", "backup", img)
     out, m = b.backup(str(img), str(repo), full=True)
     snap = str(out.get("snapshot", ""))
@@ -115,7 +125,8 @@ def run(ctx: Context) -> JSON:
     section: JSON = {"available": True, "size_bytes": ctx.size, "reps": ctx.reps,
                      "settings": {"borg": "--encryption none --compression lz4 --chunker-params fixed,65536",
                                   "restic": "repository v2, compression auto, encrypted (mandatory)",
-                                  "baton": "repository defaults of `baton repo init`"}}
+                                  "baton": "repository defaults of `baton repo init` (no encryption, zstd-1)",
+                                  "baton-aes": "`baton repo init --encryption aes-256-gcm --key-file KEY`"}}
     try:
         ctx.log(f"full: writing a {ctx.size >> 20} MiB image")
         section["image"] = make_image(img, ctx.size, ctx.seed + 1)
@@ -132,10 +143,10 @@ def run(ctx: Context) -> JSON:
                 root.mkdir(exist_ok=True)
                 ctx.log(f"full: {tool} rep {rep + 1}")
                 try:
-                    if tool == "baton":
+                    if tool.startswith("baton"):
                         if baton_err:
                             raise StepFailed(baton_err)
-                        _baton_rep(ctx, img, root, rep == 0, series[tool])
+                        _baton_rep(ctx, img, root, rep == 0, series[tool], encrypted=tool == "baton-aes")
                     else:
                         peer = Restic(root) if tool == "restic" else Borg(root)
                         _peer_rep(ctx, img, root, peer, rep == 0, series[tool])
@@ -144,14 +155,16 @@ def run(ctx: Context) -> JSON:
                         if len(series[tool][stp].samples) <= rep:
                             series[tool][stp].fail(str(e))
                 finally:
+                    ctx.baton.env.pop("BATON_KEY_FILE", None)
                     shutil.rmtree(root, ignore_errors=True)
         rows = {t: {stp: series[t][stp].result() for stp in STEPS} for t in TOOLS}
         section["results"] = rows
         ratios: JSON = {}
         for stp in STEPS:
-            bt = median_of(rows["baton"][stp], "wall_s")
-            for pname in ("restic", "borg"):
-                ratios[f"{pname}_over_baton.{stp}_wall"] = ratio(median_of(rows[pname][stp], "wall_s"), bt)
+            for bname in ("baton", "baton-aes"):
+                bt = median_of(rows[bname][stp], "wall_s")
+                for pname in ("restic", "borg"):
+                    ratios[f"{pname}_over_{bname}.{stp}_wall"] = ratio(median_of(rows[pname][stp], "wall_s"), bt)
         wr = section["target_seq_write"]["bytes_per_s"]
         for t in TOOLS:
             ratios[f"{t}.restore_rate_over_target_seq_write"] = ratio(median_of(rows[t]["restore"], "bytes_per_s"),
