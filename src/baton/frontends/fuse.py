@@ -570,7 +570,9 @@ class FuseFrontend:
             with contextlib.suppress(BatonError):
                 loopdev.detach(dev)
         self._end_session(lazy=True)
-        self._remove_names()
+        if self._thread is not None:
+            # Only once our own session existed: before that, the names may belong to a live daemon.
+            self._remove_names()
         with self._lock:
             self._phase = "stopped"
         self._stopped.set()
@@ -579,11 +581,16 @@ class FuseFrontend:
         """Fenced, hung or lost session: fail everything from now on and take the device down lazily.
         Runs once, on its own thread (never inside a FUSE handler, which must return promptly)."""
         with self._lock:
-            if self._dead or self._phase in ("stopped", "new"):
+            if self._dead:
                 return
             self._dead = True
             self.failure = reason
-            self._phase = "stopping"
+            idle = self._phase in ("new", "stopped")
+            if not idle:
+                self._phase = "stopping"
+        if idle:  # nothing is set up: nothing to take down
+            self._stopped.set()
+            return
 
         def run() -> None:
             log.error("%s: shutting the device down: %s", self.name, reason)

@@ -18,6 +18,7 @@ import os
 import stat
 import struct
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,6 +277,12 @@ def users(dev: str) -> Users:
 def refuse_if_busy(dev: str, what: str) -> None:
     """Raise DeviceBusy naming who holds ``dev``, if anyone does. ``what`` says what was refused."""
     u = users(dev)
+    for _ in range(5):
+        # udev's blkid probe opens a device for a moment after changes; do not blame it for being there.
+        if not u.busy or u.mounts or u.holders or u.exclusive_busy:
+            break
+        time.sleep(0.2)
+        u = users(dev)
     if u.busy:
         raise DeviceBusy(f"{what} refused: {u.describe()}",
                          hint="unmount it / stop the processes using it, then retry")
