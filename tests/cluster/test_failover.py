@@ -322,7 +322,7 @@ def test_failover_keeps_backups_incremental() -> None:
         pytest.skip("needs resource-agents (ocf:heartbeat:Filesystem)")
     seed = int(os.environ.get("BATON_TEST_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
     print(f"cluster failover scenario: seed {seed} (set BATON_TEST_SEED={seed} to repeat)")
-    c = Cluster(3, log=print)
+    c = Cluster(3)
     try:
         c.setup()
         results = run_scenario(c, seed)
