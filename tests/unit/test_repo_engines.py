@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from pathlib import Path
 
 import blake3
 import pytest
@@ -118,9 +119,9 @@ def test_verify_clean_and_corrupt(repo: Repository) -> None:
     shared = repo.snapshot_reader(m1).chunk_id(1)
     e = repo.chunk_index()[shared]
     p = os.path.join(repo.url, pack_key(e.pack_id))
-    data = bytearray(open(p, "rb").read())
+    data = bytearray(Path(p).read_bytes())
     data[e.offset] ^= 0xFF
-    open(p, "wb").write(data)
+    Path(p).write_bytes(bytes(data))
     only2 = repo.snapshot_reader(m2).chunk_id(7)
     os.unlink(os.path.join(repo.url, pack_key(repo.chunk_index()[only2].pack_id)))
     rep = verify(Repository.open(repo.url))
