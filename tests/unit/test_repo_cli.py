@@ -58,7 +58,8 @@ def test_cli_round_trip(tmp_path, capsys) -> None:  # type: ignore[no-untyped-de
     assert code == 0 and res["disk_size"] == 20 * CS + 7 and res["zero_chunks"] == 3
     import blake3
 
-    assert blake3.blake3(open(target, "rb").read()).hexdigest() == res["image_digest"]
+    with open(target, "rb") as f:
+        assert blake3.blake3(f.read()).hexdigest() == res["image_digest"]
     code, out, _ = run(capsys, "forget", "--repo", url, "--keep-last", "1", "--json")
     assert code == 0 and [r["snapshot"] for r in json.loads(out)["removed"]] == [ids[0]]
     code, out, _ = run(capsys, "prune", "--repo", url, "--grace", "0s", "--json")
