@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import itertools
 import logging
 import os
 import queue
@@ -125,34 +126,32 @@ def dirty_descriptors(
 ) -> list[tuple[int, int]]:
     """(length, flags) descriptors for ``baton:dirty`` over [offset, offset+length) from tracker runs.
 
-    Runs are clipped to the range and merged when adjacent runs share a state; any part of the range that no
-    run covers is reported *dirty* (never under-report). At most 2^20 descriptors (the spec's limit), one with
+    Runs are clipped to the range; adjacent descriptors with the same state are merged. Conservative by
+    construction (never under-report): a byte is reported clean only if some run covers it and no run covering
+    it says dirty; bytes no run covers are dirty. At most 2^20 descriptors (the spec's limit), one with
     ``req_one``. ``length`` must be > 0.
     """
     end = offset + length
+    # Sweep line over clipped run boundaries: +1/-1 on the number of covering clean and dirty runs.
+    events: dict[int, list[int]] = {offset: [0, 0], end: [0, 0]}
+    for start, n, dirty in runs:
+        s, e = max(start, offset), min(start + n, end)
+        if e > s:
+            events.setdefault(s, [0, 0])[dirty] += 1
+            events.setdefault(e, [0, 0])[dirty] -= 1
     out: list[tuple[int, int]] = []
-    pos = offset
-
-    def add(n: int, flags: int) -> None:
+    clean_cover = dirty_cover = 0
+    points = sorted(events)
+    for a, b in itertools.pairwise(points):
+        clean_cover += events[a][0]
+        dirty_cover += events[a][1]
+        flags = 0 if clean_cover and not dirty_cover else P.STATE_DIRTY
         if out and out[-1][1] == flags:
-            out[-1] = (out[-1][0] + n, flags)
+            out[-1] = (out[-1][0] + b - a, flags)
         else:
-            out.append((n, flags))
-
-    for start, n, dirty in sorted(runs):
-        s, e = max(start, pos), min(start + n, end)
-        if e <= s:
-            continue
-        if s > pos:
-            add(s - pos, P.STATE_DIRTY)  # a gap in the tracker's answer
-        add(e - s, P.STATE_DIRTY if dirty else 0)
-        pos = e
-        if pos >= end:
-            break
-    if pos < end:
-        add(end - pos, P.STATE_DIRTY)
-    if req_one:
-        return out[:1]
+            if req_one and out:
+                break
+            out.append((b - a, flags))
     return out[:_MAX_DESCRIPTORS]
 
 
