@@ -53,7 +53,7 @@ def blob_aad(keys: RepoKeys, cid: bytes, flags: int) -> bytes:
 def encode_blob(keys: RepoKeys, cid: bytes, data: bytes | memoryview) -> tuple[bytes, int]:
     """(stored bytes, BLOB_* flags). Compressed only when that saves at least 1/8 of the size."""
     flags = 0
-    payload: bytes = bytes(data)
+    payload: bytes = data if isinstance(data, bytes) else bytes(data)
     packed = _compressor().compress(payload)
     if len(packed) <= len(payload) - len(payload) // 8:
         payload, flags = packed, BLOB_ZSTD

@@ -115,11 +115,17 @@ class BackupWriter:
         try:
             self._stats["chunks_put"] += 1
             self._stats["bytes_in"] += expected
-            if data == self._zero[:expected]:
+            # Compare against the preallocated zero buffer without slicing it (a slice would copy).
+            zero = self._zero if expected == self.disk.chunk_size else bytes(expected)
+            if data == zero:
                 self._inflight.append((chunk_index, expected, None))
             else:
-                self._inflight.append((chunk_index, expected, self._pool.submit(self._encode, bytes(data))))
+                # The caller may reuse its buffer after put returns, so the pool gets an immutable copy.
+                payload = data if isinstance(data, bytes) else bytes(data)
+                self._inflight.append((chunk_index, expected, self._pool.submit(self._encode, payload)))
             self._drain(MAX_INFLIGHT)
+            if self._stats["chunks_put"] % 1024 == 0:
+                self._lock.refresh()          # cheap unless the lock is old: long incrementals stay locked
         except BaseException as e:
             self._broken = e
             raise
