@@ -1,0 +1,142 @@
+"""Repository faults: ENOSPC (injected and on a real tiny tmpfs), storage errors mid-backup, corrupt data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+from baton.errors import RepoFull, StorageError
+from baton.repo import DiskIdentity, Repository
+from baton.storage import build_store, open_base_store
+from baton.testing.faulty_storage import Fault, FaultyStore
+from baton.verify import verify
+from conftest import need_root, need_tool
+
+CS = 65536
+
+
+def _fill(w, n: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+    import random
+
+    rng = random.Random(seed)
+    for i in range(n):
+        w.put(i, rng.randbytes(CS))
+
+
+def test_injected_enospc_fails_cleanly_and_repo_stays_valid(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seed = 31337
+    print("seed", seed)
+    url = str(tmp_path / "repo")
+    Repository.init(url, pack_target=256 * 1024)
+    good = Repository.open(url)
+    w = good.begin_backup(DiskIdentity("d", 8 * CS, CS), parent=None, node="n", mode="full", reason="",
+                          lineage="L")
+    _fill(w, 8, seed)
+    m = w.commit({})
+    store = build_store(open_base_store(url), faults=FaultyStore.factory(
+        [Fault("put", "packs/", "enospc", after=1, times=None)], seed), sleep=lambda _t: None)
+    repo = Repository.open(url, store=store)
+    w = repo.begin_backup(DiskIdentity("e", 32 * CS, CS), parent=None, node="n", mode="full", reason="",
+                          lineage="L")
+    with pytest.raises(RepoFull):
+        _fill(w, 32, seed + 1)
+        w.commit({})
+    with pytest.raises(Exception, match="failed earlier"):
+        w.put(0, bytes(CS))                                 # sticky
+    w.abort()
+    fresh = Repository.open(url)
+    assert [s.snapshot_id for s in fresh.snapshots(include_partial=True)] == [m.snapshot_id]
+    assert verify(fresh).ok
+    assert list(fresh.store.list("locks/")) == []
+
+
+@pytest.mark.integration
+def test_real_enospc_on_tiny_tmpfs() -> None:
+    need_root()
+    need_tool("mount", "umount")
+    base = tempfile.mkdtemp(prefix="repo-eng-tmpfs-")
+    mounted = False
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", base], check=True, timeout=30)
+        mounted = True
+        url = os.path.join(base, "repo")
+        repo = Repository.init(url, pack_target=512 * 1024)
+        w = repo.begin_backup(DiskIdentity("d", 64 * CS, CS), parent=None, node="n", mode="full", reason="",
+                              lineage="L")
+        with pytest.raises(RepoFull) as ei:
+            _fill(w, 64, 5)                                 # 4 MiB of random data into 2 MiB
+            w.commit({})
+        assert "no space left" in str(ei.value)
+        w.abort()
+        fresh = Repository.open(url)
+        assert fresh.snapshots(include_partial=True) == []
+        leftovers = [f for _r, _d, fs in os.walk(url) for f in fs if f.startswith(".tmp-")]
+        assert leftovers == []                              # failed writes cleaned their temp files
+    finally:
+        if mounted:
+            subprocess.run(["umount", base], check=False, timeout=30)
+        os.rmdir(base)
+
+
+def test_corrupt_reads_from_store_are_detected() -> None:
+    """A store that flips bits on reads: restore-path reads fail with RepoCorrupt, never return bad data."""
+    seed = 4711
+    print("seed", seed)
+    url = f"memory://corrupt-{uuid.uuid4().hex}"
+    repo = Repository.init(url)
+    w = repo.begin_backup(DiskIdentity("d", 4 * CS, CS), parent=None, node="n", mode="full", reason="",
+                          lineage="L")
+    _fill(w, 4, seed)
+    m = w.commit({})
+    bad = build_store(open_base_store(url), faults=FaultyStore.factory(
+        [Fault("get", "packs/", "corrupt", times=None)], seed))
+    r = Repository.open(url, store=bad)
+    from baton.errors import RepoCorrupt
+
+    for i in range(4):
+        with pytest.raises(RepoCorrupt):
+            r.snapshot_reader(m).read(i)
+    rep = verify(r)
+    assert not rep.ok and {p.kind for p in rep.problems} >= {"corrupt-chunk"}
+
+
+def test_truncated_pack_reads_name_the_chunk() -> None:
+    url = f"memory://trunc-{uuid.uuid4().hex}"
+    repo = Repository.init(url)
+    w = repo.begin_backup(DiskIdentity("d", CS, CS), parent=None, node="n", mode="full", reason="", lineage="L")
+    _fill(w, 1, 1)
+    m = w.commit({})
+    bad = build_store(open_base_store(url), faults=FaultyStore.factory([Fault("get", "packs/", "truncate")], 1))
+    r = Repository.open(url, store=bad)
+    cid = r.snapshot_reader(m).chunk_id(0)
+    from baton.errors import RepoCorrupt
+
+    with pytest.raises(RepoCorrupt, match=cid.hex()):
+        r.snapshot_reader(m).read(0)
+
+
+def test_lost_index_put_reply_still_commits() -> None:
+    url = f"memory://lost-{uuid.uuid4().hex}"
+    Repository.init(url)
+    store = build_store(open_base_store(url), faults=FaultyStore.factory(
+        [Fault("put", "index/", "lost-reply"), Fault("put", "snapshots/", "transient", times=2)], 3),
+        sleep=lambda _t: None)
+    repo = Repository.open(url, store=store)
+    w = repo.begin_backup(DiskIdentity("d", 2 * CS, CS), parent=None, node="n", mode="full", reason="",
+                          lineage="L")
+    _fill(w, 2, 3)
+    m = w.commit({})
+    assert verify(Repository.open(url)).ok and Repository.open(url).get_snapshot(m.snapshot_id)
+
+
+def test_permanent_list_failure_surfaces() -> None:
+    url = f"memory://list-{uuid.uuid4().hex}"
+    Repository.init(url)
+    store = build_store(open_base_store(url), faults=FaultyStore.factory(
+        [Fault("list", "", "permanent", times=None)], 1))
+    with pytest.raises(StorageError):
+        Repository.open(url, store=store).snapshots()
