@@ -44,7 +44,7 @@ SECTIONS: dict[str, Callable[[Context], JSON]] = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and one repetition (CI: keeps it working)")
-    p.add_argument("--size", default=None, help="disk image size for incremental and full (default 4G; smoke 64M)")
+    p.add_argument("--size", default=None, help="disk image size for incremental and full (default 4G; smoke 32M)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; smoke 1)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of: " + ",".join(SECTIONS))
     p.add_argument("--out", default=None, help="results directory (default bench/results[/smoke])")
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown benchmark(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     a.only = only
     try:
-        a.size_bytes = parse_size(a.size) if a.size else (64 * MiB if a.smoke else 4 * GiB)
+        a.size_bytes = parse_size(a.size) if a.size else (32 * MiB if a.smoke else 4 * GiB)
     except ValueError as e:
         p.error(str(e))
     if a.size_bytes < 16 * MiB or a.size_bytes % (64 * 1024):
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     results["finished_utc"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["cold_cache"] = ctx.cold.statistics()
     results["baton_cli"] = baton.statistics()
     results["plots"] = report.plots(results, img_dir)

@@ -167,6 +167,7 @@ def run(ctx: Context) -> JSON:
                 seeds["baton"] = {**m.to_json(), "mode": out.get("mode"), "reason": out.get("reason")}
             except StepFailed as e:
                 disk.baton_error = f"seed backup failed: {e}"
+        ctx.log("incremental: seed backups (untimed)")
         for tname, tool in (("restic", restic), ("borg", borg)):
             try:
                 tool.init()

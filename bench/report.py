@@ -68,7 +68,9 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
         f"started {results.get('started_utc')}, finished {results.get('finished_utc')}.",
         f"- Machine: {m.get('cores')} cores ({m.get('cpu_model')}), {fmt_size(m.get('memory_bytes', 0))} RAM, "
         f"kernel {m.get('kernel')}, scratch on {m.get('scratch_fs')}; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))}.",
+        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))}, at end "
+        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_end', []))} (the machine is shared: high load means "
+        f"noisier figures).",
         "- Tools: " + "; ".join(f"{k}: {v or 'not installed / not available'}" for k, v in tools.items()) + ".",
         f"- Repetitions: {results.get('reps')}; figures are median [min-max]. Cold cache "
         f"(`sync; echo 3 > /proc/sys/vm/drop_caches` plus fadvise DONTNEED) before every timed backup, "
@@ -163,7 +165,7 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
                          f"{_size(bk, 'peak_rss_bytes')} | {_spread(rs, 'wall_s')} | "
                          f"{_mbps(median_of(rs, 'bytes_per_s'))} | {_spread(vf, 'wall_s')} | "
                          f"{ident[0] if ident else 'n/a'} |")
-        rat = s.get("ratios", {})
+        rat = {k: v for k, v in s.get("ratios", {}).items() if v is not None}
         if rat:
             lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {_x(v)} |" for k, v in rat.items()]
         lines.append("")
