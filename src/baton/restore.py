@@ -23,7 +23,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,8 +33,10 @@ import blake3
 from baton.device import device_size
 from baton.errors import DeviceBusy, DeviceError, RepoCorrupt, RepoError
 from baton.repo import ZERO_ID, Manifest, Repository
+from baton.repo.repository import coalesce
 
-PREFETCH = 16
+BATCH = 256                 # chunks per batch (16 MiB of disk at 64 KiB chunks)
+PREFETCH_BATCHES = 2        # batches being fetched while one is written
 
 
 @dataclass(frozen=True)
@@ -153,49 +155,66 @@ def restore(repo: Repository, manifest: Manifest, target_path: str, *,
     lock = repo.shared_lock("restore")
     try:
         reader = repo.snapshot_reader(manifest)
-        repo.chunk_index()
+        index = repo.chunk_index()
         fd = _open_target(target_path, kind, disk.size)
         hasher = blake3.blake3()
         written = zero = done = 0
         zero_buf = bytes(disk.chunk_size)
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="baton-restore")
-        window: deque[tuple[int, bytes, Future[bytes] | None]] = deque()
+        pending: deque[tuple[list[tuple[int, bytes]], list[Future[dict[bytes, bytes]]]]] = deque()
         try:
-            ids = reader.iter_ids()
-            n = disk.chunk_count
-            next_i = 0
-            while next_i < n or window:
-                while next_i < n and len(window) < PREFETCH:
-                    cid = next(ids)
-                    length = reader.chunk_length(next_i)
-                    fut = None if cid == ZERO_ID else pool.submit(repo.read_chunk, cid, length)
-                    window.append((next_i, cid, fut))
-                    next_i += 1
-                i, cid, fut = window.popleft()
-                length = reader.chunk_length(i)
-                off = i * disk.chunk_size
-                if fut is None:
-                    zero += 1
-                    hasher.update(zero_buf[:length])
-                    if kind == "block":
-                        _pwrite_all(fd, zero_buf[:length], off, target_path)
-                        written += length
-                else:
+            batches = _batches(reader.iter_ids(), disk.chunk_count, BATCH)
+            exhausted = False
+            while True:
+                # Keep PREFETCH_BATCHES batches of coalesced ranged reads in flight ahead of the writer.
+                while not exhausted and len(pending) < PREFETCH_BATCHES:
+                    batch = next(batches, None)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    items = []
+                    for i, cid in batch:
+                        if cid == ZERO_ID:
+                            continue
+                        entry = index.get(cid)
+                        if entry is None:
+                            raise RepoCorrupt(f"chunk {i} (disk offset {i * disk.chunk_size}) of snapshot "
+                                              f"{manifest.snapshot_id}: chunk {cid.hex()} is not in the index",
+                                              hint="run `baton verify` to list every damaged chunk")
+                        items.append((cid, entry))
+                    pending.append((batch, [pool.submit(repo.read_chunks, run) for run in coalesce(items)]))
+                if not pending:
+                    break
+                batch, futs = pending.popleft()
+                plain: dict[bytes, bytes] = {}
+                for fut in futs:
                     try:
-                        data = fut.result()
+                        plain.update(fut.result())
                     except RepoCorrupt as e:
-                        raise RepoCorrupt(f"chunk {i} (disk offset {off}) of snapshot {manifest.snapshot_id}: "
-                                          f"{e}", hint="run `baton verify` to list every damaged chunk") from e
-                    hasher.update(data)
-                    _pwrite_all(fd, data, off, target_path)
-                    written += length
-                done += length
+                        raise RepoCorrupt(f"snapshot {manifest.snapshot_id}: {e} (needed for "
+                                          f"{_chunks_naming(batch, str(e), disk.chunk_size)})",
+                                          hint="run `baton verify` to list every damaged chunk") from e
+                for i, cid in batch:
+                    length = reader.chunk_length(i)
+                    off = i * disk.chunk_size
+                    if cid == ZERO_ID:
+                        zero += 1
+                        hasher.update(zero_buf[:length] if length != disk.chunk_size else zero_buf)
+                        if kind == "block":
+                            _pwrite_all(fd, zero_buf[:length], off, target_path)
+                            written += length
+                    else:
+                        data = plain[cid]
+                        hasher.update(data)
+                        _pwrite_all(fd, data, off, target_path)
+                        written += length
+                    done += length
                 if progress is not None:
                     progress(done, disk.size)
             os.fsync(fd)
         finally:
-            for _i, _c, f in window:
-                if f is not None:
+            for _b, futs in pending:
+                for f in futs:
                     f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
@@ -209,6 +228,23 @@ def restore(repo: Repository, manifest: Manifest, target_path: str, *,
     if hook is not None:
         hook(target_path, manifest)
     return result
+
+
+def _batches(ids: Iterator[bytes], n: int, size: int) -> Iterator[list[tuple[int, bytes]]]:
+    batch: list[tuple[int, bytes]] = []
+    for i in range(n):
+        batch.append((i, next(ids)))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _chunks_naming(batch: list[tuple[int, bytes]], message: str, chunk_size: int) -> str:
+    """"chunk I (disk offset O)" for the chunks in ``batch`` whose id appears in ``message``."""
+    hits = [i for i, cid in batch if cid != ZERO_ID and cid.hex() in message]
+    return ", ".join(f"chunk {i} (disk offset {i * chunk_size})" for i in hits[:8]) or "a chunk of this batch"
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:

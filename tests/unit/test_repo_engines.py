@@ -216,10 +216,14 @@ def test_prune_removes_unindexed_packs_of_aborted_backup(repo: Repository) -> No
     w = repo.begin_backup(DiskIdentity("e", 40 * CS, CS), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     for i in range(40):
-        w.put(i, os.urandom(CS))                                # fills >1 small pack; uploads start
+        w.put(i, os.urandom(CS))                                # may upload some packs before the abort
     w.abort()
+    # A crashed backup's upload that no index names (deterministic stand-in for one finishing late).
+    orphan = "packs/ee/" + "ee" * 32
+    repo.store.put(orphan, b"BTNPACK\0 orphan pack of a crashed backup")
     res = prune(Repository.open(repo.url), grace=0)
     assert res.packs_deleted >= 1
+    assert orphan not in {o.key for o in repo.store.list("packs/")}
     assert verify(Repository.open(repo.url)).ok
     assert Repository.open(repo.url).get_snapshot(keep.snapshot_id)
 
@@ -250,3 +254,32 @@ def test_duration_and_percent_parsing() -> None:
         parse_duration("soon")
     with pytest.raises(UsageError):
         parse_percent("150%")
+
+
+def test_restore_many_batches_across_packs(repo: Repository, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An incremental whose chunks are scattered over many small packs, over several restore batches."""
+    rng = random.Random(SEED + 1)
+    n = 700
+    img = make_img(rng, n)
+    disk = DiskIdentity("d", len(img), CS)
+    m = backup(repo, disk, img)
+    changed = sorted(rng.sample(range(n), 90))
+    for c in changed:
+        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    img[10 * CS:11 * CS] = img[20 * CS:21 * CS]              # a duplicate inside one batch
+    m2 = backup(repo, disk, img, [*changed, 10], parent=m, mode="incremental")
+    res = restore(Repository.open(repo.url), m2, str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == bytes(img)
+    assert res.image_digest == blake3.blake3(bytes(img)).hexdigest()
+
+
+def test_coalesce_runs() -> None:
+    from baton.format.repo_index import IndexEntry
+    from baton.repo.repository import coalesce
+
+    p1, p2 = b"1" * 32, b"2" * 32
+    items = [(b"a" * 32, IndexEntry(p1, 100, 10, 10, 0)), (b"b" * 32, IndexEntry(p1, 16, 84, 84, 0)),
+             (b"c" * 32, IndexEntry(p2, 16, 5, 5, 0)), (b"d" * 32, IndexEntry(p1, 1 << 20, 5, 5, 0)),
+             (b"a" * 32, IndexEntry(p1, 100, 10, 10, 0))]
+    runs = coalesce(items, max_gap=1000)
+    assert [[c[:1] for c, _e in r] for r in runs] == [[b"b", b"a"], [b"d"], [b"c"]]

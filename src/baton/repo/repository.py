@@ -213,6 +213,33 @@ class Repository:
             self._stats["bytes_read"] += len(stored)
         return data
 
+    def read_chunks(self, items: list[tuple[bytes, IndexEntry]]) -> dict[bytes, bytes]:
+        """Plaintexts of chunks that lie in one pack, fetched with a single ranged read and each verified.
+
+        ``items`` must share a pack; they are read from the lowest offset to the end of the highest blob, so
+        callers keep runs dense (see :func:`coalesce`). RepoCorrupt names the first bad chunk and its pack.
+        """
+        pack_id = items[0][1].pack_id
+        start = min(e.offset for _c, e in items)
+        end = max(e.offset + e.stored_length for _c, e in items)
+        try:
+            data = self.store.get_range(pack_key(pack_id), start, end - start)
+        except ObjectNotFound as missing:
+            raise RepoCorrupt(f"chunk {items[0][0].hex()}: its pack {pack_id.hex()} is missing") from missing
+        out: dict[bytes, bytes] = {}
+        for cid, e in items:
+            blob = data[e.offset - start:e.offset - start + e.stored_length]
+            if len(blob) != e.stored_length:
+                raise RepoCorrupt(f"chunk {cid.hex()}: pack {pack_id.hex()} is truncated")
+            try:
+                out[cid] = decode_blob(self.keys, cid, blob, e.flags, e.raw_length)
+            except RepoCorrupt as err:
+                raise RepoCorrupt(f"{err} in pack {pack_id.hex()}") from err
+        with self._lock:
+            self._stats["chunks_read"] += len(items)
+            self._stats["bytes_read"] += len(data)
+        return out
+
     # ----- pages -----------------------------------------------------------------------------------------------
 
     def page_id(self, body: bytes) -> bytes:
@@ -336,6 +363,30 @@ class Repository:
         return mine
 
 
+def coalesce(items: list[tuple[bytes, IndexEntry]], *, max_gap: int = 64 << 10, max_span: int = 16 << 20
+             ) -> list[list[tuple[bytes, IndexEntry]]]:
+    """Group chunk locations into runs that one ranged read can serve: same pack, sorted by offset, holes
+    between blobs of at most ``max_gap`` bytes, at most ``max_span`` bytes per run. Duplicate ids are dropped."""
+    seen: set[bytes] = set()
+    uniq = []
+    for cid, e in items:
+        if cid not in seen:
+            seen.add(cid)
+            uniq.append((cid, e))
+    uniq.sort(key=lambda ce: (ce[1].pack_id, ce[1].offset))
+    runs: list[list[tuple[bytes, IndexEntry]]] = []
+    for cid, e in uniq:
+        if runs:
+            run = runs[-1]
+            first, last = run[0][1], run[-1][1]
+            if (last.pack_id == e.pack_id and e.offset - (last.offset + last.stored_length) <= max_gap
+                    and e.offset + e.stored_length - first.offset <= max_span):
+                run.append((cid, e))
+                continue
+        runs.append([(cid, e)])
+    return runs
+
+
 class SnapshotReader:
     """Chunk ids per chunk index of one snapshot, and the chunks themselves (verified)."""
 
@@ -360,3 +411,6 @@ class SnapshotReader:
 
     def read(self, chunk_index: int) -> bytes:
         return self.repo.read_chunk(self.chunk_id(chunk_index), self.chunk_length(chunk_index))
+
+    def statistics(self) -> dict[str, int]:
+        return {"pages_loaded": self.tree.pages_loaded, "chunk_count": self.chunk_count}
