@@ -404,6 +404,49 @@ def test_queue_depth_reaches_tracker_and_replies_out_of_order(tmp_path: Path) ->
     assert t.statistics()["writes"] == 4
 
 
+class GateTracker(FakeTracker):
+    """Writes block until the test opens the gate; ``entered`` is set once a write is inside."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self.entered.set()
+        assert self.gate.wait(TIMEOUT)
+        super().write(offset, data, fua)
+
+
+def test_stop_drains_in_flight_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import baton.frontends.nbd as nbd
+
+    read_side_shut = threading.Event()
+    original = nbd._Connection.shutdown_read
+
+    def shutdown_read(self: Any) -> None:
+        original(self)
+        read_side_shut.set()
+
+    monkeypatch.setattr(nbd._Connection, "shutdown_read", shutdown_read)
+    t = GateTracker(tmp_path / "g.img", SIZE)
+    s = NBDServer(t, "g", unix_path=tmp_path / "g.sock", workers=2)
+    s.start()
+    c = Client(str(s.unix_path))
+    c.go("g")
+    cookie = c.send(WRITE, 0, data=b"in flight")
+    assert t.entered.wait(TIMEOUT)
+    stopper = threading.Thread(target=s.stop, kwargs={"timeout": TIMEOUT})
+    stopper.start()
+    assert read_side_shut.wait(TIMEOUT)  # teardown has begun: no new requests are read
+    t.gate.set()  # the blocked write completes while stop() is draining
+    stopper.join(TIMEOUT)
+    r = c.reply()  # its reply still went out before the server closed the connection
+    assert (r["cookie"], r["error"]) == (cookie, 0)
+    assert c.sock.recv(1) == b""
+    c.close()
+    assert t.statistics()["writes"] == 1 and not stopper.is_alive()
+
+
 def test_multi_connection_flush_and_visibility(server: NBDServer, tracker: FakeTracker) -> None:
     a, b = connect(server), connect(server)
     a.go("disk1")

@@ -57,6 +57,7 @@ BATON_DIRTY = "baton:dirty"
 _CONTEXT_IDS = {BASE_ALLOCATION: 1, BATON_DIRTY: 2}  # fixed per server; the spec only needs them unique
 CONTEXTS = tuple(_CONTEXT_IDS)  # the metadata context names this frontend offers
 
+RUN_DIR = Path("/run/baton")  # per-disk runtime state; the NBD socket of disk NAME is RUN_DIR/NAME.sock
 MAX_PAYLOAD = 32 << 20  # 2^25: the spec says no payload up to this size may be treated as an attack
 _MAX_OPTION_DATA = 64 << 10  # option data beyond this is not a real client: disconnect
 _MAX_DESCRIPTORS = 1 << 20  # the spec's SHOULD-NOT-exceed per block-status chunk
@@ -100,6 +101,11 @@ _CONN_COUNTERS = (
     "handshakes_failed", "protocol_errors", "bytes_in", "bytes_out", "errors", "requests_unknown",
     *_REQ_KEYS.values(), *_ERR_KEYS.values(),
 )  # fmt: skip
+
+
+def default_socket_path(name: str) -> Path:
+    """Where the NBD socket of the attached disk ``name`` lives unless the caller says otherwise."""
+    return RUN_DIR / f"{name}.sock"
 
 
 class TrackerLike(Protocol):
