@@ -116,3 +116,57 @@ def test_s3_permanent_error_fails_backup_and_publishes_nothing(s3_env: str) -> N
     w.abort()
     assert repo.snapshots(include_partial=True) == []
     assert list(repo.store.list("locks/")) == []
+
+
+def test_s3_locks_use_conditional_create(s3_env: str) -> None:
+    from baton.errors import RepoLocked
+    from baton.repo.locks import RepoLock
+
+    repo = Repository.init(s3_env)
+    ex = RepoLock.acquire_exclusive(repo.store, "prune")
+    with pytest.raises(RepoLocked):
+        RepoLock.acquire_exclusive(repo.store, "prune")       # If-None-Match: * refuses the second create
+    with pytest.raises(RepoLocked):
+        repo.begin_backup(DiskIdentity("d", 65536, 65536), parent=None, node="n", mode="full", reason="",
+                          lineage="L")
+    ex.release()
+    w = repo.begin_backup(DiskIdentity("d", 65536, 65536), parent=None, node="n", mode="full", reason="",
+                          lineage="L")
+    with pytest.raises(RepoLocked):
+        RepoLock.acquire_exclusive(repo.store, "prune")
+    w.abort()
+
+
+def test_s3_cli_end_to_end(s3_env: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+
+    import blake3
+
+    baton = [sys.executable, "-m", "baton"]
+    env = dict(os.environ)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*baton, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    key = str(tmp_path / "key")
+    p = run("repo", "init", s3_env, "--encryption", "aes-256-gcm", "--key-file", key, "--json")
+    assert p.returncode == 0, p.stderr
+    repo = Repository.open(s3_env, key_file=key)
+    disk = DiskIdentity("s3-cli", 10 * 65536, 65536)
+    img = os.urandom(4 * 65536) + bytes(6 * 65536)
+    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="first", lineage="L")
+    for i in range(10):
+        w.put(i, img[i * 65536:(i + 1) * 65536])
+    m = w.commit({})
+    env["BATON_KEY_FILE"] = key
+    p = run("verify", "--repo", s3_env, "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["chunks"] == 4, p.stderr
+    p = run("restore", m.snapshot_id[:8], "--repo", s3_env, "--to", str(tmp_path / "out"), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["image_digest"] == blake3.blake3(img).hexdigest()
+    assert (tmp_path / "out").read_bytes() == img
+    p = run("forget", m.snapshot_id, "--repo", s3_env, "--json")
+    assert p.returncode == 0, p.stderr
+    p = run("prune", "--repo", s3_env, "--grace", "0s", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["packs_deleted"] == 1, p.stderr
