@@ -47,9 +47,9 @@ ID_LEN = 32
 ZERO_ID = bytes(ID_LEN)     # the id of an all-zero chunk, and of a page whose ids are all ZERO_ID
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IndexEntry:
-    """Where a chunk lives."""
+    """Where a chunk lives. Slotted: a repository's chunk index holds one per stored chunk."""
 
     pack_id: bytes
     offset: int
@@ -74,9 +74,9 @@ def decode_index(body: bytes, name: str) -> list[tuple[bytes, IndexEntry]]:
     if len(body) != INDEX_HEAD.size + count * INDEX_ENTRY.size:
         raise RepoCorrupt(f"index {name}: {len(body)} bytes for {count} entries")
     out = []
-    for i in range(count):
-        cid, pid, off, slen, rlen, flags = INDEX_ENTRY.unpack_from(body, INDEX_HEAD.size + i * INDEX_ENTRY.size)
-        out.append((cid, IndexEntry(pid, off, slen, rlen, flags)))
+    packs: dict[bytes, bytes] = {}      # one bytes object per pack id, shared by its entries (memory)
+    for cid, pid, off, slen, rlen, flags in INDEX_ENTRY.iter_unpack(body[INDEX_HEAD.size:]):
+        out.append((cid, IndexEntry(packs.setdefault(pid, pid), off, slen, rlen, flags)))
     return out
 
 
