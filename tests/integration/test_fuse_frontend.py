@@ -497,3 +497,21 @@ def test_second_attach_is_refused_and_sigterm_is_not_swallowed(root: Path) -> No
         assert any(a.startswith("detached") for a in cleanup_stale("two", d.run_dir, d.dev_dir))
     finally:
         d.close()
+
+
+def test_attach_after_killed_daemon_cleans_up_and_serves(root: Path) -> None:
+    d = Daemon(root, "re", 16 * MiB)
+    try:
+        _pwrite_direct(d.device, 0, b"kept" * 1024)
+        d.kill()
+        d2 = Daemon(root, "re", 16 * MiB)  # same name, same backing file: start() cleans the dead leftovers
+        try:
+            assert d.loop_gone()
+            st = read_state(d2.run_dir / "re" / "state.json")
+            assert st is not None and st.pid == d2.proc.pid
+            assert _pread_direct(d2.device, 0, 4096) == b"kept" * 1024
+            assert d2.cmd("stop") == {"ok": True}
+        finally:
+            d2.close()
+    finally:
+        d.close()
