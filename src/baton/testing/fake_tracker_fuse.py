@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
            "diskseq": fe.state.loop_diskseq if fe.state else None,
            "state": str(fe.state_path)})
 
+    stopping = threading.Event()
+
     def commands() -> None:
         for line in sys.stdin:
             cmd = line.strip()
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     tracker.gate.set()
                     _emit({"ok": True})
                 elif cmd in ("stop", "stop-force"):
+                    stopping.set()
                     fe.stop(force=cmd == "stop-force")
                     _emit({"ok": True})
                     return
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     reader = threading.Thread(target=commands, daemon=True)
     reader.start()
     fe.wait()
-    reader.join(2.0)  # let a "stop" reply out first; a reader blocked on stdin is simply abandoned
+    if stopping.is_set():
+        reader.join(5.0)  # let the "stop" reply out first; a reader blocked on stdin is simply abandoned
     _emit({"event": "stopped", "failure": fe.failure})
     return 0
 
