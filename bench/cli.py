@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of: " + ",".join(SECTIONS))
     p.add_argument("--out", default=None, help="results directory (default bench/results[/smoke])")
     p.add_argument("--scratch", default=None, help="scratch directory on the disk to measure (default: under /tmp)")
+    p.add_argument("--baton", default=None, help="the baton executable to measure (default: the project's .venv)")
     p.add_argument("--keep-scratch", action="store_true", help="leave the scratch directory for inspection")
     a = p.parse_args(argv)
     only = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     img_dir = ROOT / "docs" / "img" if (default_out and not a.smoke) else out / "img"
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="baton-bench-", dir=a.scratch or "/tmp"))
-    baton = Baton(scratch / "baton")
-    ctx = Context(scratch=scratch, baton=baton, cold=ColdCache(), size=a.size_bytes, reps=a.reps, smoke=a.smoke)
+    baton = Baton(scratch / "baton", a.baton)
+    ctx = Context(scratch=scratch, baton=baton, cold=ColdCache(light=a.smoke), size=a.size_bytes, reps=a.reps, smoke=a.smoke)
     mach = machine(scratch)
     ctx.scratch_device = str(mach.get("scratch_device", ""))
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -64,14 +64,18 @@ def run_job(job: Job, target: Target, *, offset: int, size: int, scratch: Path, 
         f"--output={out}",
     ]
     if rt > 0:
-        cmd += ["--time_based", f"--runtime={rt:g}s"]
+        cmd += ["--time_based", f"--runtime={int(rt * 1000)}ms"]  # fio truncates fractional seconds to 0
         if rt >= 3:
             cmd.append("--ramp_time=1s")  # skip the queue fill-up; pointless for sub-3 s smoke runs
     m = run(cmd, timeout=max(120.0, rt * 4 + 60))
     if not m.ok:
         raise StepFailed(m.error())
     try:
-        data = json.loads(out.read_text())
+        text = out.read_text()
+        # fio appends its own warnings to the output file; the JSON document is the outermost braces.
+        data = json.loads(text[text.index("{"): text.rindex("}") + 1])
+    except (OSError, ValueError) as e:
+        raise StepFailed(f"fio gave no JSON ({e}): {m.stderr[-400:]}") from e
     finally:
         out.unlink(missing_ok=True)
     j = data["jobs"][0]

@@ -141,10 +141,15 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
         spk = s.get("syncs_per_1000_first_touch_writes", {})
         lines += ["", f"Metadata syncs per 1000 first-touch writes at QD16: {_num(spk.get('median'))}"
                   f" (runs: {', '.join(str(r.get('syncs_per_1000_writes')) + ' ' + r['config'] for r in s.get('metadata_syncs', []))}).", ""]
-        rat = {k: v for k, v in s.get("ratios", {}).items() if v is not None}
-        if rat:
-            lines += ["| ratio (IOPS, or MB/s for seq write) | value |", "|---|---|"]
-            lines += [f"| {k} | {_x(v)} |" for k, v in rat.items()]
+        rat = s.get("ratios", {})
+        pairs = [("fuse on/off", "fuse_tracking_over_no_tracking"), ("nbd on/off", "nbd_tracking_over_no_tracking"),
+                 ("fuse on/raw", "fuse-tracking_over_raw_loop"), ("fuse off/raw", "fuse-no-tracking_over_raw_loop"),
+                 ("nbd on/raw", "nbd-tracking_over_raw_loop"), ("nbd off/raw", "nbd-no-tracking_over_raw_loop")]
+        if any(v is not None for v in rat.values()):
+            lines += ["IOPS ratios (for the 1 MiB sequential write: bandwidth ratios):", "",
+                      "| workload | " + " | ".join(p[0] for p in pairs) + " |", "|---" * (len(pairs) + 1) + "|"]
+            for j in s.get("workloads", []):
+                lines.append(f"| {j} | " + " | ".join(_x(rat.get(f"{p[1]}.{j}")) for p in pairs) + " |")
             lines.append("")
         img("tracking", "IOPS per frontend and configuration")
 

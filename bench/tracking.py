@@ -45,40 +45,39 @@ def _counters(ctx: Context, name: str) -> tuple[int, int]:
     return int(st.get("writes", 0) or 0), int(st.get("metadata_syncs", 0) or 0)
 
 
-def _run_config(ctx: Context, config: str, target: Target, name: str | None, region: int, runtime: float,
-                series: dict[str, Series], sync_rows: list[JSON]) -> None:
-    """All workloads for one configuration; failures are recorded per workload."""
+def _run_rep(ctx: Context, config: str, target: Target, name: str | None, region: int, runtime: float,
+             rep: int, series: dict[str, Series], sync_rows: list[JSON]) -> None:
+    """One repetition of every workload on one configuration; failures are recorded per workload."""
     first = first_touch_job(CHUNK)
     d = ctx.subdir("tracking")
-    for rep in range(ctx.reps):
+    try:
+        before = _counters(ctx, name) if name else None
+        r = run_job(first, target, offset=rep * region, size=region, scratch=d)
+        if name and before is not None:
+            after = _counters(ctx, name)
+            dw, ds = after[0] - before[0], after[1] - before[1]
+            r["baton_writes"] = dw
+            r["metadata_syncs"] = ds
+            r["syncs_per_1000_writes"] = round(1000 * ds / dw, 2) if dw else None
+            sync_rows.append({"config": config, "rep": rep, "writes": dw, "fio_ios": r["ios"],
+                              "metadata_syncs": ds, "syncs_per_1000_writes": r["syncs_per_1000_writes"]})
+        series[first.name].add({"iops": r["iops"], "bytes_per_s": r["bytes_per_s"]}, r)
+    except StepFailed as e:
+        series[first.name].fail(str(e))
+    job: Job
+    for job in (RANDWRITE, RANDREAD, SEQWRITE):
         try:
-            before = _counters(ctx, name) if name else None
-            r = run_job(first, target, offset=rep * region, size=region, scratch=d)
-            if name and before is not None:
-                after = _counters(ctx, name)
-                dw, ds = after[0] - before[0], after[1] - before[1]
-                r["baton_writes"] = dw
-                r["metadata_syncs"] = ds
-                r["syncs_per_1000_writes"] = round(1000 * ds / dw, 2) if dw else None
-                sync_rows.append({"config": config, "rep": rep, "writes": dw, "fio_ios": r["ios"],
-                                  "metadata_syncs": ds, "syncs_per_1000_writes": r["syncs_per_1000_writes"]})
-            series[first.name].add({"iops": r["iops"], "bytes_per_s": r["bytes_per_s"]}, r)
+            r = run_job(job, target, offset=0, size=region, scratch=d, seed=ctx.seed + rep, runtime_s=runtime)
+            series[job.name].add({"iops": r["iops"], "bytes_per_s": r["bytes_per_s"],
+                                  "lat_p99_us": r["lat_p99_us"]}, r)
         except StepFailed as e:
-            series[first.name].fail(str(e))
-        job: Job
-        for job in (RANDWRITE, RANDREAD, SEQWRITE):
-            try:
-                r = run_job(job, target, offset=0, size=region, scratch=d, seed=ctx.seed + rep, runtime_s=runtime)
-                series[job.name].add({"iops": r["iops"], "bytes_per_s": r["bytes_per_s"],
-                                      "lat_p99_us": r["lat_p99_us"]}, r)
-            except StepFailed as e:
-                series[job.name].fail(str(e))
+            series[job.name].fail(str(e))
 
 
 def run(ctx: Context) -> JSON:
     """Run the benchmark; returns the section (failed configurations are marked unavailable)."""
     region = 16 * MiB if ctx.smoke else 256 * MiB
-    runtime = 1.0 if ctx.smoke else 5.0
+    runtime = 0.5 if ctx.smoke else 5.0
     d = ctx.subdir("tracking")
     b = ctx.baton
     jobs = [first_touch_job(CHUNK), RANDWRITE, RANDREAD, SEQWRITE]
@@ -96,41 +95,56 @@ def run(ctx: Context) -> JSON:
             ctx.log(f"tracking: writing the {fe} image ({ctx.reps * region >> 20} MiB + record room)")
             # Room past the regions for a tail record, so the regions are all inside the exposed device.
             make_image(img, ctx.reps * region + 64 * MiB, ctx.seed + 3)
-        for config in CONFIGS:
-            series = {j.name: Series() for j in jobs}
-            fe = "nbd" if config.startswith("nbd") else "fuse"
-            name = f"bench-trk-{fe}"
-            attached = False
-            try:
-                if config == "raw-loop":
-                    with loop_device(images["fuse"]) as dev:
-                        ctx.log(f"tracking: {config} on {dev}")
-                        _run_config(ctx, config, Target(device=dev), None, region, runtime, series, sync_rows)
-                else:
+        # Repetition-major order: every configuration runs once per round, so load from other users of
+        # the machine drifts over all configurations alike instead of skewing one of them.
+        series = {c: {j.name: Series() for j in jobs} for c in CONFIGS}
+        errors: dict[str, str] = {}
+        cleanups: dict[str, list[str]] = {}
+        for rep in range(ctx.reps):
+            for config in CONFIGS:
+                if config in errors:
+                    continue
+                fe = "nbd" if config.startswith("nbd") else "fuse"
+                name = f"bench-trk-{fe}"
+                attached = False
+                try:
+                    if config == "raw-loop":
+                        with loop_device(images["fuse"]) as dev:
+                            ctx.log(f"tracking: rep {rep + 1} {config} on {dev}")
+                            _run_rep(ctx, config, Target(device=dev), None, region, runtime, rep, series[config],
+                                     sync_rows)
+                        continue
                     tracking = not config.endswith("no-tracking")
                     if not tracking and not no_tracking:
                         raise StepFailed("`baton attach --no-tracking` is not available in this build")
-                    if tracking:
+                    if tracking and rep == 0:
                         b.init(images[fe], "64K")
                     extra = () if tracking else ("--no-tracking",)
                     st, am = b.attach(images[fe], "A", name, frontend=fe, extra=extra)
                     attached = True
                     target = (Target(socket=b.socket(st, name)) if fe == "nbd"
                               else Target(device=b.device(st, name)))
-                    ctx.log(f"tracking: {config} ({'socket' if fe == 'nbd' else 'device'} ready in "
+                    ctx.log(f"tracking: rep {rep + 1} {config} ({'socket' if fe == 'nbd' else 'device'} ready in "
                             f"{am.wall_s:.2f}s)")
-                    _run_config(ctx, config, target, name if tracking else None, region, runtime, series,
-                                sync_rows)
+                    _run_rep(ctx, config, target, name if tracking else None, region, runtime, rep,
+                             series[config], sync_rows)
                     pid = st.get("pid")
                     daemon_rss[config] = proc_rss(pid) if isinstance(pid, int) else None
-                results[config] = {"available": True, **{k: s.result() for k, s in series.items()}}
-            except StepFailed as e:
-                results[config] = unavailable(str(e))
-            finally:
-                if attached:
-                    notes = b.cleanup(name)
-                    if notes:
-                        results.setdefault(config, unavailable("interrupted"))["cleanup"] = notes
+                except StepFailed as e:
+                    errors[config] = str(e)
+                finally:
+                    if attached:
+                        cleanups.setdefault(config, []).extend(b.cleanup(name))
+        for config in CONFIGS:
+            rows = {k: sr.result() for k, sr in series[config].items()}
+            if any(r.get("available") for r in rows.values()):
+                results[config] = {"available": True, **rows}
+                if config in errors:
+                    results[config]["error_in_a_later_repetition"] = errors[config]
+            else:
+                results[config] = unavailable(errors.get(config, "no workload succeeded"))
+            if cleanups.get(config):
+                results[config]["cleanup"] = cleanups[config]
         section["results"] = results
         section["metadata_syncs"] = sync_rows
         section["syncs_per_1000_first_touch_writes"] = stat(
