@@ -143,6 +143,7 @@ class Cluster:
         self._log = log
         self._netns_made: list[str] = []
         self._loops: list[str] = []
+        self._seen_loops: dict[str, str] = {}    # /dev/loopN -> diskseq, see _scan_loops
         self._dev_baton_made = False
         self._broker: threading.Thread | None = None
         self._broker_stop = threading.Event()
@@ -289,6 +290,7 @@ class Cluster:
         """SIGKILL the node's namespace init: the kernel kills every process of the node and drops its mounts."""
         n = self.nodes[name]
         if n.init_pid is not None and n.alive():
+            self._scan_loops()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(n.init_pid, signal.SIGKILL)
             with self._lock:
@@ -436,6 +438,7 @@ class Cluster:
 
     def _fence_broker(self) -> None:
         """Host side of ``fence_baton_ns``: kill the target's namespace init and answer ``ok``."""
+        ticks = 0
         while not self._broker_stop.is_set():
             try:
                 reqs = sorted(self.fence_dir.glob("*.req"))
@@ -452,6 +455,7 @@ class Cluster:
                     with self._lock:
                         self._stats["fence_requests"] += 1
                     if n.init_pid is not None and n.alive():
+                        self._scan_loops()
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(n.init_pid, signal.SIGKILL)
                         self.event(f"fence: {action} {target}: SIGKILL to its namespace init")
@@ -464,6 +468,9 @@ class Cluster:
                 tmp.write_text(answer)
                 tmp.rename(req.with_suffix(".done"))
                 req.unlink(missing_ok=True)
+            ticks += 1
+            if ticks % 20 == 0:
+                self._scan_loops()   # nodes can also die on their own
             self._broker_stop.wait(0.05)
 
     # ------------------------------------------------------------------ loop devices
@@ -475,21 +482,40 @@ class Cluster:
         self.event(f"loop: {dev} -> {image.name}")
         return dev
 
-    def _own_stray_loops(self) -> list[str]:
-        """Loop devices bound to files under our work directory or under a node's FUSE mount (left by killed
-        nodes); never anyone else's."""
-        out: list[str] = []
+    @staticmethod
+    def _diskseq(dev_name: str) -> str | None:
+        try:
+            return Path(f"/sys/block/{dev_name}/diskseq").read_text().strip()
+        except OSError:
+            return None
+
+    def _scan_loops(self) -> None:
+        """Remember (device, diskseq) of every loop device that belongs to this cluster, while its path still
+        shows that: once a node's mount namespace is gone, sysfs shows a loop device over that node's FUSE file
+        as a bare "/disk", so it can only be recognised from an earlier look. The diskseq makes sure we never
+        detach a device number that has since been reused by someone else."""
         for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
             try:
                 back = bf.read_text().strip()
             except OSError:
                 continue
-            # A device stacked on one of our loop devices shows that device as its backing file.
+            # A device stacked on one of our loop devices shows that device as its backing file
             # (sysfs renders /dev/loopN as /loopN: the device node lives on the devtmpfs mounted at /dev).
             stacked = any(back in (d, d.removeprefix("/dev")) for d in self._loops)
             if back.startswith(str(self.workdir)) or f"baton-{self.tag}" in back or stacked:
-                out.append("/dev/" + bf.parent.parent.name)
-        return out
+                name = bf.parent.parent.name
+                seq = self._diskseq(name)
+                if seq is not None:
+                    with self._lock:
+                        self._seen_loops["/dev/" + name] = seq
+
+    def _own_stray_loops(self) -> list[str]:
+        """Loop devices of this cluster that still exist (other than the ones :meth:`loop_attach` took), e.g.
+        left bound to a killed node's dead FUSE file; never anyone else's."""
+        self._scan_loops()
+        with self._lock:
+            seen = dict(self._seen_loops)
+        return [d for d, seq in seen.items() if d not in self._loops and self._diskseq(d[5:]) == seq]
 
     # ------------------------------------------------------------------ logs
 
@@ -528,7 +554,7 @@ class Cluster:
         # device over its (now dead) FUSE file, because loop devices are global.
         deadline = time.monotonic() + 15
         while True:
-            stray = [d for d in self._own_stray_loops() if d not in self._loops]
+            stray = self._own_stray_loops()
             for dev in stray:
                 run(["losetup", "-d", dev], check=False, timeout=10)
             if not stray or time.monotonic() > deadline:
