@@ -8,9 +8,15 @@ echo "== lint and types" >&2
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 echo "== tests" >&2
+# Fixed, printed seed for every randomised test (Hypothesis and the crash/failover tests); override with
+# BATON_SEED to replay or explore. The record model runs BATON_MODEL_EXAMPLES x 50 steps (tens of thousands).
+export BATON_SEED=${BATON_SEED:-20261124}
+export BATON_MODEL_EXAMPLES=${BATON_MODEL_EXAMPLES:-400}
+echo "== seed: BATON_SEED=$BATON_SEED (hypothesis seed too); model examples: $BATON_MODEL_EXAMPLES" >&2
 # One pytest run, so the closing line counts every tier.
 set +e
-HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} $PY -m pytest -q -p no:cacheprovider tests "$@"
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} $PY -m pytest -q -p no:cacheprovider --hypothesis-seed="$BATON_SEED" \
+  tests "$@"
 rc=$?
 set -e
 [ $rc -eq 5 ] && { echo "run-tests: no tests were collected" >&2; exit 1; }

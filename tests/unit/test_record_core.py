@@ -7,9 +7,9 @@ import uuid
 import pytest
 
 from baton.errors import Fenced, RecordCorrupt, RecordNotFound
-from baton.format.record import BLOCK, PLACEMENT_TAIL, RecordHeader, geometry_for
+from baton.format.record import BLOCK, PAGE_BITS, PLACEMENT_TAIL, RecordHeader, geometry_for, sector_bit_range
 from baton.record.core import Record, format_record, iter_bits, popcount
-from baton.testing.crashdev import CrashDevice
+from baton.testing.crashdev import CrashDevice, PowerLoss
 
 CHUNK = 4096
 DATA = 64 * 1024 * 1024  # 16384 chunks -> 1 page per region
@@ -111,22 +111,54 @@ def test_abort_merges_frozen_back() -> None:
 
 
 def test_corrupt_page_marks_only_its_region() -> None:
-    data = 2 * 32256 * CHUNK  # two pages per region
+    data = 2 * PAGE_BITS * CHUNK  # two pages per region
     dev, _ = make(data=data)
     a = reopen(dev)
     a.attach("a")
-    a.mark([3, 40000])
+    a.mark([3, PAGE_BITS + 100])
+    a.mark([5])  # page 0 now has two versions, one per copy
     region = a.owner_region
     blk = a.geo.page_block(region, 0, 0)
-    # damage both copies of page 0
+    # damage sector 0 of both copies of page 0: only that sector's chunks become dirty
     dev.durable[blk * BLOCK + 100] ^= 0xFF
     dev.durable[(blk + 1) * BLOCK + 100] ^= 0xFF
     b = reopen(dev)
     bits = set(iter_bits(b.dirty_bits()))
-    assert 40000 in bits
-    assert set(range(32256)) <= bits  # page 0's region
-    assert len(bits) == 32256 + 1
+    lo, hi = sector_bit_range(0)
+    assert bits == set(range(lo * 8, hi * 8)) | {PAGE_BITS + 100}
     assert any("bitmap page 0" in n for n in b.notes)
+
+
+def test_damaged_newest_copy_never_loses_its_marks() -> None:
+    dev, _ = make()
+    a = reopen(dev)
+    a.attach("a")
+    a.mark([2])
+    a.mark([4000])  # sector 1 of the bits; written to the other copy
+    region = a.owner_region
+    newest = a.regions[region].page_copy[0]
+    blk = a.geo.page_block(region, 0, newest)
+    dev.durable[blk * BLOCK + 512 + 7] ^= 0x01  # rot in sector 1 of the newest copy
+    b = reopen(dev)
+    bits = set(iter_bits(b.dirty_bits()))
+    assert {2, 4000} <= bits
+    lo, hi = sector_bit_range(1)
+    assert bits - {2} == set(range(lo * 8, hi * 8))
+
+
+def test_torn_write_over_reports_only_in_flight() -> None:
+    dev, _ = make(seed=7)
+    a = reopen(dev)
+    a.attach("a")
+    a.mark([1])
+    a.mark([2])
+    dev.power_fail_after = 1  # the page write lands in the cache, the sync fails
+    with pytest.raises(PowerLoss):
+        a.mark([3000])
+    dev.crash("tear")
+    b = reopen(dev)
+    assert set(iter_bits(b.dirty_bits())) - {3000} == {1, 2}
+    assert not b.notes
 
 
 def test_both_headers_corrupt_says_reset_needed() -> None:

@@ -38,6 +38,7 @@ PLACEMENT_NAMES = {PLACEMENT_TAIL: "tail", PLACEMENT_FILE: "file", PLACEMENT_EXT
 # header flags
 FLAG_CLEAN = 1 << 0  # the last owner detached cleanly
 FLAG_RESET = 1 << 1  # the record was reset (new lineage); the next backup must be full
+FLAG_SUSPECT = 1 << 2  # damage was found in the record (a header copy); the next backup must be full
 
 REGION_NODE = 1
 REGION_FROZEN = 2
@@ -48,10 +49,7 @@ HISTORY_ENTRIES = 64
 HISTORY_BLOCKS = HISTORY_ENTRIES * HISTORY_ENTRY_SIZE // BLOCK  # 8
 REGIONS_START = HEADER_COPIES + HISTORY_BLOCKS  # block 10
 
-PAGE_HEADER_SIZE = 64
-PAGE_BITS = (BLOCK - PAGE_HEADER_SIZE) * 8  # 32256 chunks per bitmap page
 NODE_NAME_MAX = 64
-MAX_EXTENTS = 140
 
 
 class FormatError(ValueError):
@@ -128,7 +126,11 @@ class Extent:
     length: int  # bytes
 
 
-EXTENT = struct.Struct("<QQQ")
+EXTENT = struct.Struct("<QQQ")  # logical, physical, length (bytes)
+
+
+def extents_crc(extents: tuple[Extent, ...]) -> int:
+    return crc32c(b"".join(EXTENT.pack(e.logical, e.physical, e.length) for e in extents))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ HEADER = struct.Struct(
     "Q"  # updated_ns        wall clock at this write
     "Q"  # backup_seq        backups committed so far (history ring head)
     "48s"  # hw_id           serial/WWN of the data disk when known (external placement identity)
-    "H"  # nextents          extent table entries following this struct
+    "H"  # nextents          file placement: extents of the record file (0 for tail/external)
+    "I"  # extents_crc       crc32c of the packed extent list (EXTENT records) found at init
 )
 HEADER_CRC = struct.Struct("<I")
 
@@ -188,7 +191,8 @@ class RecordHeader:
     updated_ns: int = 0
     backup_seq: int = 0
     hw_id: str = ""
-    extents: tuple[Extent, ...] = field(default_factory=tuple)
+    nextents: int = 0
+    extents_crc: int = 0
     version: int = FORMAT_VERSION
 
     @property
@@ -200,17 +204,15 @@ class RecordHeader:
         return bool(self.flags & FLAG_CLEAN)
 
     def pack(self) -> bytes:
-        if len(self.extents) > MAX_EXTENTS:
-            raise ValueError(f"{len(self.extents)} extents exceed the maximum of {MAX_EXTENTS}")
-        length = HEADER.size + EXTENT.size * len(self.extents) + HEADER_CRC.size
+        length = HEADER.size + HEADER_CRC.size
         body = HEADER.pack(
             HEADER_MAGIC, self.version, length, self.copy, self.placement, self.nslots, self.seq,
             self.chunk_size, self.flags, _uuid_bytes(self.disk_uuid), _uuid_bytes(self.fs_uuid),
             _uuid_bytes(self.lineage), bytes.fromhex(self.last_backup) if self.last_backup else bytes(16),
             self.disk_size, self.data_size, self.record_offset, self.record_size, self.pages_per_slot,
             self.epoch, _enc_name(self.owner), self.created_ns, self.updated_ns, self.backup_seq,
-            _enc_name(self.hw_id, 48), len(self.extents),
-        ) + b"".join(EXTENT.pack(e.logical, e.physical, e.length) for e in self.extents)
+            _enc_name(self.hw_id, 48), self.nextents, self.extents_crc,
+        )
         out = body + HEADER_CRC.pack(crc32c(body))
         return out + bytes(BLOCK - len(out))
 
@@ -221,15 +223,14 @@ class RecordHeader:
         what = "record header" if copy is None else f"record header copy {copy}"
         version = _check_common(what, data, HEADER_MAGIC, HEADER.size + HEADER_CRC.size)
         (length,) = struct.unpack_from("<H", data, 10)
-        if not HEADER.size + HEADER_CRC.size <= length <= BLOCK:
-            raise FormatError(what, f"length {length} outside {HEADER.size + HEADER_CRC.size}..{BLOCK}")
+        if length != HEADER.size + HEADER_CRC.size:
+            raise FormatError(what, f"length {length}, expected {HEADER.size + HEADER_CRC.size}")
         (stored,) = HEADER_CRC.unpack_from(data, length - HEADER_CRC.size)
         _check_crc(what, memoryview(data)[: length - HEADER_CRC.size], stored)
         f = HEADER.unpack_from(data, 0)
         (_, _, _, hcopy, placement, nslots, seq, chunk_size, flags, disk_uuid, fs_uuid, lineage, last_backup,
-         disk_size, data_size, rec_off, rec_size, pps, epoch, owner, created, updated, bseq, hw_id, next) = f
-        if HEADER.size + next * EXTENT.size + HEADER_CRC.size != length:
-            raise FormatError(what, f"length {length} does not match {next} extents")
+         disk_size, data_size, rec_off, rec_size, pps, epoch, owner, created, updated, bseq, hw_id, next,
+         ext_crc) = f
         if copy is not None and hcopy != copy:
             raise FormatError(what, f"expected copy {copy}, the block says it is copy {hcopy}")
         if record_offset is not None and rec_off != record_offset:
@@ -238,16 +239,13 @@ class RecordHeader:
             raise FormatError(what, f"unknown placement {placement}")
         if chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
             raise FormatError(what, f"chunk size {chunk_size} is not a power of two in 4 KiB..4 MiB")
-        extents = tuple(
-            Extent(*EXTENT.unpack_from(data, HEADER.size + i * EXTENT.size)) for i in range(next)
-        )
         return cls(
             placement=placement, nslots=nslots, chunk_size=chunk_size, disk_uuid=_uuid_str(disk_uuid),
             lineage=_uuid_str(lineage), disk_size=disk_size, data_size=data_size, record_offset=rec_off,
             record_size=rec_size, pages_per_slot=pps, seq=seq, copy=hcopy, flags=flags,
             fs_uuid=_uuid_str(fs_uuid), last_backup="" if last_backup == bytes(16) else last_backup.hex(),
             epoch=epoch, owner=_name(owner), created_ns=created, updated_ns=updated, backup_seq=bseq,
-            hw_id=_name(hw_id), extents=extents, version=version,
+            hw_id=_name(hw_id), nextents=next, extents_crc=ext_crc, version=version,
         )
 
 
@@ -326,10 +324,19 @@ class SlotHeader:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Bitmap page: two alternating copies per page; a 64-byte header then PAGE_BITS bits (bit i of byte j = chunk
-# page*PAGE_BITS + 8*j + i). A torn write damages only the copy being written; the other copy still holds the
-# previous durable state, so at most the in-flight marks are lost -- and those were never acknowledged.
+# Bitmap page: two alternating copies per page. Each copy is 8 sectors; each sector carries its own seq and
+# CRC32C (a trailer), so a load can tell a torn write (every sector valid, seqs mixed: the newer version never
+# completed, so it was never acknowledged) from damage (a sector whose checksum fails: its range is treated as
+# all dirty when it may have been the newest). seq = generation << 32 | counter, so sectors of a cleared
+# (older) generation are recognisably stale. Sector 0's payload starts with the page header.
 
+SECTOR_PAYLOAD = SECTOR - 12
+SECTOR_TRAILER = struct.Struct(
+    "<"
+    "Q"  # seq          generation << 32 | write counter of this page
+    "I"  # crc          crc32c(payload + seq + identity(region, page, copy, disk tag))
+)
+SECTORS_PER_PAGE = BLOCK // SECTOR
 PAGE = struct.Struct(
     "<"
     "8s"  # magic        b"BATONBMP"
@@ -339,54 +346,89 @@ PAGE = struct.Struct(
     "I"  # page         page index within the region (self-identity)
     "B"  # copy         0 or 1 (self-location)
     "3x"  # reserved
-    "Q"  # seq          higher wins between the two copies
-    "Q"  # generation   must equal the region's slot-header generation
     "Q"  # epoch        owner epoch of the writer
-    "8s"  # disk_tag    first 8 bytes of the disk UUID
-    "I"  # crc          crc32c of the whole block with this field zeroed
 )
-PAGE_CRC_OFF = PAGE.size - 4
-assert PAGE.size <= PAGE_HEADER_SIZE
+PAGE_HEADER_SIZE = PAGE.size  # 32
+PAGE_BITS = (SECTORS_PER_PAGE * SECTOR_PAYLOAD - PAGE_HEADER_SIZE) * 8  # 31744 chunks per bitmap page
+PAGE_BYTES = PAGE_BITS // 8
+_IDENT = struct.Struct("<IIB8s")
+
+
+def _sector_crc(payload: bytes | memoryview, seq: int, ident: bytes) -> int:
+    return crc32c(bytes(payload) + struct.pack("<Q", seq) + ident)
+
+
+def pack_page(*, region: int, page: int, copy: int, seq: int, epoch: int, disk_uuid: str, bits: bytes) -> bytes:
+    """One 4 KiB copy of a bitmap page."""
+    if len(bits) != PAGE_BYTES:
+        raise ValueError(f"page bits must be {PAGE_BYTES} bytes, got {len(bits)}")
+    ident = _IDENT.pack(region, page, copy, _uuid_bytes(disk_uuid)[:8])
+    payload = PAGE.pack(PAGE_MAGIC, FORMAT_VERSION, PAGE_HEADER_SIZE, region, page, copy, epoch) + bits
+    out = bytearray()
+    for i in range(SECTORS_PER_PAGE):
+        p = payload[i * SECTOR_PAYLOAD : (i + 1) * SECTOR_PAYLOAD]
+        out += p + SECTOR_TRAILER.pack(seq, _sector_crc(p, seq, ident))
+    return bytes(out)
 
 
 @dataclass(frozen=True)
-class BitmapPage:
-    region: int
-    page: int
+class PageCopy:
+    """What one copy of a bitmap page says, sector by sector (see pack_page)."""
+
     copy: int
-    seq: int
-    generation: int
-    epoch: int
-    disk_uuid: str
-    bits: bytes  # PAGE_BITS // 8 bytes
+    seqs: tuple[int | None, ...]  # per sector: seq if the sector is intact and of this generation, else None
+    damaged: tuple[int, ...]  # sectors whose checksum fails (or whose header does not identify this page)
+    payload: bytes  # concatenated payloads (bits start at PAGE_HEADER_SIZE)
 
-    def pack(self) -> bytes:
-        if len(self.bits) != PAGE_BITS // 8:
-            raise ValueError(f"page bits must be {PAGE_BITS // 8} bytes, got {len(self.bits)}")
-        hdr = PAGE.pack(
-            PAGE_MAGIC, FORMAT_VERSION, PAGE_HEADER_SIZE, self.region, self.page, self.copy, self.seq,
-            self.generation, self.epoch, _uuid_bytes(self.disk_uuid)[:8], 0,
-        ).ljust(PAGE_HEADER_SIZE, b"\0")
-        block = bytearray(hdr + self.bits)
-        struct.pack_into("<I", block, PAGE_CRC_OFF, crc32c(block))
-        return bytes(block)
+    @property
+    def seq(self) -> int | None:
+        known = [s for s in self.seqs if s is not None]
+        return max(known) if known else None
 
-    @classmethod
-    def unpack(cls, data: bytes, *, region: int, page: int, copy: int, disk_uuid: str) -> BitmapPage:
-        what = f"bitmap page {page} (region {region} copy {copy})"
-        _check_common(what, data, PAGE_MAGIC, BLOCK)
-        (_, _, hlen, reg, pg, hcopy, seq, gen, epoch, tag, stored) = PAGE.unpack_from(data, 0)
-        if hlen != PAGE_HEADER_SIZE:
-            raise FormatError(what, f"header length {hlen}, expected {PAGE_HEADER_SIZE}")
-        block = bytearray(data[:BLOCK])
-        struct.pack_into("<I", block, PAGE_CRC_OFF, 0)
-        _check_crc(what, block, stored)
-        if (reg, pg, hcopy) != (region, page, copy):
-            raise FormatError(what, f"found region {reg} page {pg} copy {hcopy} in its place")
-        if tag != _uuid_bytes(disk_uuid)[:8]:
-            raise FormatError(what, "belongs to another disk")
-        return cls(region=reg, page=pg, copy=hcopy, seq=seq, generation=gen, epoch=epoch, disk_uuid=disk_uuid,
-                   bits=bytes(data[PAGE_HEADER_SIZE:BLOCK]))
+    @property
+    def complete(self) -> bool:
+        return not self.damaged and None not in self.seqs and len(set(self.seqs)) == 1
+
+    @property
+    def bits(self) -> bytes:
+        return self.payload[PAGE_HEADER_SIZE:]
+
+
+def parse_page(data: bytes, *, region: int, page: int, copy: int, disk_uuid: str, generation: int) -> PageCopy:
+    """Classify one copy. Never raises for damage: the caller decides what damage means."""
+    ident = _IDENT.pack(region, page, copy, _uuid_bytes(disk_uuid)[:8])
+    seqs: list[int | None] = []
+    damaged: list[int] = []
+    payload = bytearray()
+    blank = not any(data[:BLOCK])
+    for i in range(SECTORS_PER_PAGE):
+        sec = data[i * SECTOR : (i + 1) * SECTOR]
+        p = sec[:SECTOR_PAYLOAD]
+        seq, crc = SECTOR_TRAILER.unpack_from(sec, SECTOR_PAYLOAD)
+        payload += p
+        if blank:
+            seqs.append(None)
+        elif _sector_crc(p, seq, ident) != crc:
+            seqs.append(None)
+            damaged.append(i)
+        elif seq >> 32 != generation:
+            seqs.append(None)  # stale: from a cleared generation
+        else:
+            seqs.append(seq)
+    if seqs[0] is not None:
+        magic, version, hlen, reg, pg, hcopy, _ = PAGE.unpack_from(payload, 0)
+        if magic != PAGE_MAGIC or version not in SUPPORTED_VERSIONS or hlen != PAGE_HEADER_SIZE or (
+            reg, pg, hcopy) != (region, page, copy):
+            seqs[0] = None
+            damaged.append(0)
+    return PageCopy(copy=copy, seqs=tuple(seqs), damaged=tuple(sorted(set(damaged))), payload=bytes(payload))
+
+
+def sector_bit_range(sector: int) -> tuple[int, int]:
+    """Byte range of the page's bits held by ``sector`` (for marking a damaged sector's chunks dirty)."""
+    lo = max(0, sector * SECTOR_PAYLOAD - PAGE_HEADER_SIZE)
+    hi = max(0, (sector + 1) * SECTOR_PAYLOAD - PAGE_HEADER_SIZE)
+    return lo, min(hi, PAGE_BYTES)
 
 
 # --------------------------------------------------------------------------------------------------------------

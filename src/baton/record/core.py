@@ -37,17 +37,21 @@ from baton.format.record import (
     PLACEMENT_NAMES,
     REGION_FROZEN,
     REGION_NODE,
+    FLAG_SUSPECT,
+    PAGE_BYTES,
+    SECTOR,
+    SLOT,
     BadMagic,
     BadVersion,
-    BitmapPage,
     FormatError,
     Geometry,
     HistoryEntry,
     RecordHeader,
     SlotHeader,
+    pack_page,
+    parse_page,
+    sector_bit_range,
 )
-
-PAGE_BYTES = PAGE_BITS // 8
 
 
 def popcount(b: bytes | bytearray) -> int:
@@ -121,6 +125,7 @@ class Record:
         self.notes: list[str] = []  # what was found damaged or repaired, for status and backup reasons
         self.owner_region: int | None = None
         self.attached = False
+        self.suspect = False  # damage seen that may have hidden marks: the next backup must be full
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pending: set[int] = set()
@@ -133,6 +138,13 @@ class Record:
     def read_header(cls, area: BlockDev, *, record_offset: int | None = None) -> RecordHeader:
         """The valid header copy with the highest seq. Raises RecordNotFound (both blank/foreign),
         RecordVersionError, or RecordCorrupt (both copies damaged: a reset is needed)."""
+        return cls.read_header_ex(area, record_offset=record_offset)[0]
+
+    @classmethod
+    def read_header_ex(cls, area: BlockDev, *, record_offset: int | None = None
+                       ) -> tuple[RecordHeader, list[str]]:
+        """Like read_header, also returning descriptions of a damaged (not blank) other copy. The header fits
+        one sector, so a damaged copy is never a torn write: it may have been the newer one."""
         raw = area.pread(0, 2 * BLOCK)
         best: RecordHeader | None = None
         errors: list[FormatError] = []
@@ -146,7 +158,7 @@ class Record:
             if best is None or h.seq > best.seq:
                 best = h
         if best is not None:
-            return best
+            return best, [str(e) for e in errors if not isinstance(e, BadMagic)]
         if any(isinstance(e, BadVersion) for e in errors):
             raise RecordVersionError("; ".join(str(e) for e in errors),
                                      hint="upgrade Baton, or re-initialise the disk with `baton init --force`")
@@ -162,7 +174,11 @@ class Record:
     def load(cls, area: BlockDev, *, record_offset: int | None = None,
              clock: Callable[[], int] = time.time_ns) -> Record:
         """Read the header and every region's slot header (not the bitmaps)."""
-        rec = cls(area, cls.read_header(area, record_offset=record_offset), clock=clock)
+        hdr, damaged = cls.read_header_ex(area, record_offset=record_offset)
+        rec = cls(area, hdr, clock=clock)
+        for d in damaged:
+            rec.notes.append(f"{d}: the other copy is used; the next backup will be full")
+            rec.suspect = True
         for r in range(rec.geo.nregions):
             rec.regions.append(rec._load_region_header(r))
         return rec
@@ -181,6 +197,11 @@ class Record:
                 continue
             if best is None or s.seq > best.seq:
                 best = s
+        one_sector = SLOT.size + (self.geo.pages_per_slot + 7) // 8 + 4 <= SECTOR
+        if best is not None and errs and one_sector and not any("found a blank block" in e for e in errs):
+            # A one-sector structure cannot be torn: the damaged copy may have been the newer one.
+            self.notes.append(f"region {r}: {'; '.join(errs)}; the next backup will be full")
+            self.suspect = True
         kind = REGION_FROZEN if r == self.geo.frozen_region else REGION_NODE
         npages = self.geo.pages_per_slot
         if best is None:
@@ -207,37 +228,51 @@ class Record:
                 bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = b"\xff" * PAGE_BYTES
                 continue
             raw = self.area.pread(self.geo.page_block(reg.index, p, 0) * BLOCK, 2 * BLOCK)
-            best: BitmapPage | None = None
-            errs = []
-            for copy in (0, 1):
-                try:
-                    pg = BitmapPage.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], region=reg.index, page=p,
-                                           copy=copy, disk_uuid=self.header.disk_uuid)
-                except FormatError as e:
-                    errs.append(str(e))
-                    continue
-                if pg.generation != reg.hdr.generation:
-                    errs.append(f"copy {copy} is from generation {pg.generation}, slot is {reg.hdr.generation}")
-                    continue
-                if best is None or pg.seq > best.seq:
-                    best = pg
-            if best is None:
+            copies = [parse_page(raw[c * BLOCK : (c + 1) * BLOCK], region=reg.index, page=p, copy=c,
+                                 disk_uuid=self.header.disk_uuid, generation=reg.hdr.generation) for c in (0, 1)]
+            page_bits, seq, copy, problem = self._resolve_page(copies)
+            bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = page_bits
+            reg.page_seq[p] = seq
+            reg.page_copy[p] = copy
+            if problem:
                 reg.corrupt_pages.append(p)
-                lo = p * PAGE_BITS * self.header.chunk_size
-                hi = min((p + 1) * PAGE_BITS * self.header.chunk_size, self.header.data_size)
-                self.notes.append(
-                    f"bitmap page {p} of region {reg.index} unreadable ({'; '.join(errs)}): "
-                    f"bytes {lo}..{hi} marked dirty"
-                )
-                bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = b"\xff" * PAGE_BYTES
-                reg.page_seq[p] = max(reg.page_seq[p], 0)
-            else:
-                bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = best.bits
-                reg.page_seq[p] = best.seq
-                reg.page_copy[p] = best.copy
+                self.notes.append(f"bitmap page {p} of region {reg.index}: {problem}")
         self._trim(bits)
         reg.bits = bits
         return bits
+
+    def _resolve_page(self, copies: list[Any]) -> tuple[bytes, int, int, str]:
+        """Decide a page's bits from its two copies (docs/format.md "Bitmap pages"). Returns (bits, counter of
+        the newest copy, copy to treat as current, problem or ""). Never under-reports: a damaged sector that may
+        have been newest turns its whole range dirty; a mapped page with no usable copy turns all dirty."""
+        ones = b"\xff" * PAGE_BYTES
+        present = sorted((c for c in copies if c.seq is not None), key=lambda c: c.seq, reverse=True)
+        if not present:
+            if any(c.damaged for c in copies):
+                return ones, 0, -1, "no usable copy: its whole range is marked dirty"
+            return ones, 0, -1, "mapped but never written: its whole range is marked dirty"
+        newest = present[0]
+        older = present[1] if len(present) > 1 else None
+        counter = (newest.seq or 0) & 0xFFFFFFFF
+        if newest.complete:
+            return newest.bits, counter, newest.copy, ""
+        if not newest.damaged:
+            # Torn write: the newest version never completed, so it was never acknowledged.
+            if older is not None and older.complete:
+                return older.bits, counter, newest.copy, ""
+            return ones, counter, newest.copy, "torn with no complete older copy: whole range marked dirty"
+        base = bytearray(older.bits if older is not None and older.complete else bytes(PAGE_BYTES))
+        nb = newest.bits
+        for i, sseq in enumerate(newest.seqs):  # valid sectors of the newest copy add their bits
+            if sseq is not None:
+                lo, hi = sector_bit_range(i)
+                for j in range(lo, hi):
+                    base[j] |= nb[j]
+        for i in newest.damaged:
+            lo, hi = sector_bit_range(i)
+            base[lo:hi] = b"\xff" * (hi - lo)
+        return bytes(base), counter, newest.copy, (
+            f"copy {newest.copy} damaged in sector(s) {list(newest.damaged)}: their chunks are marked dirty")
 
     def _trim(self, bits: bytearray) -> None:
         """Clear bits past the last chunk (a corrupt last page sets them all)."""
@@ -292,6 +327,7 @@ class Record:
             "epoch": h.epoch,
             "clean": h.clean,
             "reset": bool(h.flags & FLAG_RESET),
+            "suspect": bool(h.flags & FLAG_SUSPECT) or self.suspect,
             "dirty_chunks": dirty,
             "dirty_bytes": dirty * h.chunk_size,
             "backup_in_progress": frozen.hdr.backup_id or None,
@@ -331,13 +367,13 @@ class Record:
 
     def _write_page(self, reg: _Region, p: int, bits: bytes | bytearray) -> None:
         copy = 1 - reg.page_copy[p] if reg.page_copy[p] >= 0 else 0
-        seq = reg.page_seq[p] + 1
-        pg = BitmapPage(region=reg.index, page=p, copy=copy, seq=seq, generation=reg.hdr.generation,
-                        epoch=self.header.epoch, disk_uuid=self.header.disk_uuid,
-                        bits=bytes(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]))
-        self.area.pwrite(self.geo.page_block(reg.index, p, copy) * BLOCK, pg.pack())
+        counter = reg.page_seq[p] + 1
+        block = pack_page(region=reg.index, page=p, copy=copy, seq=reg.hdr.generation << 32 | counter,
+                          epoch=self.header.epoch, disk_uuid=self.header.disk_uuid,
+                          bits=bytes(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]))
+        self.area.pwrite(self.geo.page_block(reg.index, p, copy) * BLOCK, block)
         self.stats.metadata_writes += 1
-        reg.page_seq[p] = seq
+        reg.page_seq[p] = counter
         reg.page_copy[p] = copy
 
     def _sync(self) -> None:
@@ -408,7 +444,8 @@ class Record:
         interrupted backup into this node's slot, then clear the others. Returns with the record attached."""
         with self._lock:
             h = self.header
-            self._write_header(replace(h, epoch=h.epoch + 1, owner=node, flags=h.flags & ~FLAG_CLEAN))
+            flags = (h.flags & ~FLAG_CLEAN) | (FLAG_SUSPECT if self.suspect or self.notes else 0)
+            self._write_header(replace(h, epoch=h.epoch + 1, owner=node, flags=flags))
             self._sync()
             # Choose our slot: ours by name, else a free one, else region 0 (its bits are kept and merged).
             nodes = self.regions[: self.geo.nslots]
@@ -589,7 +626,7 @@ class Record:
             entry = replace(entry, seq=seq, slot=slot, epoch=self.header.epoch, lineage=self.header.lineage)
             self.area.pwrite(self.geo.history_offset(slot), entry.pack())
             self._write_header(replace(self.header, last_backup=entry.snapshot_id, backup_seq=seq,
-                                       flags=self.header.flags & ~FLAG_RESET))
+                                       flags=self.header.flags & ~(FLAG_RESET | FLAG_SUSPECT)))
             self._sync()
             self._clear_region(self.regions[self.geo.frozen_region], backup_id="")
             self._sync()

@@ -13,6 +13,10 @@ import threading
 SECTOR = 512
 
 
+class PowerLoss(OSError):
+    """Raised by a write or sync issued after the injected power failure point."""
+
+
 class CrashDevice:
     def __init__(self, size: int, *, seed: int = 0, image: bytearray | None = None) -> None:
         self.size = size
@@ -24,6 +28,7 @@ class CrashDevice:
         self.syncs = 0
         self.writes = 0
         self.fail_writes = False  # inject EIO on writes
+        self.power_fail_after: int | None = None  # this many more writes/syncs succeed, then PowerLoss
 
     def pread(self, offset: int, length: int) -> bytes:
         with self._lock:
@@ -39,9 +44,16 @@ class CrashDevice:
                     out[lo - offset : hi - offset] = data[lo - s * SECTOR : hi - s * SECTOR]
             return bytes(out)
 
+    def _tick(self) -> None:
+        if self.power_fail_after is not None:
+            if self.power_fail_after <= 0:
+                raise PowerLoss(5, "injected power loss")
+            self.power_fail_after -= 1
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.fail_writes:
             raise OSError(5, "injected I/O error")
+        self._tick()
         data = bytes(data)
         if offset < 0 or offset + len(data) > self.size:
             raise ValueError("write past the end of the crash device")
@@ -61,6 +73,7 @@ class CrashDevice:
                 pos += n
 
     def sync(self) -> None:
+        self._tick()
         with self._lock:
             for s, data in self.cache.items():
                 self.durable[s * SECTOR : (s + 1) * SECTOR] = data
@@ -70,6 +83,7 @@ class CrashDevice:
     def crash(self, mode: str = "random") -> dict[str, int]:
         """Lose power. ``mode``: 'drop' (cache lost), 'keep' (cache made it), 'tear' (each cached sector
         independently made it or not), 'random' (one of those, by the seeded RNG). Returns what happened."""
+        self.power_fail_after = None
         with self._lock:
             if mode == "random":
                 mode = self.rng.choice(["drop", "keep", "tear", "tear"])
