@@ -111,3 +111,21 @@ def info_cmd(url: str, key_file: str | None, as_json: bool) -> None:
                       [f"{k:10} {v[0]:8d} objects {v[1]:14,d} bytes" for k, v in counts.items()] +
                       [f"lock: {lk}" for lk in locks])
     emit(out, as_json, human)
+
+
+@command.command("rebuild-index")
+@click.argument("url")
+@key_option
+@json_option
+def rebuild_index_cmd(url: str, key_file: str | None, as_json: bool) -> None:
+    """Rebuild the chunk index from the packs' own tables.
+
+    Use it when index files are lost or damaged (verify reports bad-index or missing-chunk while the packs
+    are intact). Takes the exclusive lock. Packs whose tables fail their checks are listed and left alone.
+    """
+    from baton.repo.maintenance import rebuild_index
+
+    res = rebuild_index(open_repo(url, key_file))
+    emit(res.to_json(), as_json,
+         "\n".join([f"indexed {res.entries} chunks from {res.packs} packs; replaced {res.index_files_replaced} "
+                    f"index files"] + [f"bad pack: {b}" for b in res.bad_packs]))

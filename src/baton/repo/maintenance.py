@@ -331,3 +331,56 @@ def parse_percent(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise UsageError(f"percentage {text!r} must be between 0% and 100%")
     return v
+
+
+# ----- index rebuild -------------------------------------------------------------------------------------------
+
+@dataclass
+class RebuildResult:
+    packs: int = 0
+    entries: int = 0
+    bad_packs: list[str] = field(default_factory=list)
+    index_files_replaced: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rebuild_index(repo: Repository, *, node: str = "") -> RebuildResult:
+    """Recreate the chunk index from the packs' own tables (derived state is a rebuildable cache).
+
+    Reads each pack's trailer and table with two ranged reads, writes new index files, then deletes the old
+    ones. Packs whose trailer or table fail their checks are listed in ``bad_packs`` and left alone. Takes the
+    exclusive lock.
+    """
+    from baton.format.repo_pack import PACK_TAIL, parse_pack_table, parse_pack_tail
+
+    res = RebuildResult()
+    lock = repo.exclusive_lock("rebuild-index", node)
+    try:
+        old = [o.key for o in repo.store.list("index/")]
+        entries: list[tuple[bytes, IndexEntry]] = []
+        for obj in repo.store.list("packs/"):
+            name = obj.key.rsplit("/", 1)[-1]
+            try:
+                pid = bytes.fromhex(name)
+                tail = repo.store.get_range(obj.key, obj.size - PACK_TAIL.size, PACK_TAIL.size)
+                _f, _n, off, length = parse_pack_tail(tail, obj.size, obj.key)
+                table = repo.store.get_range(obj.key, off, length)
+                for pe in parse_pack_table(table, tail, obj.key, repo.keys.data_key):
+                    entries.append((pe.chunk_id, IndexEntry(pid, pe.offset, pe.stored_length, pe.raw_length,
+                                                            pe.flags)))
+                res.packs += 1
+            except (RepoCorrupt, ValueError) as e:
+                res.bad_packs.append(f"{obj.key}: {e}")
+        res.entries = len(entries)
+        written = [repo.write_index_file(entries[i:i + INDEX_FILE_ENTRIES])
+                   for i in range(0, len(entries), INDEX_FILE_ENTRIES)]
+        stale = [k for k in old if k not in written]
+        for k in stale:
+            repo.store.delete(k)
+        res.index_files_replaced = len(stale)
+        repo.invalidate_index()
+    finally:
+        lock.release()
+    return res
