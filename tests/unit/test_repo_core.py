@@ -369,3 +369,36 @@ def test_lock_refresh_extends_expiry() -> None:
     lk.refresh()
     assert lk.info.expires == 1000.0 and lk.statistics()["refreshes"] == 1
     lk.release()
+
+
+def test_checkpoint_then_more_puts_then_commit() -> None:
+    repo = Repository.init(mem_url())
+    disk = DiskIdentity("d", 3 * PAGE_FANOUT * CS, CS)
+    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    a, b, c = os.urandom(CS), os.urandom(CS), os.urandom(CS)
+    w.put(1, a)
+    w.put(PAGE_FANOUT + 1, a)
+    cp = w.checkpoint()
+    w.put(1, b)                                  # same leaf again, after the rebase on the checkpoint's tree
+    w.put(2 * PAGE_FANOUT, c)
+    m = w.commit()
+    assert m.snapshot_id == cp.snapshot_id and m.complete and m.checkpoint == 1
+    r = repo.snapshot_reader(m)
+    assert (r.read(1), r.read(PAGE_FANOUT + 1), r.read(2 * PAGE_FANOUT)) == (b, a, c)
+    assert r.chunk_id(0) == ZERO_ID
+
+
+def test_tree_flush_bounds_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import baton.repo.writer as writer
+
+    monkeypatch.setattr(writer, "MAX_CHANGED_LEAVES", 2)
+    repo = Repository.init(mem_url())
+    disk = DiskIdentity("d", 9 * PAGE_FANOUT * CS, CS)
+    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    data = {leaf * PAGE_FANOUT + leaf: os.urandom(CS) for leaf in range(9)}
+    for i, d in data.items():
+        w.put(i, d)
+    m = w.commit()
+    assert w.statistics()["tree_flushes"] >= 3
+    r = repo.snapshot_reader(m)
+    assert all(r.read(i) == d for i, d in data.items())
