@@ -55,6 +55,7 @@ class Baton:
         self.env = {"BATON_RUN_DIR": str(self.run_dir), "BATON_DEV_DIR": str(self.dev_dir)}
         self._help: dict[str, str | None] = {}
         self.pids: set[int] = set()  # every daemon pid we have seen serving one of our disks
+        self.serving: dict[str, int] = {}  # name -> pid of the daemon our last attach started
         self.calls = 0
         self.failures = 0
 
@@ -116,11 +117,16 @@ class Baton:
                extra: tuple[str, ...] = ()) -> tuple[JSON, Measured]:
         """Take ``disk`` over as ``node`` and wait until it is served; returns (status JSON, attach run)."""
         self.require("attach")
-        _, m = self.cmd("attach", str(disk), "--node", node, "--name", name, "--frontend", frontend, *extra,
-                        timeout=300)
-        st = self.status(name)
-        if st.get("state") != "running":
+        out, m = self.cmd("attach", str(disk), "--node", node, "--name", name, "--frontend", frontend, *extra,
+                          timeout=300)
+        # attach --json answers with the live status when it can; ask `status` only when it did not.
+        st = out if isinstance(out.get("pid"), int) and out.get("state", "running") == "running" else self.status(name)
+        if st.get("state", "running") != "running":
             raise StepFailed(f"attach returned but status is {st.get('state')!r}: {st}")
+        pid = st.get("pid")
+        if isinstance(pid, int) and pid > 0:
+            self.pids.add(pid)
+            self.serving[name] = pid
         return st, m
 
     def status(self, name: str) -> JSON:
@@ -146,17 +152,21 @@ class Baton:
 
     def kill9(self, name: str) -> int:
         """kill -9 the daemon serving ``name`` (a crash of its owner node); returns the pid."""
-        st = self.status(name)
-        pid = st.get("pid")
-        if not isinstance(pid, int) or pid <= 0:
-            raise StepFailed(f"status of {name} has no daemon pid: {st}")
+        pid = self.serving.pop(name, 0)
+        if not pid:
+            got = self.status(name).get("pid")
+            pid = got if isinstance(got, int) else 0
+        if pid <= 0:
+            raise StepFailed(f"no daemon pid known for {name}")
         if not kill_and_wait(pid, signal.SIGKILL):
             raise StepFailed(f"daemon {pid} survived SIGKILL")
         return pid
 
     def detach(self, name: str) -> Measured:
         self.require("detach")
-        return self.cmd("detach", name, timeout=300)[1]
+        m = self.cmd("detach", name, timeout=300)[1]
+        self.serving.pop(name, None)
+        return m
 
     def backup(self, target: str, repo: str, *, full: bool = False, timeout: float = 3600) -> tuple[JSON, Measured]:
         self.require("backup")
@@ -191,6 +201,7 @@ class Baton:
             with contextlib.suppress(StepFailed):
                 self.cmd("detach", name, timeout=120)
                 detached = True
+        self.serving.pop(name, None)
         if not detached:
             for pid in sorted(self.pids):
                 if pid_alive(pid):
@@ -211,10 +222,10 @@ class Baton:
             notes.append(f"losetup -d {dev}: rc={m.rc}")
         return notes
 
-    def daemon_io(self, st: JSON) -> tuple[int, dict[str, Any]]:
-        """(pid, /proc/pid/io) of the daemon in a status answer; (0, {}) when there is none."""
-        pid = st.get("pid")
-        if isinstance(pid, int) and pid > 0 and pid_alive(pid):
+    def daemon_io(self, name: str) -> tuple[int, dict[str, Any]]:
+        """(pid, /proc/pid/io) of the daemon our last attach of ``name`` started; (0, {}) when none."""
+        pid = self.serving.get(name, 0)
+        if pid > 0 and pid_alive(pid):
             return pid, proc_io(pid)
         return 0, {}
 

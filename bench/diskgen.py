@@ -9,6 +9,7 @@ AES-CTR keyed by the seed (gigabytes per second, unlike ``random.randbytes``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -40,6 +41,7 @@ class Stream:
         return self._enc.update(bytes(n))
 
 
+@functools.lru_cache(maxsize=8)
 def text_pages(seed: int, count: int = 256) -> list[bytes]:
     """``count`` 4 KiB pages of Zipf-distributed words: compress about 4x with zstd-1."""
     rng = random.Random(seed)

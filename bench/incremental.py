@@ -79,8 +79,7 @@ class _Disk:
 def _timed_baton(ctx: Context, disk: _Disk, repo: Path, full: bool, changed: int) -> tuple[JSON, JSON]:
     """One cold-cache Baton backup of the attached disk: (metrics, detail)."""
     b = ctx.baton
-    st = b.status(NAME)
-    pid, io0 = b.daemon_io(st)
+    pid, io0 = b.daemon_io(NAME)
     sec0 = disk_sectors_read(ctx.scratch_device)
     before = tree_bytes(repo)
     ctx.cold_for("baton", "backup", disk.img)
