@@ -102,3 +102,22 @@ def test_read_only_refuses_writes(tmp_path) -> None:  # type: ignore[no-untyped-
         with pytest.raises(StorageError):
             fn()
     assert ro.capabilities.read_only
+
+
+def test_s3_error_mapping() -> None:
+    from obstore.exceptions import GenericError, PermissionDeniedError
+
+    from baton.storage.objstore import _map_error
+
+    assert isinstance(_map_error(GenericError("QuotaExceeded: bucket quota"), "put k"), RepoFull)
+    assert isinstance(_map_error(GenericError("error sending request: connection refused"), "get k"),
+                      TransientStorageError)
+    denied = _map_error(PermissionDeniedError("AccessDenied"), "get k")
+    assert isinstance(denied, StorageError) and not isinstance(denied, TransientStorageError)
+    assert isinstance(_map_error(FileNotFoundError("x"), "get k"), ObjectNotFound)
+
+
+def test_plain_http_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://backup.example:9000")
+    with pytest.raises(StorageError, match="only loopback"):
+        open_base_store("s3://bucket/prefix")

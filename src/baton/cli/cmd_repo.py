@@ -104,7 +104,12 @@ def info_cmd(url: str, key_file: str | None, as_json: bool) -> None:
     for prefix in ("packs/", "index/", "pages/", "snapshots/"):
         objs = list(repo.store.list(prefix))
         counts[prefix.rstrip("/")] = [len(objs), sum(o.size for o in objs)]
-    locks = [lk.describe() for lk in list_locks(repo.store)]
+    import time
+
+    from baton.repo.locks import RepoLock
+
+    locks = [lk.describe() + (" (stale)" if RepoLock.is_stale(lk, time.time()) else "")
+             for lk in list_locks(repo.store)]
     out = {"url": url, "repo_id": repo.config.repo_id.hex(), "encryption": repo.config.encryption,
            "objects": {k: {"count": v[0], "bytes": v[1]} for k, v in counts.items()}, "locks": locks}
     human = "\n".join([f"repository {out['repo_id']} at {url}", f"encryption: {repo.config.encryption}"] +
