@@ -402,3 +402,14 @@ def test_tree_flush_bounds_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     assert w.statistics()["tree_flushes"] >= 3
     r = repo.snapshot_reader(m)
     assert all(r.read(i) == d for i, d in data.items())
+
+
+def test_parent_problem_reasons() -> None:
+    repo = Repository.init(mem_url())
+    d = DiskIdentity("d", 4 * CS, CS)
+    m = backup(repo, d, os.urandom(4 * CS))
+    assert Repository.parent_problem(d, m) == ""
+    assert "no earlier snapshot" in Repository.parent_problem(d, None)
+    assert "another disk" in Repository.parent_problem(DiskIdentity("e", 4 * CS, CS), m)
+    assert "size changed" in Repository.parent_problem(DiskIdentity("d", 8 * CS, CS), m)
+    assert "chunk size changed" in Repository.parent_problem(DiskIdentity("d", 4 * CS, 2 * CS), m)

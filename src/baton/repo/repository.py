@@ -340,6 +340,23 @@ class Repository:
 
     # ----- backup ----------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def parent_problem(disk: DiskIdentity, parent: Manifest | None) -> str:
+        """Why ``parent`` cannot be the parent of an incremental of ``disk`` ("" if it can).
+
+        The backup engine turns a non-empty answer into a full backup with this text as its stated reason.
+        """
+        if parent is None:
+            return "no earlier snapshot of this disk in the repository"
+        if parent.disk.disk_uuid != disk.disk_uuid:
+            return f"the latest snapshot {parent.snapshot_id[:12]} is of another disk ({parent.disk.disk_uuid})"
+        if parent.disk.chunk_size != disk.chunk_size:
+            return (f"chunk size changed from {parent.disk.chunk_size} to {disk.chunk_size} since snapshot "
+                    f"{parent.snapshot_id[:12]}")
+        if parent.disk.size != disk.size:
+            return f"disk size changed from {parent.disk.size} to {disk.size} since snapshot {parent.snapshot_id[:12]}"
+        return ""
+
     def begin_backup(self, disk: DiskIdentity, *, parent: Manifest | None, node: str, mode: str, reason: str,
                      lineage: str, snapshot_id: str | None = None, workers: int = 2,
                      lock_ttl: float | None = None) -> BackupWriter:

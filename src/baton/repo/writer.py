@@ -135,6 +135,8 @@ class BackupWriter:
 
         The returned manifest is a valid parent for a later incremental but is never restored as a
         point-in-time image. The caller may clear its change-record bits for the chunks put so far.
+        A checkpoint seals the current pack early, so checkpointing every few hundred MiB of input keeps
+        packs large; every few chunks would make many small packs.
         """
         self._check_open()
         try:
