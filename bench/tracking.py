@@ -40,9 +40,11 @@ CHUNK = 64 * KiB
 CONFIGS = ("raw-loop", "fuse-tracking", "fuse-no-tracking", "nbd-tracking", "nbd-no-tracking")
 
 
-def _counters(ctx: Context, name: str) -> tuple[int, int]:
+def _counters(ctx: Context, name: str) -> tuple[int, int, int]:
+    """(writes, metadata_syncs, dirty_chunks) from ``baton status --json``."""
     st = ctx.baton.status(name)
-    return int(st.get("writes", 0) or 0), int(st.get("metadata_syncs", 0) or 0)
+    return (int(st.get("writes", 0) or 0), int(st.get("metadata_syncs", 0) or 0),
+            int(st.get("dirty_chunks", 0) or 0))
 
 
 def _run_rep(ctx: Context, config: str, target: Target, name: str | None, region: int, runtime: float,
@@ -59,8 +61,10 @@ def _run_rep(ctx: Context, config: str, target: Target, name: str | None, region
             r["baton_writes"] = dw
             r["metadata_syncs"] = ds
             r["syncs_per_1000_writes"] = round(1000 * ds / dw, 2) if dw else None
+            # dirty_chunks before/after shows the run really was first-touch (it grows by about fio_ios).
             sync_rows.append({"config": config, "rep": rep, "writes": dw, "fio_ios": r["ios"],
-                              "metadata_syncs": ds, "syncs_per_1000_writes": r["syncs_per_1000_writes"]})
+                              "metadata_syncs": ds, "syncs_per_1000_writes": r["syncs_per_1000_writes"],
+                              "dirty_chunks_before": before[2], "dirty_chunks_after": after[2]})
         series[first.name].add({"iops": r["iops"], "bytes_per_s": r["bytes_per_s"]}, r)
     except StepFailed as e:
         series[first.name].fail(str(e))
