@@ -313,13 +313,15 @@ def test_request_errors(server: NBDServer, tracker: FakeTracker) -> None:
     tracker.fail("read", OSError(5, "injected"))
     r = c.call(READ, 0, 10)
     assert r["error"] == EIO and b"injected" in r["chunks"][0][1]
+    tracker.fail("read", ValueError("NUL \0 in the message"))  # must not kill the worker
+    assert c.call(READ, 0, 10)["error"] == EIO
     tracker.fail("write", RuntimeError("boom"))
     assert c.call(WRITE, 0, data=b"q")["error"] == EIO
     assert c.call(WRITE, 0, data=b"q")["error"] == 0  # the connection and the server carry on
     assert tracker.statistics()["writes"] == 1
     c.close()
     st = server.statistics()
-    assert st["errors"] == 12 and st["errors_eio"] == 2 and st["errors_enospc"] == 2
+    assert st["errors"] == 13 and st["errors_eio"] == 3 and st["errors_enospc"] == 2
 
 
 def test_simple_read_error_has_no_payload(server: NBDServer, tracker: FakeTracker) -> None:

@@ -307,13 +307,12 @@ class NBDServer:
         """Counters over the server's life: connections_total/open/refused, handshakes_failed,
         protocol_errors, requests_<cmd>, bytes_in (write payload), bytes_out (read payload), errors and
         errors_<errno> (error replies sent), fenced (0/1)."""
-        with self._lock:
+        with self._lock:  # _forget folds a closing connection in under this lock: no double counting
             out = dict(self._stats)
-            conns = list(self._conns)
-        for c in conns:
-            for k, v in c.stats.copy().items():  # dict.copy is atomic under the GIL
-                out[k] += v
-        out["connections_open"] = len(conns)
+            for c in self._conns:
+                for k, v in c.stats.copy().items():  # dict.copy is atomic under the GIL
+                    out[k] += v
+            out["connections_open"] = len(self._conns)
         out["fenced"] = int(self._fenced is not None)
         return out
 
@@ -764,7 +763,11 @@ class _Connection:
             item = get()
             if item is None:
                 return
-            execute(*item)
+            try:
+                execute(*item)
+            except Exception:  # a bug in reply building: answer EIO without a message, keep the worker
+                log.exception("NBD connection %d: request failed unexpectedly", self.seq)
+                self.reply_error(item[2], item[1], _EIO, "")
 
     def execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes | None) -> None:
         tracker, srv = self.tracker, self.server
@@ -876,7 +879,8 @@ class _Connection:
 
     def reply_error(self, cookie: int, cmd: int, error: int, message: str) -> None:
         if self.structured:
-            payload = P.ErrorChunk(error, message[:512]).pack()
+            # Exception texts are arbitrary: strip what the wire forbids (NUL) and bound the length.
+            payload = P.ErrorChunk(error, message[:512].replace("\0", "?")).pack()
             hdr = P.STRUCTURED_REPLY.pack(
                 P.STRUCTURED_REPLY_MAGIC, _DONE, P.ReplyType.ERROR, cookie, len(payload)
             )
