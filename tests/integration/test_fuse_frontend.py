@@ -515,3 +515,25 @@ def test_attach_after_killed_daemon_cleans_up_and_serves(root: Path) -> None:
             d2.close()
     finally:
         d.close()
+
+
+def test_many_requests_in_flight_for_group_commit(daemon: Daemon) -> None:
+    # libfuse 3.14 runs 10 workers and the kernel queues 12 background requests by default; the frontend
+    # raises both (max_threads=32), so a tracker that blocks (group commit) sees more writes at once.
+    daemon.cmd("hold")
+    threads = [threading.Thread(target=_pwrite_direct, args=(daemon.device, i * CHUNK, b"q" * 4096))
+               for i in range(24)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + BOUND
+        seen = 0
+        while time.monotonic() < deadline and seen < 20:
+            seen = daemon.cmd("stats")["frontend"]["in_flight"]
+            time.sleep(0.05)
+        assert seen >= 20, f"only {seen} requests reached the tracker at once"
+    finally:
+        daemon.cmd("release")
+        for t in threads:
+            t.join(BOUND)
+    assert len(daemon.cmd("dirty")["dirty"]) == 24

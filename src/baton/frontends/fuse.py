@@ -301,10 +301,15 @@ class FuseFrontend:
 
     ``request_timeout``: seconds a single tracker call may take before the watchdog aborts the whole FUSE
     connection (every pending and later I/O on the device fails with EIO). None switches the watchdog off.
+
+    ``max_threads``: requests served at once (libfuse worker threads, and the kernel's FUSE background queue,
+    which the loop device's async direct I/O goes through). Both default to 10/12 in libfuse 3.14 and the
+    kernel; more concurrency lets the tracker's group commit batch more first-touch marks.
     """
 
     def __init__(self, tracker: TrackerLike, name: str, run_dir: Path = Path("/run/baton"),
-                 dev_dir: Path = Path("/dev/baton"), *, request_timeout: float | None = 120.0) -> None:
+                 dev_dir: Path = Path("/dev/baton"), *, request_timeout: float | None = 120.0,
+                 max_threads: int = 32) -> None:
         _name_ok(name)
         if tracker.size <= 0 or tracker.size % 512:
             raise DeviceError(f"tracker size {tracker.size} is not a positive multiple of 512 bytes")
@@ -318,6 +323,9 @@ class FuseFrontend:
         self.fuse_file = self.mountpoint / FILE_NAME
         self.link = self.dev_dir / name
         self.request_timeout = request_timeout
+        if not 1 <= max_threads <= 1024:
+            raise DeviceError(f"max_threads {max_threads} outside 1..1024")
+        self.max_threads = max_threads
         self.loop_device: str | None = None
         self.failure: str | None = None  # why the frontend stopped by itself (fenced, aborted, session lost)
 
@@ -437,7 +445,7 @@ class FuseFrontend:
             # Options: foreground (never fork), multithreaded (default), direct_io (FOPEN_DIRECT_IO for every
             # open). No allow_other: only root may open the file. No writeback cache (cleared at init too).
             mf.FUSE(ops, str(self.mountpoint), foreground=True, direct_io=True, fsname=f"baton:{self.name}",
-                    subtype="baton", max_idle_threads=16)
+                    subtype="baton", max_threads=self.max_threads, max_idle_threads=self.max_threads)
         except BaseException as exc:
             self._serve_error = exc
         finally:
@@ -452,6 +460,10 @@ class FuseFrontend:
         _restore_sigactions(self._saved_signals)
         if conn is not None:
             conn.want &= ~_FUSE_CAP_WRITEBACK_CACHE
+            # The loop device's direct I/O reaches FUSE as async (background) requests: let as many be in
+            # flight as we have workers. Root may raise it above the unprivileged max_user_bgreq.
+            conn.max_background = self.max_threads
+            conn.congestion_threshold = max(1, self.max_threads * 3 // 4)
             self._stats["max_write"] = int(conn.max_write)
         if cfg is not None:
             cfg.direct_io = 1
