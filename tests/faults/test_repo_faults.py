@@ -140,3 +140,62 @@ def test_permanent_list_failure_surfaces() -> None:
         [Fault("list", "", "permanent", times=None)], 1))
     with pytest.raises(StorageError):
         Repository.open(url, store=store).snapshots()
+
+
+def test_failure_at_every_write_leaves_a_consistent_repository() -> None:
+    """Fail the k-th store write of an incremental backup with checkpoints, for every k. Afterwards the
+    repository verifies clean, the parent is intact, and the new snapshot exists only if its final
+    manifest was written (checkpoints may exist as partial snapshots)."""
+    import random
+
+    from baton.repo import Manifest
+
+    seed = 8080
+    print("seed", seed)
+    rng = random.Random(seed)
+    cs = 4096
+    disk = DiskIdentity("d", 64 * cs, cs)
+    base_img = [rng.randbytes(cs) if i % 3 else bytes(cs) for i in range(64)]
+    changes = {i: rng.randbytes(cs) for i in rng.sample(range(64), 20)}
+
+    def prepare() -> tuple[str, Manifest]:
+        url = f"memory://every-{uuid.uuid4().hex}"
+        repo = Repository.init(url, pack_target=8 * cs)
+        w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+        for i, c in enumerate(base_img):
+            w.put(i, c)
+        return url, w.commit({})
+
+    def incremental(repo: Repository, parent: Manifest) -> Manifest:
+        w = repo.begin_backup(disk, parent=parent, node="n", mode="incremental", reason="", lineage="L")
+        try:
+            for n, (i, c) in enumerate(sorted(changes.items())):
+                w.put(i, c)
+                if n == 9:
+                    w.checkpoint()
+            return w.commit({})
+        finally:
+            w.abort()
+
+    # Count the writes of a clean run.
+    url, parent = prepare()
+    counting = build_store(open_base_store(url), faults=FaultyStore.factory([Fault("put", "", "transient",
+                                                                                   after=10**9)], seed))
+    incremental(Repository.open(url, store=counting), parent)
+    total = counting.inner.rules[0].seen  # type: ignore[attr-defined]
+    assert total > 10
+    for k in range(total):
+        url, parent = prepare()
+        faulty = build_store(open_base_store(url), faults=FaultyStore.factory(
+            [Fault("put", "", "permanent", after=k)], seed), retry=None)
+        try:
+            incremental(Repository.open(url, store=faulty), parent)
+            raise AssertionError(f"write {k} did not fail")
+        except StorageError:
+            pass
+        fresh = Repository.open(url)
+        assert verify(fresh).ok, f"verify failed after a failure at write {k}"
+        r = fresh.snapshot_reader(fresh.get_snapshot(parent.snapshot_id))
+        assert [r.read(i) for i in range(64)] == base_img
+        assert [m.snapshot_id for m in fresh.snapshots()] == [parent.snapshot_id]
+        assert list(fresh.store.list("locks/")) == []
