@@ -563,3 +563,59 @@ def test_read_only_export(tracker: FakeTracker, tmp_path: Path) -> None:
         assert c.call(READ, 0, 2)["error"] == 0
         c.close()
     assert tracker.statistics()["writes"] == 0
+
+
+@pytest.mark.parametrize("seed", [4101, 4102])
+def test_random_pipelined_operations_match_a_model(server: NBDServer, tracker: FakeTracker, seed: int) -> None:
+    """Batches of up to 8 pipelined requests on disjoint ranges, spread over a structured and a simple
+    connection, checked against a bytearray model of the disk and a set model of the dirty chunks."""
+    import random
+
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    model, dirty = bytearray(SIZE), set()
+    conns = [connect(server), connect(server)]
+    conns[0].go("disk1", contexts=("baton:dirty",))
+    conns[1].go("disk1", structured=False)
+    for _ in range(40):
+        slots = rng.sample(range(SIZE // CHUNK), 8)  # one op per chunk-aligned region: no overlap in a batch
+        sent: dict[tuple[int, int], tuple[str, int, int, bytes]] = {}
+        for slot in slots[: rng.randint(1, 8)]:
+            c = rng.randrange(2)
+            off = slot * CHUNK + rng.randrange(CHUNK // 2)
+            n = rng.randint(1, CHUNK // 2)
+            op = rng.choice(["write", "write", "read", "zero", "trim", "fua"])
+            if op in ("write", "fua"):
+                data = rng.randbytes(n)
+                cookie = conns[c].send(WRITE, off, flags=F_FUA if op == "fua" else 0, data=data)
+                model[off : off + n] = data
+            elif op == "read":
+                cookie, data = conns[c].send(READ, off, n), b""
+            else:
+                flags = F_NO_HOLE if op == "zero" and rng.random() < 0.5 else 0
+                cookie, data = conns[c].send(ZEROES if op == "zero" else TRIM, off, n, flags), b""
+                model[off : off + n] = bytes(n)  # the fake tracker punches/zeroes: reads back as zeroes
+            if op != "read":
+                dirty |= set(range(off // CHUNK, (off + n - 1) // CHUNK + 1))
+            sent[(c, cookie)] = (op, off, n, bytes(model[off : off + n]) if op == "read" else data)
+        for c in (0, 1):
+            for _ in [k for k in sent if k[0] == c]:
+                r = conns[c].reply()
+                op, off, n, expect = sent.pop((c, r["cookie"]))
+                assert r["error"] == 0, (op, off, n)
+                if op == "read":
+                    assert r["data"] == expect, (op, off, n)
+        assert not sent
+    assert Path(tracker.path).read_bytes() == bytes(model)
+    assert set(tracker.dirty_chunks()) == dirty
+    r = conns[0].call(BSTATUS, 0, SIZE)
+    payload = r["chunks"][0][1]
+    pos, reported = 0, set()
+    for i in range(4, len(payload), 8):
+        n, flags = struct.unpack(">II", payload[i : i + 8])
+        if flags & 1:
+            reported |= set(range(pos // CHUNK, (pos + n) // CHUNK))
+        pos += n
+    assert pos == SIZE and reported == dirty
+    for c in conns:
+        c.close()
