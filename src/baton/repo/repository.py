@@ -75,6 +75,7 @@ class Repository:
         self.keys = keys
         self._index: dict[bytes, IndexEntry] | None = None
         self._index_files: set[str] = set()
+        self._manifests: dict[str, Manifest] = {}
         self._lock = threading.RLock()
         self._stats = {"chunks_read": 0, "bytes_read": 0, "pages_read": 0, "pages_written": 0,
                        "index_files_loaded": 0}
@@ -286,11 +287,20 @@ class Repository:
                        seal(MAGIC_SNAPSHOT, m.encode_body(), compress=True, key=self.keys.data_key))
 
     def read_manifest(self, snapshot_id: str) -> Manifest:
+        """One manifest. Complete manifests never change, so they are cached; partial ones are re-read
+        (a running backup overwrites its checkpoint)."""
+        with self._lock:
+            cached = self._manifests.get(snapshot_id)
+        if cached is not None:
+            return cached
         key = snapshot_key(snapshot_id)
         body = unseal(self.store.get(key), MAGIC_SNAPSHOT, key=self.keys.data_key, name=key)
         m = Manifest.decode_body(body, key)
         if m.snapshot_id != snapshot_id:
             raise RepoCorrupt(f"{key}: holds snapshot {m.snapshot_id}")
+        if m.complete:
+            with self._lock:
+                self._manifests[snapshot_id] = m
         return m
 
     def snapshot_ids(self) -> list[str]:
@@ -337,6 +347,8 @@ class Repository:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.store.delete(snapshot_key(snapshot_id))
+        with self._lock:
+            self._manifests.pop(snapshot_id, None)
 
     # ----- backup ----------------------------------------------------------------------------------------------
 
