@@ -22,8 +22,8 @@ def command(repo_url: str, grace: str, max_unused: str, dry_run: bool, key_file:
     """Delete data that no snapshot references, and repack mostly-unused packs.
 
     \b
-    Takes the repository's exclusive lock: it fails (exit 7) while a backup, restore or verify runs, and
-    they wait for it. Packs and pages younger than --grace are always kept, so data written by a backup
+    Takes the repository's exclusive lock: it fails (exit 7, "locked") while a backup, restore, verify or
+    forget runs, and they fail the same way while prune runs; retry later. Packs and pages younger than --grace are always kept, so data written by a backup
     whose lock went stale survives. A referenced chunk missing from the index stops prune before it deletes
     anything (run `baton verify`). Live chunks are checked before they are copied into new packs.
     """
