@@ -171,3 +171,39 @@ def test_fake_tracker_extents_and_marks(tmp_path: Path) -> None:
     t2 = FakeTracker(tmp_path / "c.img", 1 * MiB, fence_after=0)
     with pytest.raises(Fenced):
         t2.write(0, b"a")
+
+
+_LOAD = ("import os; from baton.frontends.fuse import load_mfusepy\n"
+         "from baton.errors import DeviceError\n"
+         "try:\n    m = load_mfusepy(); print(m.fuse_version_major, 'FUSE_LIBRARY_PATH' in os.environ)\n"
+         "except DeviceError as e:\n    print('refused', e)\n")
+
+
+def _load_in_subprocess(env_extra: dict[str, str]) -> str:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSE_LIBRARY")}
+    env.update(env_extra)
+    r = subprocess.run([sys.executable, "-c", _LOAD], capture_output=True, text=True, env=env, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_load_mfusepy_binds_libfuse3_without_leaking_the_variable() -> None:
+    import ctypes.util
+
+    if ctypes.util.find_library("fuse3") is None:
+        pytest.skip("needs libfuse3")
+    assert _load_in_subprocess({}) == "3 False"
+
+
+def test_load_mfusepy_refuses_libfuse2() -> None:
+    import ctypes.util
+
+    lib2 = ctypes.util.find_library("fuse")
+    if lib2 is None:
+        pytest.skip("needs libfuse2 installed to check the refusal")
+    out = _load_in_subprocess({"FUSE_LIBRARY_PATH": lib2})
+    assert out.startswith("refused") and "libfuse 2.x" in out, out
