@@ -413,3 +413,24 @@ def test_parent_problem_reasons() -> None:
     assert "another disk" in Repository.parent_problem(DiskIdentity("e", 4 * CS, CS), m)
     assert "size changed" in Repository.parent_problem(DiskIdentity("d", 8 * CS, CS), m)
     assert "chunk size changed" in Repository.parent_problem(DiskIdentity("d", 4 * CS, 2 * CS), m)
+
+
+def test_shared_lock_waits_for_prune_to_finish() -> None:
+    repo = Repository.init(mem_url())
+    clock = [0.0]
+    ex = RepoLock.acquire_exclusive(repo.store, "prune", now=lambda: clock[0])
+    sleeps: list[float] = []
+
+    def sleep(t: float) -> None:
+        sleeps.append(t)
+        clock[0] += t
+        if clock[0] >= 12:
+            ex.release()                      # prune finishes while the backup waits
+
+    lk = RepoLock.acquire_shared(repo.store, "backup", now=lambda: clock[0], wait=60, sleep=sleep)
+    assert sleeps and clock[0] >= 12
+    lk.release()
+    ex2 = RepoLock.acquire_exclusive(repo.store, "prune", now=lambda: clock[0])
+    with pytest.raises(RepoLocked):
+        RepoLock.acquire_shared(repo.store, "backup", now=lambda: clock[0], wait=10, sleep=sleep)
+    ex2.release()

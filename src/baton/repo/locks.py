@@ -98,8 +98,25 @@ class RepoLock:
 
     @classmethod
     def acquire_shared(cls, store: Store, op: str, node: str = "", *, ttl: float = DEFAULT_TTL,
-                       now: Callable[[], float] = time.time) -> RepoLock:
-        """Hold a shared lock, or raise RepoLocked naming the live exclusive holder."""
+                       now: Callable[[], float] = time.time, wait: float = 0.0,
+                       sleep: Callable[[float], None] = time.sleep) -> RepoLock:
+        """Hold a shared lock, or raise RepoLocked naming the live exclusive holder.
+
+        With ``wait`` > 0, retry every few seconds for up to ``wait`` seconds while prune holds the lock
+        (a timer-driven backup should wait out a prune rather than be skipped).
+        """
+        deadline = now() + wait
+        while True:
+            try:
+                return cls._acquire_shared_once(store, op, node, ttl=ttl, now=now)
+            except RepoLocked:
+                if now() >= deadline:
+                    raise
+                sleep(min(5.0, max(0.1, deadline - now())))
+
+    @classmethod
+    def _acquire_shared_once(cls, store: Store, op: str, node: str, *, ttl: float,
+                             now: Callable[[], float]) -> RepoLock:
         info = cls._info("shared", op, node, ttl, now())
         key = SHARED_PREFIX + info.lock_id
         store.put(key, info.encode())

@@ -371,12 +371,13 @@ class Repository:
 
     def begin_backup(self, disk: DiskIdentity, *, parent: Manifest | None, node: str, mode: str, reason: str,
                      lineage: str, snapshot_id: str | None = None, workers: int = 2,
-                     lock_ttl: float | None = None) -> BackupWriter:
-        """Start a backup: takes the shared lock (RepoLocked if prune holds the exclusive one)."""
+                     lock_ttl: float | None = None, lock_wait: float = 0.0) -> BackupWriter:
+        """Start a backup: takes the shared lock (RepoLocked if prune holds the exclusive one for longer
+        than ``lock_wait`` seconds)."""
         from baton.repo.writer import BackupWriter
 
         return BackupWriter(self, disk, parent=parent, node=node, mode=mode, reason=reason, lineage=lineage,
-                            snapshot_id=snapshot_id, workers=workers, lock_ttl=lock_ttl)
+                            snapshot_id=snapshot_id, workers=workers, lock_ttl=lock_ttl, lock_wait=lock_wait)
 
     def shared_lock(self, op: str, node: str = "") -> RepoLock:
         return RepoLock.acquire_shared(self.store, op, node)

@@ -46,7 +46,7 @@ class BackupWriter:
 
     def __init__(self, repo: Repository, disk: DiskIdentity, *, parent: Manifest | None, node: str, mode: str,
                  reason: str, lineage: str, snapshot_id: str | None = None, workers: int = 2,
-                 lock_ttl: float | None = None) -> None:
+                 lock_ttl: float | None = None, lock_wait: float = 0.0) -> None:
         if mode not in MODES:
             raise UsageError(f"backup mode {mode!r}: expected one of {', '.join(MODES)}")
         if parent is not None:
@@ -69,7 +69,8 @@ class BackupWriter:
         self.parent = parent
         self.node, self.mode, self.reason, self.lineage = node, mode, reason, lineage
         self.snapshot_id = snapshot_id
-        self._lock = RepoLock.acquire_shared(repo.store, "backup", node, ttl=lock_ttl or DEFAULT_TTL)
+        self._lock = RepoLock.acquire_shared(repo.store, "backup", node, ttl=lock_ttl or DEFAULT_TTL,
+                                             wait=lock_wait)
         try:
             self._known = repo.chunk_index()
         except BaseException:
