@@ -28,7 +28,14 @@ import blake3
 
 from baton.errors import RepoError, UsageError
 from baton.format.repo_index import PAGE_FANOUT, ZERO_ID, IndexEntry
-from baton.format.repo_pack import PackEntry, pack_footer, pack_head
+from baton.format.repo_pack import (
+    PACK_TAIL,
+    PackEntry,
+    pack_footer,
+    pack_head,
+    parse_pack_table,
+    parse_pack_tail,
+)
 from baton.repo.crypto import chunk_id, encode_blob
 from baton.repo.locks import DEFAULT_TTL, RepoLock
 from baton.repo.model import MODES, DiskIdentity, Manifest
@@ -252,6 +259,7 @@ class BackupWriter:
             return
         self._pack += pack_footer(self._pack_entries, len(self._pack), self.repo.keys.data_key)
         data = bytes(self._pack)
+        self._check_pack(data)
         pid = blake3.blake3(data).digest()
         entries = [(e.chunk_id, IndexEntry(pid, e.offset, e.stored_length, e.raw_length, e.flags))
                    for e in self._pack_entries]
@@ -266,6 +274,15 @@ class BackupWriter:
         if self._packs_since_index >= INDEX_EVERY_PACKS:
             self._write_index()
         self._lock.refresh()
+
+    def _check_pack(self, data: bytes) -> None:
+        """Re-read the pack we built (its trailer and table) before it leaves the process: a writer bug
+        must fail this backup, not surface at restore time."""
+        tail = data[-PACK_TAIL.size:]
+        _f, _n, off, length = parse_pack_tail(tail, len(data), "new pack")
+        table = parse_pack_table(data[off:off + length], tail, "new pack", self.repo.keys.data_key)
+        if table != self._pack_entries:
+            raise RepoError("internal error: a new pack's table does not match what was written")
 
     def _finish_upload(self) -> None:
         fut, entries = self._uploads.popleft()
