@@ -31,6 +31,16 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_BLOCK = bytes(1 << 20)
+_CHANGES = frozenset(("write", "discard", "write_zeroes"))
+_FENCEABLE = _CHANGES | {"flush"}  # a fenced tracker still serves reads and dirty queries
+_COUNTER = {
+    "read": "reads",
+    "write": "writes",
+    "flush": "flushes",
+    "discard": "discards",
+    "write_zeroes": "write_zeroes",
+    "dirty_extents": "dirty_queries",
+}
 
 _libc: ctypes.CDLL | None
 try:
@@ -119,7 +129,7 @@ class FakeTracker:
 
     # ---------------------------------------------------------------------------------------- TrackerLike
     def read(self, offset: int, length: int) -> bytes:
-        self._check("read", offset, length, changes=False)
+        self._admit("read", offset, length)
         data = os.pread(self._fd, length, offset)
         while len(data) < length:  # short reads only at EOF of a sparse/short file: it reads as zeroes
             more = os.pread(self._fd, length - len(data), offset + len(data))
@@ -127,53 +137,36 @@ class FakeTracker:
                 data += bytes(length - len(data))
                 break
             data += more
-        with self._lock:
-            self._stats["reads"] += 1
-            self._stats["bytes_read"] += length
         return data
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._check("write", offset, len(data), changes=True)
-        self._mark(offset, len(data))
+        self._admit("write", offset, len(data), fua=fua)  # marks the chunks before the data moves
         view = memoryview(data)
         done = 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], offset + done)
         if fua:
             os.fdatasync(self._fd)
-        with self._lock:
-            self._stats["writes"] += 1
-            self._stats["fua_writes"] += int(fua)
-            self._stats["bytes_written"] += len(data)
 
     def flush(self) -> None:
-        self._check("flush", 0, 0, changes=False, fenced_too=True)
+        self._admit("flush", 0, 0)
         os.fdatasync(self._fd)
-        with self._lock:
-            self._stats["flushes"] += 1
 
     def discard(self, offset: int, length: int) -> None:
-        self._check("discard", offset, length, changes=True)
-        self._mark(offset, length)
+        self._admit("discard", offset, length)
         self._zero(offset, length, punch=True)
-        with self._lock:
-            self._stats["discards"] += 1
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = False) -> None:
-        self._check("write_zeroes", offset, length, changes=True)
-        self._mark(offset, length)
+        self._admit("write_zeroes", offset, length)
         self._zero(offset, length, punch=may_trim)
-        with self._lock:
-            self._stats["write_zeroes"] += 1
 
     def dirty_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Runs (start, length, dirty) covering exactly [offset, offset+length), merged by state."""
-        self._check("dirty_extents", offset, length, changes=False)
+        self._admit("dirty_extents", offset, length)
         out: list[tuple[int, int, bool]] = []
         end = offset + length
         cs = self.chunk_size
         with self._lock:
-            self._stats["dirty_queries"] += 1
             pos = offset
             while pos < end:
                 state = bool(self._dirty[pos // cs])
@@ -188,46 +181,54 @@ class FakeTracker:
 
     def statistics(self) -> dict[str, int]:
         """Counters: reads, writes, fua_writes, flushes, discards, write_zeroes, dirty_queries, bytes_read,
-        bytes_written, first_touch_marks, errors (injected or fenced failures), fenced (0/1), dirty_chunks."""
+        bytes_written, first_touch_marks, errors (injected or fenced failures), fenced (0/1), dirty_chunks.
+        A call is counted when it is let through, before its file I/O."""
         with self._lock:
             out = dict(self._stats)
             out["dirty_chunks"] = sum(1 for d in self._dirty if d)
         return out
 
     # ------------------------------------------------------------------------------------------- internals
-    def _check(self, op: str, offset: int, length: int, *, changes: bool, fenced_too: bool = False) -> None:
-        """Raise an injected failure, Fenced, or ValueError for a range outside the disk. No side effects."""
+    def _admit(self, op: str, offset: int, length: int, *, fua: bool = False) -> None:
+        """Let one call through or raise (an injected failure, Fenced, ValueError for a range outside the
+        disk) without side effects. A call let through is counted, and a content-changing one has its
+        chunks marked, all in one lock section: the fake should cost little next to the frontend."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"{op}: range {offset}+{length} outside the {self.size}-byte disk")
+        changes = op in _CHANGES
+        stats = self._stats
         with self._lock:
-            failure = self._failures.get(op)
-            if failure is not None:
-                exc, times = failure
-                if times <= 1:
-                    del self._failures[op]
-                else:
-                    self._failures[op] = (exc, times - 1)
-                self._stats["errors"] += 1
-                raise exc
-            fence_now = self._fence_after is not None and self._changes_started >= self._fence_after
-            if changes and not self._fenced and fence_now:
+            if self._failures:
+                failure = self._failures.get(op)
+                if failure is not None:
+                    exc, times = failure
+                    if times <= 1:
+                        del self._failures[op]
+                    else:
+                        self._failures[op] = (exc, times - 1)
+                    stats["errors"] += 1
+                    raise exc
+            limit = self._fence_after
+            if changes and not self._fenced and limit is not None and self._changes_started >= limit:
                 self._fenced = True
-                self._stats["fenced"] = 1
-            if self._fenced and (changes or fenced_too):
-                self._stats["errors"] += 1
+                stats["fenced"] = 1
+            if self._fenced and op in _FENCEABLE:
+                stats["errors"] += 1
                 raise Fenced("a newer owner epoch is on disk (fake tracker)", mine=1, on_disk=2)
-            if changes:
+            stats[_COUNTER[op]] += 1
+            if op == "read":
+                stats["bytes_read"] += length
+            elif changes:
                 self._changes_started += 1
-
-    def _mark(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        first, last = offset // self.chunk_size, (offset + length - 1) // self.chunk_size
-        with self._lock:
-            for i in range(first, last + 1):
-                if not self._dirty[i]:
-                    self._dirty[i] = 1
-                    self._stats["first_touch_marks"] += 1
+                if op == "write":
+                    stats["bytes_written"] += length
+                    stats["fua_writes"] += fua
+                if length:
+                    dirty = self._dirty
+                    for i in range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1):
+                        if not dirty[i]:
+                            dirty[i] = 1
+                            stats["first_touch_marks"] += 1
 
     def _zero(self, offset: int, length: int, *, punch: bool) -> None:
         mode = (
