@@ -207,3 +207,26 @@ def test_load_mfusepy_refuses_libfuse2() -> None:
         pytest.skip("needs libfuse2 installed to check the refusal")
     out = _load_in_subprocess({"FUSE_LIBRARY_PATH": lib2})
     assert out.startswith("refused") and "libfuse 2.x" in out, out
+
+
+def test_operations_refuse_truncation_and_resizing(fe: FuseFrontend) -> None:
+    import ctypes.util
+
+    from baton.frontends.fuse import _make_operations, load_mfusepy
+
+    if ctypes.util.find_library("fuse3") is None:
+        pytest.skip("needs libfuse3")
+    ops = _make_operations(load_mfusepy(), fe)
+    with pytest.raises(OSError) as ei:
+        ops.open("/disk", os.O_WRONLY | os.O_TRUNC)
+    assert ei.value.errno == errno.EPERM
+    with pytest.raises(OSError) as ei:
+        ops.truncate("/disk", 0)
+    assert ei.value.errno == errno.EPERM
+    assert ops.truncate("/disk", 4 * MiB) == 0
+    assert ops.getattr("/disk")["st_size"] == 4 * MiB
+    with pytest.raises(OSError) as ei:
+        ops.getattr("/other")
+    assert ei.value.errno == errno.ENOENT
+    assert ops.readdir("/", 0) == [".", "..", "disk"]
+    assert fe.tracker.statistics()["writes"] == 0

@@ -760,6 +760,9 @@ def _make_operations(mf: ModuleType, fe: FuseFrontend) -> Any:
         def open(self, path: str, flags: int) -> int:
             if path != path_file:
                 raise OSError(errno.ENOENT, path)
+            if flags & os.O_TRUNC:
+                # The kernel hands O_TRUNC to us (atomic_o_trunc); the device's size and content stay.
+                raise OSError(errno.EPERM, "a Baton device cannot be truncated")
             if mf.fuse_get_context()[0] != 0:
                 raise OSError(errno.EACCES, "only root may open a Baton device")
             return 0
