@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 FILE_NAME = "disk"  # the single file in the FUSE export
 _FUSECTL = Path("/sys/fs/fuse/connections")
 _FUSE_CAP_WRITEBACK_CACHE = 1 << 16  # fuse_common.h
+_PR_SET_IO_FLUSHER = 57  # linux/prctl.h
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -347,7 +348,7 @@ class FuseFrontend:
         self._tokens = itertools.count()
         self._stats: dict[str, int] = dict.fromkeys(
             ("reads", "writes", "bytes_read", "bytes_written", "fsyncs", "punch_holes", "zero_ranges",
-             "errors", "fenced", "watchdog_aborts", "max_in_flight", "max_write"), 0)
+             "errors", "fenced", "watchdog_aborts", "max_in_flight", "max_write", "io_flusher"), 0)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -441,6 +442,11 @@ class FuseFrontend:
         os.replace(tmp, self.link)
 
     def _serve(self, mf: ModuleType, ops: Any) -> None:
+        # Writeback under memory pressure may wait on this very device; PR_SET_IO_FLUSHER keeps our own
+        # allocations from recursing into I/O. It is per thread and inherited by the libfuse workers this
+        # thread spawns. It needs CAP_SYS_RESOURCE: without it we carry on, and statistics() says so.
+        if _libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0:
+            self._stats["io_flusher"] = 1
         try:
             # Options: foreground (never fork), multithreaded (default), direct_io (FOPEN_DIRECT_IO for every
             # open). No allow_other: only root may open the file. No writeback cache (cleared at init too).
@@ -709,7 +715,8 @@ class FuseFrontend:
 
     def statistics(self) -> dict[str, int]:
         """Request counters: reads/writes/fsyncs/punch_holes/zero_ranges served, bytes, errors (EIO replies),
-        fenced, watchdog_aborts, in_flight now and max, running (0/1), max_write negotiated with the kernel."""
+        fenced, watchdog_aborts, in_flight now and max, running (0/1), max_write negotiated with the kernel,
+        io_flusher (1 if the serving threads are marked PR_SET_IO_FLUSHER)."""
         with self._lock:
             out = dict(self._stats)
             out["in_flight"] = len(self._inflight)
