@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import crc32c as _crc
 
@@ -29,6 +29,8 @@ SLOT_MAGIC = b"BATONSLT"
 PAGE_MAGIC = b"BATONBMP"
 HISTORY_MAGIC = b"BATONHIS"
 RDISK_MAGIC = b"BATONRDK"
+ANCHOR_MAGIC = b"BATONANC"
+EXTMAP_MAGIC = b"BATONEXT"
 
 PLACEMENT_TAIL = 1
 PLACEMENT_FILE = 2
@@ -44,10 +46,12 @@ REGION_NODE = 1
 REGION_FROZEN = 2
 
 HEADER_COPIES = 2
+EXTMAP_START = 2  # blocks 2, 3: extent map copies (file placement; zeros otherwise)
+HISTORY_START = 4
 HISTORY_ENTRY_SIZE = 512
 HISTORY_ENTRIES = 64
 HISTORY_BLOCKS = HISTORY_ENTRIES * HISTORY_ENTRY_SIZE // BLOCK  # 8
-REGIONS_START = HEADER_COPIES + HISTORY_BLOCKS  # block 10
+REGIONS_START = HISTORY_START + HISTORY_BLOCKS  # block 12
 
 NODE_NAME_MAX = 64
 
@@ -636,7 +640,7 @@ class Geometry:
 
     def history_offset(self, slot: int) -> int:
         """Byte offset of history ring entry ``slot``."""
-        return HEADER_COPIES * BLOCK + slot * HISTORY_ENTRY_SIZE
+        return HISTORY_START * BLOCK + slot * HISTORY_ENTRY_SIZE
 
     def slot_header_block(self, region: int, copy: int) -> int:
         return REGIONS_START + region * self.region_blocks + copy
@@ -656,3 +660,87 @@ def geometry_for(data_size: int, chunk_size: int, nslots: int) -> Geometry:
 
 def max_pages_per_slot() -> int:
     return (BLOCK - SLOT.size - 4) * 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tail anchor: the last two blocks of a tail-placed disk (written once, at init) say where the record area starts,
+# so attach finds it from the device size alone.
+
+ANCHOR = struct.Struct(
+    "<"
+    "8s"  # magic          b"BATONANC"
+    "H"  # version
+    "B"  # copy           0 (second-to-last block) or 1 (last block)
+    "5x"  # reserved
+    "16s"  # disk_uuid
+    "Q"  # disk_size      device size the anchor was written for (self-location)
+    "Q"  # record_offset  byte offset of record block 0
+    "Q"  # record_size
+    "I"  # crc
+)
+ANCHOR_BLOCKS = 2
+
+
+@dataclass(frozen=True)
+class Anchor:
+    disk_uuid: str
+    disk_size: int
+    record_offset: int
+    record_size: int
+    copy: int = 0
+
+    def pack(self) -> bytes:
+        body = ANCHOR.pack(ANCHOR_MAGIC, FORMAT_VERSION, self.copy, _uuid_bytes(self.disk_uuid), self.disk_size,
+                           self.record_offset, self.record_size, 0)[:-4]
+        return (body + struct.pack("<I", crc32c(body))).ljust(BLOCK, b"\0")
+
+    @classmethod
+    def unpack(cls, data: bytes, *, copy: int, disk_size: int) -> Anchor:
+        what = f"tail anchor copy {copy}"
+        _check_common(what, data, ANCHOR_MAGIC, ANCHOR.size)
+        _check_crc(what, memoryview(data)[: ANCHOR.size - 4], struct.unpack_from("<I", data, ANCHOR.size - 4)[0])
+        (_, _, hcopy, duuid, dsize, off, size, _) = ANCHOR.unpack_from(data, 0)
+        if hcopy != copy:
+            raise FormatError(what, f"the block says it is copy {hcopy}")
+        if dsize != disk_size:
+            raise FormatError(what, f"written for a {dsize}-byte disk, this one has {disk_size} bytes")
+        return cls(disk_uuid=_uuid_str(duuid), disk_size=dsize, record_offset=off, record_size=size, copy=hcopy)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Extent map (file placement): blocks 2 and 3 of the record area, written once at init. Lists where the record
+# file's bytes are on the data disk, as FIEMAP reported them after the file was written through and pinned.
+
+EXTMAP = struct.Struct(
+    "<"
+    "8s"  # magic        b"BATONEXT"
+    "H"  # version
+    "B"  # copy
+    "1x"  # reserved
+    "H"  # nextents
+    "2x"  # reserved
+    "16s"  # disk_uuid
+)
+EXTMAP_MAX = (BLOCK - EXTMAP.size - 4) // EXTENT.size
+
+
+def pack_extmap(extents: tuple[Extent, ...], *, copy: int, disk_uuid: str) -> bytes:
+    if len(extents) > EXTMAP_MAX:
+        raise ValueError(f"{len(extents)} extents exceed the {EXTMAP_MAX} an extent map holds")
+    body = EXTMAP.pack(EXTMAP_MAGIC, FORMAT_VERSION, copy, len(extents), _uuid_bytes(disk_uuid))
+    body += b"".join(EXTENT.pack(e.logical, e.physical, e.length) for e in extents)
+    return (body + struct.pack("<I", crc32c(body))).ljust(BLOCK, b"\0")
+
+
+def unpack_extmap(data: bytes, *, copy: int) -> tuple[str, tuple[Extent, ...]]:
+    what = f"extent map copy {copy}"
+    _check_common(what, data, EXTMAP_MAGIC, EXTMAP.size + 4)
+    (_, _, hcopy, n, duuid) = EXTMAP.unpack_from(data, 0)
+    if n > EXTMAP_MAX:
+        raise FormatError(what, f"{n} extents exceed {EXTMAP_MAX}")
+    end = EXTMAP.size + n * EXTENT.size
+    _check_crc(what, memoryview(data)[:end], struct.unpack_from("<I", data, end)[0])
+    if hcopy != copy:
+        raise FormatError(what, f"the block says it is copy {hcopy}")
+    ext = tuple(Extent(*EXTENT.unpack_from(data, EXTMAP.size + i * EXTENT.size)) for i in range(n))
+    return _uuid_str(duuid), ext

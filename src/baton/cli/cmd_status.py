@@ -1,0 +1,62 @@
+"""baton status: a disk's record (offline) and, when attached on this machine, its live tracker."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from baton.cli import emit
+
+
+def _human(st: dict[str, Any]) -> str:
+    lines = []
+    if "name" in st:
+        lines.append(f"{st['name']}: {st.get('state', '?')}"
+                     + (f" (pid {st['pid']}, {st['frontend']}, {st.get('device') or st.get('socket')})"
+                        if st.get("state") == "running" else ""))
+    if "placement" in st:
+        lines.append(f"disk {st.get('disk', '?')}  record {st.get('record', st['placement'])}  "
+                     f"chunk {st['chunk_size'] // 1024} KiB  tracked {st['data_size']} bytes")
+        lines.append(f"owner {st['owner'] or '-'}  epoch {st['epoch']}  "
+                     f"{'clean' if st['clean'] else 'attached or not detached cleanly'}")
+        lines.append(f"dirty {st['dirty_chunks']} chunks ({st['dirty_bytes']} bytes)  lineage {st['lineage']}")
+        lb = st.get("last_backup")
+        if lb:
+            lines.append(f"last backup {lb.get('snapshot') or '-'} {lb.get('mode', '')} {lb.get('result', '')} "
+                         f"by {lb.get('node', '?')}")
+        else:
+            lines.append("last backup: none")
+        if st.get("backup_in_progress"):
+            lines.append(f"backup in progress (frozen set held for {st['backup_in_progress']})")
+        for p in st.get("problems", []):
+            lines.append(f"problem: {p}")
+    if "writes" in st:
+        lines.append(f"writes {st['writes']}  first-touch marks {st.get('first_touch', 0)}  "
+                     f"metadata syncs {st['metadata_syncs']}")
+    return "\n".join(lines)
+
+
+@click.command("status")
+@click.argument("target", metavar="NAME|DISK")
+@click.option("--record", metavar="SPEC", help="Where DISK's record is, if on a record disk (external:RDISK).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def command(target: str, record: str | None, as_json: bool) -> None:
+    """Show the record of DISK, or the attachment NAME on this machine.
+
+    For a DISK path this reads the record without writing anything, so it works on a disk nobody has attached
+    (and on one attached elsewhere). Keys: placement, chunk_size (bytes), owner, epoch, clean, dirty_chunks,
+    dirty_bytes, lineage, last_backup, backup_in_progress, slots, problems.
+
+    For an attached NAME it adds the live daemon: state (running | stopped | failed), pid, node, frontend,
+    device (FUSE) or socket (NBD), writes, first_touch, metadata_syncs, bytes_in, bytes_out. The exit status
+    is 0 whenever the question could be answered.
+    """
+    from baton.cluster import attach as att
+
+    if os.path.sep in target or os.path.exists(target):
+        st = att.disk_status(target, record)
+    else:
+        st = att.name_status(target)
+    emit(st, as_json, _human(st))

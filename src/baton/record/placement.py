@@ -1,0 +1,656 @@
+"""Where a disk's record lives, and how to find it again without mounting anything.
+
+* ``tail``: a region at the end of the data disk. The last two blocks are anchors (written once) naming the
+  record's offset; the tracked device exposes the disk up to that offset, as DRBD does with internal metadata.
+* ``file``: ``/.baton/record`` inside ext4 or xfs, preallocated, written through, FIEMAP-mapped and immutable.
+  Attach asks the file system's own offline tool (``debugfs`` for ext4, ``xfs_db`` for xfs; neither mounts)
+  where the file's first blocks are, reads the extent map stored there, and checks the header names this disk,
+  this file-system UUID and its own physical location.
+* ``external:RECORD_DISK[#SLOT]``: a slot on a record disk formatted by ``baton init RECORD_DISK --record-disk``.
+  The slot table is keyed by the data disk's identity (size, file-system UUID, serial/WWN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from baton.device import BlockDev, DirectDev, SubDev, device_size, is_block_device
+from baton.errors import (
+    DeviceBusy,
+    DeviceError,
+    RecordCorrupt,
+    RecordError,
+    RecordFull,
+    RecordNotFound,
+    UsageError,
+    WrongDisk,
+)
+from baton.format.record import (
+    ANCHOR_BLOCKS,
+    BLOCK,
+    DEFAULT_CHUNK,
+    EXTMAP_MAX,
+    EXTMAP_START,
+    FLAG_RESET,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    PLACEMENT_EXTERNAL,
+    PLACEMENT_FILE,
+    PLACEMENT_NAMES,
+    PLACEMENT_TAIL,
+    RDISK_DATA_START,
+    RDISK_MAX_SLOTS,
+    Anchor,
+    Extent,
+    FormatError,
+    RecordDiskSlot,
+    RecordDiskSuper,
+    RecordHeader,
+    extents_crc,
+    geometry_for,
+    max_pages_per_slot,
+    pack_extmap,
+    unpack_extmap,
+)
+from baton.record.area import ExtentDev
+from baton.record.core import Record, format_record
+
+DEFAULT_SLOTS = 4
+SUPPORTED_FS = ("ext4", "xfs")
+DEFAULT_RDISK_SLOT_SIZE = 64 << 20
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    placement: str  # tail | file | external
+    record_disk: str = ""
+    slot: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str | None) -> RecordSpec | None:
+        if spec is None or spec == "":
+            return None
+        if spec in ("tail", "file"):
+            return cls(spec)
+        m = re.fullmatch(r"external:([^#]+)(?:#(\d+))?", spec)
+        if m:
+            return cls("external", m.group(1), int(m.group(2)) if m.group(2) is not None else None)
+        raise UsageError(f"--record {spec!r}: expected tail, file or external:RECORD_DISK[#SLOT]")
+
+    def __str__(self) -> str:
+        if self.placement != "external":
+            return self.placement
+        return f"external:{self.record_disk}" + (f"#{self.slot}" if self.slot is not None else "")
+
+
+@dataclass(frozen=True)
+class FsInfo:
+    type: str = ""
+    uuid: str = ""
+
+
+def probe_fs(path: str) -> FsInfo:
+    """What blkid recognises on ``path`` (low-level probe, no cache)."""
+    r = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True, text=True, timeout=30)
+    if r.returncode not in (0, 2):
+        raise DeviceError(f"blkid failed on {path}: {r.stderr.strip()}")
+    vals = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    fs_uuid = vals.get("UUID", "")
+    try:
+        fs_uuid = str(uuid.UUID(fs_uuid)) if fs_uuid else ""
+    except ValueError:
+        fs_uuid = ""  # not a 128-bit UUID (e.g. vfat serials): identity falls back to size and hw id
+    return FsInfo(vals.get("TYPE", ""), fs_uuid)
+
+
+def hw_id(path: str) -> str:
+    """Serial or WWN of a block device, '' for image files or when unknown."""
+    if not is_block_device(path):
+        return ""
+    r = subprocess.run(["lsblk", "-dno", "WWN,SERIAL", path], capture_output=True, text=True, timeout=30)
+    return " ".join(r.stdout.split())[:48] if r.returncode == 0 else ""
+
+
+def holders(path: str) -> list[str]:
+    """Who has ``path`` open or mounted, as readable phrases (empty if nobody)."""
+    real = os.path.realpath(path)
+    out: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            src, mnt = line.split()[:2]
+            if src == real or (src.startswith("/dev/") and os.path.realpath(src) == real):
+                out.append(f"mounted at {mnt}")
+    if not is_block_device(real):
+        r = subprocess.run(["losetup", "-j", real], capture_output=True, text=True, timeout=30)
+        for line in r.stdout.splitlines():
+            out.append(f"attached as {line.split(':', 1)[0]}")
+    else:
+        name = os.path.basename(real)
+        hdir = Path(f"/sys/class/block/{name}/holders")
+        if hdir.is_dir():
+            out += [f"held by {h}" for h in os.listdir(hdir)]
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        fddir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fddir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fddir}/{fd}") == real:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    out.append(f"open by pid {pid} ({comm})")
+                    break
+            except OSError:
+                continue
+    return out
+
+
+def check_not_in_use(path: str) -> None:
+    h = holders(path)
+    if h:
+        raise DeviceBusy(f"{path} is in use: {', '.join(h)}",
+                         hint="detach or unmount it first; Baton never formats a disk that is in use")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise UsageError(f"cannot parse size {text!r} (examples: 64K, 1M, 4096)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def check_chunk_size(chunk: int) -> None:
+    if chunk < MIN_CHUNK or chunk > MAX_CHUNK or chunk & (chunk - 1):
+        raise UsageError(f"chunk size {chunk} must be a power of two from 4K to 4M")
+
+
+# ------------------------------------------------------------------------------------------------ opened records
+
+
+@dataclass
+class Located:
+    """A record found on (or for) a data disk, with what the layers above need to serve and back it up."""
+
+    disk: str  # data disk path
+    record: Record
+    spec: RecordSpec
+    data_size: int  # bytes tracked and exposed
+    devs: list[Any]  # devices to close
+
+    @property
+    def header(self) -> RecordHeader:
+        return self.record.header
+
+    def close(self) -> None:
+        for d in self.devs:
+            with contextlib.suppress(OSError):
+                d.close()
+        self.devs = []
+
+
+def _open_dev(path: str, writable: bool) -> DirectDev:
+    try:
+        return DirectDev(path, writable=writable)
+    except DeviceError:
+        raise
+    except OSError as e:
+        raise DeviceError(f"cannot open {path}: {e.strerror}") from e
+
+
+def locate(disk: str, spec: RecordSpec | str | None = None, *, writable: bool = True) -> Located:
+    """Find and load the record of ``disk``. Without a spec: the tail anchor, then a file record in ext4/xfs.
+    A record on a record disk needs ``external:RECORD_DISK``. Raises RecordNotFound with what was tried."""
+    if isinstance(spec, str) or spec is None:
+        spec = RecordSpec.parse(spec) if isinstance(spec, str) else None
+    if not os.path.exists(disk):
+        raise DeviceError(f"{disk}: no such file or device")
+    if spec is not None and spec.placement == "external":
+        return _locate_external(disk, spec, writable)
+    tried = []
+    if spec is None or spec.placement == "tail":
+        dev = _open_dev(disk, writable)
+        try:
+            return _locate_tail(disk, dev)
+        except RecordNotFound as e:
+            dev.close()
+            tried.append(f"tail: {e}")
+            if spec is not None:
+                raise
+        except BaseException:
+            dev.close()
+            raise
+    fs = probe_fs(disk)
+    if fs.type in SUPPORTED_FS:
+        return _locate_file(disk, fs, writable)
+    if spec is not None and spec.placement == "file":
+        raise RecordNotFound(f"{disk} has no {'/'.join(SUPPORTED_FS)} file system (blkid says "
+                             f"{fs.type or 'nothing'}), so it cannot hold a file record")
+    raise RecordNotFound(
+        f"no Baton record found on {disk} ({'; '.join(tried) or 'no tail anchor'}; "
+        f"file system: {fs.type or 'none'})",
+        hint="run `baton init DISK`, or pass --record external:RECORD_DISK if its record is on a record disk",
+    )
+
+
+def _locate_tail(disk: str, dev: DirectDev) -> Located:
+    size = dev.size
+    if size < (ANCHOR_BLOCKS + 1) * BLOCK:
+        raise RecordNotFound("the disk is smaller than a tail anchor")
+    raw = dev.pread(size - ANCHOR_BLOCKS * BLOCK, ANCHOR_BLOCKS * BLOCK)
+    anchor = None
+    errs = []
+    for copy in range(ANCHOR_BLOCKS):
+        try:
+            anchor = Anchor.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy, disk_size=size)
+            break
+        except FormatError as e:
+            errs.append(e)
+    if anchor is None:
+        if all(e.reason.endswith("blank block") or "expected magic" in e.reason for e in errs):
+            raise RecordNotFound("no tail anchor at the end of the disk")
+        raise RecordCorrupt("both tail anchors are damaged: " + "; ".join(str(e) for e in errs),
+                            hint="reset the record with `baton init --reset --record tail DISK`")
+    area = SubDev(dev, anchor.record_offset, anchor.record_size)
+    rec = Record.load(area, record_offset=anchor.record_offset)
+    h = rec.header
+    if h.placement != PLACEMENT_TAIL or h.disk_uuid != anchor.disk_uuid:
+        raise WrongDisk(f"the tail record on {disk} belongs to disk {h.disk_uuid}, its anchor names "
+                        f"{anchor.disk_uuid}")
+    if h.disk_size != size:
+        raise WrongDisk(f"the record on {disk} was made for a {h.disk_size}-byte disk; this one has {size} bytes",
+                        hint="resizing a disk with a tail record is not supported; re-initialise it")
+    return Located(disk, rec, RecordSpec("tail"), h.data_size, [dev])
+
+
+def _fs_block_map(disk: str, fs: FsInfo, blocks: int) -> list[int]:
+    """Physical byte offsets of the record file's first ``blocks`` 4 KiB blocks, from the file system's own
+    offline tool (nothing is mounted)."""
+    out: list[int] = []
+    if fs.type == "ext4":
+        r = subprocess.run(["debugfs", "-R", "stats", disk], capture_output=True, text=True, timeout=60)
+        m = re.search(r"Block size:\s+(\d+)", r.stdout)
+        if not m:
+            raise RecordNotFound(f"debugfs could not read the ext4 on {disk}: {r.stderr.strip()[:200]}")
+        bs = int(m.group(1))
+        for i in range(blocks):
+            byte = i * BLOCK
+            r = subprocess.run(["debugfs", "-R", f"bmap /.baton/record {byte // bs}", disk],
+                               capture_output=True, text=True, timeout=60)
+            s = r.stdout.strip()
+            if r.returncode != 0 or not s.isdigit() or int(s) == 0:
+                raise RecordNotFound(f"no /.baton/record in the ext4 on {disk}")
+            out.append(int(s) * bs + byte % bs)
+        return out
+    # xfs: bmap of the file (in file-system blocks), then convert each to a byte address
+    r = subprocess.run(["xfs_db", "-r", "-c", "sb 0", "-c", "print blocksize", disk],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"blocksize = (\d+)", r.stdout)
+    if not m:
+        raise RecordNotFound(f"xfs_db could not read the xfs on {disk}: {r.stderr.strip()[:200]}")
+    bs = int(m.group(1))
+    r = subprocess.run(["xfs_db", "-r", "-c", "path /.baton/record", "-c", "bmap", disk],
+                       capture_output=True, text=True, timeout=60)
+    ext = [(int(a), int(b), int(c)) for a, b, c in
+           re.findall(r"data offset (\d+) startblock (\d+) \(\d+/\d+\) count (\d+)", r.stdout)]
+    if not ext:
+        raise RecordNotFound(f"no /.baton/record in the xfs on {disk}")
+    for i in range(blocks):
+        fsb = i * BLOCK // bs
+        hit = next(((off, sb) for off, sb, cnt in ext if off <= fsb < off + cnt), None)
+        if hit is None:
+            raise RecordCorrupt(f"/.baton/record on {disk} does not map block {i}")
+        r = subprocess.run(["xfs_db", "-r", "-c", f"convert fsblock {hit[1] + fsb - hit[0]} byte", disk],
+                           capture_output=True, text=True, timeout=60)
+        mm = re.search(r"\((\d+)\)", r.stdout)
+        if not mm:
+            raise RecordCorrupt(f"xfs_db could not convert a block address on {disk}")
+        out.append(int(mm.group(1)) + (i * BLOCK) % bs)
+    return out
+
+
+def _locate_file(disk: str, fs: FsInfo, writable: bool) -> Located:
+    phys = _fs_block_map(disk, fs, EXTMAP_START + 2)
+    dev = _open_dev(disk, writable)
+    try:
+        boot = tuple(Extent(i * BLOCK, p, BLOCK) for i, p in enumerate(phys))
+        bdev = ExtentDev(dev, boot)
+        ext: tuple[Extent, ...] | None = None
+        errs = []
+        for copy in (0, 1):
+            try:
+                _, ext = unpack_extmap(bdev.pread((EXTMAP_START + copy) * BLOCK, BLOCK), copy=copy)
+                break
+            except FormatError as e:
+                errs.append(str(e))
+        if ext is None:
+            raise RecordCorrupt(f"the record file's extent map on {disk} is unreadable: {'; '.join(errs)}",
+                                hint="re-create it with `baton init --reset --record file DISK`")
+        area = ExtentDev(dev, ext)
+        rec = Record.load(area, record_offset=phys[0])
+        h = rec.header
+        if h.placement != PLACEMENT_FILE or h.extents_crc != extents_crc(ext) or h.nextents != len(ext):
+            raise RecordCorrupt(f"the record file on {disk} does not match its own extent map")
+        if h.fs_uuid != fs.uuid:
+            raise WrongDisk(f"the record file on {disk} was made for file system {h.fs_uuid}, "
+                            f"this disk's file system is {fs.uuid}")
+        if h.disk_size != dev.size:
+            raise WrongDisk(f"the record on {disk} was made for a {h.disk_size}-byte disk; this one has "
+                            f"{dev.size} bytes")
+        return Located(disk, rec, RecordSpec("file"), h.data_size, [dev])
+    except BaseException:
+        dev.close()
+        raise
+
+
+def _read_rdisk(dev: BlockDev, path: str) -> RecordDiskSuper:
+    raw = dev.pread(0, 2 * BLOCK)
+    best = None
+    errs = []
+    for copy in (0, 1):
+        try:
+            s = RecordDiskSuper.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy)
+        except FormatError as e:
+            errs.append(e)
+            continue
+        if best is None or s.seq > best.seq:
+            best = s
+    if best is None:
+        if all("expected magic" in e.reason for e in errs):
+            raise RecordNotFound(f"{path} is not a Baton record disk",
+                                 hint=f"format it with `baton init {path} --record-disk --slots N`")
+        raise RecordCorrupt(f"both superblocks of record disk {path} are damaged: "
+                            + "; ".join(str(e) for e in errs))
+    return best
+
+
+def _write_rdisk(dev: BlockDev, cur: RecordDiskSuper, slots: tuple[RecordDiskSlot, ...]) -> RecordDiskSuper:
+    copy = 1 - cur.copy
+    new = replace(cur, slots=slots, seq=cur.seq + 1, copy=copy)
+    dev.pwrite(copy * BLOCK, new.pack())
+    dev.sync()
+    return new
+
+
+def _identity_matches(slot: RecordDiskSlot, size: int, fs: FsInfo, hw: str) -> str:
+    """'' if the data disk matches the slot's identity, else what differs."""
+    if slot.disk_size != size:
+        return f"size {size} (slot has {slot.disk_size})"
+    if slot.fs_uuid and fs.uuid and slot.fs_uuid != fs.uuid:
+        return f"file-system UUID {fs.uuid} (slot has {slot.fs_uuid})"
+    if slot.hw_id and hw and slot.hw_id != hw:
+        return f"serial/WWN {hw!r} (slot has {slot.hw_id!r})"
+    return ""
+
+
+def _locate_external(disk: str, spec: RecordSpec, writable: bool) -> Located:
+    size = device_size(disk)
+    fs = probe_fs(disk)
+    hw = hw_id(disk)
+    rdev = _open_dev(spec.record_disk, writable)
+    try:
+        sup = _read_rdisk(rdev, spec.record_disk)
+        if spec.slot is not None:
+            if not 0 <= spec.slot < len(sup.slots):
+                raise UsageError(f"record disk {spec.record_disk} has slots 0..{len(sup.slots) - 1}")
+            idx = spec.slot
+            sl = sup.slots[idx]
+            if not sl.in_use:
+                raise RecordNotFound(f"slot {idx} of {spec.record_disk} is free (no record)")
+            diff = _identity_matches(sl, size, fs, hw)
+            if diff:
+                raise WrongDisk(f"slot {idx} of {spec.record_disk} belongs to another disk: {disk} has {diff}",
+                                hint="check the disk path and slot number")
+        else:
+            matches = [i for i, sl in enumerate(sup.slots) if sl.in_use and not _identity_matches(sl, size, fs, hw)]
+            if not matches:
+                raise RecordNotFound(f"no slot on record disk {spec.record_disk} holds a record for {disk}",
+                                     hint=f"initialise it with `baton init {disk} --record external:"
+                                     f"{spec.record_disk}`")
+            if len(matches) > 1:
+                raise UsageError(f"several slots of {spec.record_disk} match {disk} ({matches}); "
+                                 f"name one with external:{spec.record_disk}#SLOT")
+            idx = matches[0]
+        base = RDISK_DATA_START + idx * sup.slot_size
+        area = SubDev(rdev, base, sup.slot_size)
+        rec = Record.load(area, record_offset=base)
+        h = rec.header
+        if h.disk_uuid != sup.slots[idx].disk_uuid or h.placement != PLACEMENT_EXTERNAL:
+            raise WrongDisk(f"slot {idx} of {spec.record_disk} holds a record of disk {h.disk_uuid}, "
+                            f"its table says {sup.slots[idx].disk_uuid}")
+        return Located(disk, rec, RecordSpec("external", spec.record_disk, idx), h.data_size, [rdev])
+    except BaseException:
+        rdev.close()
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ init
+
+
+def init_record_disk(path: str, *, slots: int, slot_size: int = DEFAULT_RDISK_SLOT_SIZE,
+                     force: bool = False) -> dict[str, Any]:
+    """Format a record disk with ``slots`` empty slots of ``slot_size`` bytes."""
+    if not 1 <= slots <= RDISK_MAX_SLOTS:
+        raise UsageError(f"--slots must be 1..{RDISK_MAX_SLOTS}")
+    if slot_size % BLOCK or slot_size < 1 << 20:
+        raise UsageError("--slot-size must be a multiple of 4K and at least 1M")
+    check_not_in_use(path)
+    size = device_size(path)
+    need = RDISK_DATA_START + slots * slot_size
+    if size < need:
+        raise DeviceError(f"{path} has {size} bytes; {slots} slots of {slot_size} need {need}",
+                          hint="use fewer --slots or a smaller --slot-size")
+    dev = _open_dev(path, True)
+    try:
+        if not force:
+            with contextlib.suppress(RecordError):
+                _read_rdisk(dev, path)
+                raise DeviceError(f"{path} is already a Baton record disk", hint="pass --force to re-format it "
+                                  "(every record on it is lost; the next backups of those disks are full)")
+        sup = RecordDiskSuper(rdisk_uuid=str(uuid.uuid4()), slot_size=slot_size,
+                              slots=tuple(RecordDiskSlot() for _ in range(slots)))
+        for copy in (0, 1):
+            dev.pwrite(copy * BLOCK, replace(sup, copy=copy, seq=copy).pack())
+        dev.sync()
+        return {"record_disk": path, "uuid": sup.rdisk_uuid, "slots": slots, "slot_size": slot_size}
+    finally:
+        dev.close()
+
+
+def _geometry_or_fail(data_size: int, chunk: int, nslots: int) -> Any:
+    geo = geometry_for(data_size, chunk, nslots)
+    if geo.pages_per_slot > max_pages_per_slot():
+        raise DeviceError(f"a {data_size}-byte disk at {chunk}-byte chunks needs more bitmap pages than a record "
+                          "slot can map", hint="use a larger --chunk-size")
+    return geo
+
+
+def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT_CHUNK,
+              nslots: int = DEFAULT_SLOTS, force: bool = False, reset: bool = False) -> Located:
+    """Create (or with ``reset``, re-create in place with a new lineage) the record of ``disk``.
+
+    Default placement: ``file`` when blkid finds ext4/xfs, ``tail`` when it finds nothing. Any other file
+    system is refused (the tail would overwrite its end). Refuses a disk in use, or one that already has a
+    record unless ``force``/``reset``. The data area of a file or external placement is never written.
+    """
+    check_chunk_size(chunk_size)
+    if not 2 <= nslots <= 64:
+        raise UsageError("--slots must be 2..64")
+    if not os.path.exists(disk):
+        raise DeviceError(f"{disk}: no such file or device")
+    check_not_in_use(disk)
+    spec = RecordSpec.parse(record)
+    fs = probe_fs(disk)
+    if spec is None:
+        if fs.type in SUPPORTED_FS:
+            spec = RecordSpec("file")
+        elif fs.type:
+            raise DeviceError(
+                f"{disk} holds a {fs.type} file system; Baton keeps file records only in "
+                f"{' or '.join(SUPPORTED_FS)}",
+                hint="use --record external:RECORD_DISK (nothing on the disk is touched), or --record tail if "
+                "the end of the disk is free",
+            )
+        else:
+            spec = RecordSpec("tail")
+    old: Located | None = None
+    try:
+        old = locate(disk, spec, writable=False)
+    except RecordError as e:
+        if isinstance(e, RecordNotFound):
+            old = None
+        elif not reset:
+            raise
+    if old is not None:
+        old_uuid = old.header.disk_uuid
+        old.close()
+        if not (force or reset):
+            raise DeviceError(f"{disk} already has a Baton record ({old.spec}, disk {old_uuid})",
+                              hint="pass --reset to start a new lineage in place (the next backup is full), or "
+                              "--force to re-create it")
+    disk_uuid = str(uuid.uuid4()) if old is None or force else old.header.disk_uuid
+    flags = FLAG_RESET if (reset or force) else 0
+    if spec.placement == "tail":
+        return _init_tail(disk, fs, spec, chunk_size, nslots, disk_uuid, flags, force)
+    if spec.placement == "file":
+        return _init_file(disk, fs, chunk_size, nslots, disk_uuid, flags)
+    return _init_external(disk, fs, spec, chunk_size, nslots, disk_uuid, flags, force or reset)
+
+
+def _base_header(placement: int, *, chunk: int, nslots: int, disk_uuid: str, fs: FsInfo, disk_size: int,
+                 data_size: int, rec_off: int, rec_size: int, pps: int, flags: int, hw: str = "") -> RecordHeader:
+    return RecordHeader(placement=placement, nslots=nslots, chunk_size=chunk, disk_uuid=disk_uuid, lineage="",
+                        disk_size=disk_size, data_size=data_size, record_offset=rec_off, record_size=rec_size,
+                        pages_per_slot=pps, fs_uuid=fs.uuid, flags=flags, hw_id=hw)
+
+
+def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: int, disk_uuid: str, flags: int,
+               force: bool) -> Located:
+    if fs.type and not force:
+        raise DeviceError(f"{disk} holds a {fs.type} file system; a tail record would overwrite its end",
+                          hint="use --record file (ext4/xfs) or --record external:RECORD_DISK; --force overrides")
+    size = device_size(disk)
+    geo = _geometry_or_fail(size, chunk, nslots)
+    avail = size - ANCHOR_BLOCKS * BLOCK - geo.size
+    data_size = avail // chunk * chunk
+    if data_size < max(chunk, 1 << 20):
+        raise DeviceError(f"{disk} has {size} bytes: too small for a tail record of {geo.size} bytes plus data",
+                          hint="use a larger disk, a larger --chunk-size, or --record external:RECORD_DISK")
+    rec_size = size - ANCHOR_BLOCKS * BLOCK - data_size
+    dev = _open_dev(disk, True)
+    try:
+        area = SubDev(dev, data_size, rec_size)
+        hdr = _base_header(PLACEMENT_TAIL, chunk=chunk, nslots=nslots, disk_uuid=disk_uuid, fs=fs, disk_size=size,
+                           data_size=data_size, rec_off=data_size, rec_size=rec_size, pps=geo.pages_per_slot,
+                           flags=flags)
+        rec = format_record(area, hdr)
+        for copy in range(ANCHOR_BLOCKS):
+            a = Anchor(disk_uuid=disk_uuid, disk_size=size, record_offset=data_size, record_size=rec_size, copy=copy)
+            dev.pwrite(size - (ANCHOR_BLOCKS - copy) * BLOCK, a.pack())
+        dev.sync()
+        return Located(disk, rec, spec, data_size, [dev])
+    except BaseException:
+        dev.close()
+        raise
+
+
+def _init_file(disk: str, fs: FsInfo, chunk: int, nslots: int, disk_uuid: str, flags: int) -> Located:
+    if fs.type not in SUPPORTED_FS:
+        raise DeviceError(
+            f"{disk}: file placement needs ext4 or xfs, blkid found {fs.type or 'no file system'}",
+            hint="use --record tail (raw disks) or --record external:RECORD_DISK",
+        )
+    size = device_size(disk)
+    geo = _geometry_or_fail(size, chunk, nslots)
+    rec_size = (geo.size + (1 << 20) - 1) // (1 << 20) * (1 << 20)
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "baton.record.fileprep", disk,
+         str(rec_size)], capture_output=True, text=True, timeout=600,
+    )
+    if r.returncode != 0:
+        raise DeviceError(f"cannot create the record file in the {fs.type} on {disk}: {r.stderr.strip()}",
+                          hint="check the file system mounts and has room (or fsck it); or use "
+                          "--record external:RECORD_DISK")
+    raw = json.loads(r.stdout)["extents"]
+    ext = tuple(Extent(lo, ph, ln) for lo, ph, ln in raw)
+    if len(ext) > EXTMAP_MAX:
+        raise DeviceError(f"the record file is split into {len(ext)} extents (at most {EXTMAP_MAX} are supported)",
+                          hint="defragment the file system or use --record external:RECORD_DISK")
+    dev = _open_dev(disk, True)
+    try:
+        area = ExtentDev(dev, ext)
+        hdr = _base_header(PLACEMENT_FILE, chunk=chunk, nslots=nslots, disk_uuid=disk_uuid, fs=fs, disk_size=size,
+                           data_size=size, rec_off=ext[0].physical, rec_size=rec_size, pps=geo.pages_per_slot,
+                           flags=flags)
+        hdr = replace(hdr, nextents=len(ext), extents_crc=extents_crc(ext))
+        for copy in (0, 1):
+            area.pwrite((EXTMAP_START + copy) * BLOCK, pack_extmap(ext, copy=copy, disk_uuid=disk_uuid))
+        rec = format_record(area, hdr)
+        return Located(disk, rec, RecordSpec("file"), size, [dev])
+    except BaseException:
+        dev.close()
+        raise
+
+
+def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: int, disk_uuid: str, flags: int,
+                   replace_existing: bool) -> Located:
+    size = device_size(disk)
+    hw = hw_id(disk)
+    rdev = _open_dev(spec.record_disk, True)
+    try:
+        sup = _read_rdisk(rdev, spec.record_disk)
+        idx = spec.slot
+        mine = [i for i, sl in enumerate(sup.slots) if sl.in_use and not _identity_matches(sl, size, fs, hw)]
+        if idx is None:
+            if mine and replace_existing:
+                idx = mine[0]
+            else:
+                free = [i for i, sl in enumerate(sup.slots) if not sl.in_use]
+                if not free:
+                    raise RecordFull(f"record disk {spec.record_disk} has no free slot (all {len(sup.slots)} used)",
+                                     hint="free one by re-initialising a retired disk's slot with #SLOT --force, "
+                                     "or format another record disk")
+                idx = free[0]
+        elif not 0 <= idx < len(sup.slots):
+            raise UsageError(f"record disk {spec.record_disk} has slots 0..{len(sup.slots) - 1}")
+        elif sup.slots[idx].in_use and not replace_existing:
+            raise DeviceError(f"slot {idx} of {spec.record_disk} is in use", hint="pass --force to overwrite it")
+        geo = _geometry_or_fail(size, chunk, nslots)
+        if geo.size > sup.slot_size:
+            raise RecordFull(f"a record for {disk} needs {geo.size} bytes; slots of {spec.record_disk} have "
+                             f"{sup.slot_size}", hint="use a larger --chunk-size or a record disk with larger slots")
+        slots = list(sup.slots)
+        slots[idx] = RecordDiskSlot(True, disk_uuid, size, fs.uuid, hw)
+        # The slot's record is formatted before the table names it: a crash in between leaves a free slot.
+        base = RDISK_DATA_START + idx * sup.slot_size
+        area = SubDev(rdev, base, sup.slot_size)
+        hdr = _base_header(PLACEMENT_EXTERNAL, chunk=chunk, nslots=nslots, disk_uuid=disk_uuid, fs=fs,
+                           disk_size=size, data_size=size, rec_off=base, rec_size=sup.slot_size,
+                           pps=geo.pages_per_slot, flags=flags, hw=hw)
+        rec = format_record(area, hdr)
+        _write_rdisk(rdev, sup, tuple(slots))
+        return Located(disk, rec, RecordSpec("external", spec.record_disk, idx), size, [rdev])
+    except BaseException:
+        rdev.close()
+        raise
+
+
+def describe(loc: Located) -> dict[str, Any]:
+    """Offline status of a located record (``baton status DISK --json``)."""
+    st = loc.record.status()
+    st = {"disk": loc.disk, "record": str(loc.spec)} | st
+    st["placement"] = PLACEMENT_NAMES[loc.header.placement]
+    return st

@@ -1,0 +1,339 @@
+"""The write path every frontend uses: write-ahead marking, copy-before-write during a backup, statistics.
+
+Rules (docs/design.md "Write path"):
+
+* A write first marks its chunks in the record (durable, group-committed) and only then reaches the disk, so an
+  acknowledged write is always recorded. Writes to chunks already marked cost no metadata I/O.
+* Reads pass through. Flush/FUA make the backing data durable before the reply (marks already are).
+* Discard and write-zeroes change content: they mark, then punch/zero.
+* During a backup, a write to a frozen chunk the backup has not read yet first copies the chunk's old content
+  aside (memory, then a spill file), so the snapshot equals the disk at the freeze point.
+* ``begin_backup`` freezes under a write barrier: in-flight writes drain, so every write acknowledged before the
+  freeze point is both on disk and in the frozen set.
+* A ``Fenced`` from the record is sticky: every later write fails with it, and the frontend shuts down.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from baton.device import BlockDev
+from baton.errors import BatonError
+from baton.record.core import Record, iter_bits
+
+CBW_MEMORY_LIMIT = 256 << 20
+
+
+class _RWBarrier:
+    """Many writers, or one freezer. Writers never starve the freezer: a waiting freezer blocks new writers."""
+
+    def __init__(self) -> None:
+        self._c = threading.Condition()
+        self._writers = 0
+        self._freezing = False
+
+    def enter(self) -> None:
+        with self._c:
+            while self._freezing:
+                self._c.wait()
+            self._writers += 1
+
+    def leave(self) -> None:
+        with self._c:
+            self._writers -= 1
+            if self._writers == 0:
+                self._c.notify_all()
+
+    def freeze(self) -> None:
+        with self._c:
+            while self._freezing:
+                self._c.wait()
+            self._freezing = True
+            while self._writers:
+                self._c.wait()
+
+    def thaw(self) -> None:
+        with self._c:
+            self._freezing = False
+            self._c.notify_all()
+
+
+class _CbwStore:
+    """Old chunk contents saved by copy-before-write: in memory up to a limit, then in an unlinked spill file."""
+
+    def __init__(self, spill_dir: str | None, limit: int = CBW_MEMORY_LIMIT) -> None:
+        self.mem: dict[int, bytes] = {}
+        self.mem_bytes = 0
+        self.limit = limit
+        self.spill_dir = spill_dir
+        self._spill: Any = None
+        self._spill_index: dict[int, tuple[int, int]] = {}
+        self._spill_end = 0
+        self.saved = 0
+        self.spilled_bytes = 0
+
+    def put(self, chunk: int, data: bytes) -> None:
+        self.saved += 1
+        if self.mem_bytes + len(data) <= self.limit:
+            self.mem[chunk] = data
+            self.mem_bytes += len(data)
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile(dir=self.spill_dir, prefix="baton-cbw-")  # noqa: SIM115 - lives as long as the backup
+        self._spill.seek(self._spill_end)
+        self._spill.write(data)
+        self._spill_index[chunk] = (self._spill_end, len(data))
+        self._spill_end += len(data)
+        self.spilled_bytes += len(data)
+
+    def take(self, chunk: int) -> bytes | None:
+        data = self.mem.pop(chunk, None)
+        if data is not None:
+            self.mem_bytes -= len(data)
+            return data
+        loc = self._spill_index.pop(chunk, None)
+        if loc is None:
+            return None
+        self._spill.seek(loc[0])
+        out: bytes = self._spill.read(loc[1])
+        return out
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+        self.mem.clear()
+        self._spill_index.clear()
+
+
+class Tracker:
+    """A tracked view of a data device. Thread-safe; every method may block on a group commit.
+
+    ``data`` is the data area (for tail placement, the disk minus the record area); ``size`` bytes of it are
+    exposed. ``tracking=False`` (benchmarks only) skips marking, to measure what tracking costs.
+    """
+
+    def __init__(self, record: Record, data: BlockDev, *, size: int | None = None, tracking: bool = True,
+                 spill_dir: str | None = None) -> None:
+        self.record = record
+        self.data = data
+        self.size = size if size is not None else record.header.data_size
+        self.chunk_size = record.header.chunk_size
+        self.tracking = tracking
+        self.spill_dir = spill_dir
+        self._barrier = _RWBarrier()
+        self._cbw_lock = threading.Lock()
+        self._cbw_pending: bytearray | None = None  # frozen chunks the backup has not read yet
+        self._cbw: _CbwStore | None = None
+        self._stats_lock = threading.Lock()
+        self.stats = {"writes": 0, "reads": 0, "flushes": 0, "discards": 0, "write_zeroes": 0, "bytes_in": 0,
+                      "bytes_out": 0, "cbw_copies": 0, "errors": 0}
+
+    # ----------------------------------------------------------------------------------------------- helpers
+
+    def _chunks(self, offset: int, length: int) -> range:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise BatonError(f"I/O at {offset}+{length} is outside the {self.size}-byte device")
+        if length == 0:
+            return range(0)
+        cs = self.chunk_size
+        return range(offset // cs, (offset + length - 1) // cs + 1)
+
+    def _count(self, key: str, n: int = 1, nbytes: int = 0, bkey: str = "") -> None:
+        with self._stats_lock:
+            self.stats[key] += n
+            if bkey:
+                self.stats[bkey] += nbytes
+
+    def _before_change(self, chunks: range) -> None:
+        """Mark (write-ahead, durable) and copy-before-write. Caller holds the barrier."""
+        if self.tracking:
+            self.record.mark(chunks)
+        pending = self._cbw_pending
+        if pending is None:
+            return
+        with self._cbw_lock:
+            pending = self._cbw_pending
+            if pending is None:
+                return
+            for c in chunks:
+                if pending[c >> 3] >> (c & 7) & 1:
+                    assert self._cbw is not None
+                    self._cbw.put(c, self._read_chunk_raw(c))
+                    pending[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+                    self._count("cbw_copies")
+
+    def _read_chunk_raw(self, c: int) -> bytes:
+        off = c * self.chunk_size
+        return self.data.pread(off, min(self.chunk_size, self.size - off))
+
+    # ----------------------------------------------------------------------------------------------- I/O
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._chunks(offset, length)
+        data = self.data.pread(offset, length)
+        self._count("reads", 1, length, "bytes_out")
+        return data
+
+    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        chunks = self._chunks(offset, len(data))
+        self._barrier.enter()
+        try:
+            self._before_change(chunks)
+            self.data.pwrite(offset, data)
+            if fua:
+                self.data.sync()
+        finally:
+            self._barrier.leave()
+        self._count("writes", 1, len(data), "bytes_in")
+
+    def flush(self) -> None:
+        self.data.sync()
+        self._count("flushes")
+
+    def discard(self, offset: int, length: int) -> None:
+        self._zero(offset, length, zero=False)
+        self._count("discards")
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = False) -> None:
+        self._zero(offset, length, zero=True)
+        self._count("write_zeroes")
+
+    def _zero(self, offset: int, length: int, *, zero: bool) -> None:
+        chunks = self._chunks(offset, length)
+        self._barrier.enter()
+        try:
+            self._before_change(chunks)
+            disc = getattr(self.data, "discard", None)
+            if disc is not None:
+                disc(offset, length, zero=zero)
+            elif zero:
+                self.data.pwrite(offset, bytes(length))
+        finally:
+            self._barrier.leave()
+
+    def is_dirty(self, chunk: int) -> bool:
+        if self.record.is_marked(chunk):
+            return True
+        frozen = self.record.regions[self.record.geo.frozen_region].bits
+        return bool(frozen is not None and frozen[chunk >> 3] >> (chunk & 7) & 1)
+
+    def dirty_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(start, length, dirty) runs covering [offset, offset+length): changed since the last backup."""
+        out: list[tuple[int, int, bool]] = []
+        if length <= 0:
+            return out
+        end = min(offset + length, self.size)
+        cs = self.chunk_size
+        pos = offset
+        while pos < end:
+            c = pos // cs
+            d = self.is_dirty(c)
+            nxt = min((c + 1) * cs, end)
+            if out and out[-1][2] == d:
+                s, ln, _ = out[-1]
+                out[-1] = (s, ln + nxt - pos, d)
+            else:
+                out.append((pos, nxt - pos, d))
+            pos = nxt
+        return out
+
+    # ----------------------------------------------------------------------------------------------- backup
+
+    def begin_backup(self, backup_id: str, *, full: bool = False) -> bytearray:
+        """Freeze point. Drains in-flight writes, freezes the record's set, and arms copy-before-write for the
+        chunks this backup will read (the frozen set, or every chunk for a full backup). Returns the frozen
+        bits."""
+        self._barrier.freeze()
+        try:
+            frozen = self.record.freeze(backup_id)
+            n = self.record.header.nchunks
+            if full:
+                pending = bytearray(b"\xff" * ((n + 7) // 8))
+                if n % 8:
+                    pending[-1] = (1 << (n % 8)) - 1
+            else:
+                pending = bytearray(frozen[: (n + 7) // 8])
+            with self._cbw_lock:
+                self._cbw = _CbwStore(self.spill_dir)
+                self._cbw_pending = pending
+        finally:
+            self._barrier.thaw()
+        return frozen
+
+    def read_frozen(self, chunks: Iterable[int]) -> list[tuple[int, bytes]]:
+        """Content of ``chunks`` as of the freeze point (saved copies, else the disk). Each chunk is read once."""
+        out = []
+        with self._cbw_lock:
+            pending = self._cbw_pending
+            store = self._cbw
+            if pending is None or store is None:
+                raise BatonError("no backup is in progress on this tracker")
+            for c in chunks:
+                saved = store.take(c)
+                if saved is not None:
+                    out.append((c, saved))
+                    continue
+                out.append((c, self._read_chunk_raw(c)))
+                pending[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+        self._count("reads", 0, sum(len(d) for _, d in out), "bytes_out")
+        return out
+
+    def read_frozen_run(self, first: int, count: int) -> bytes:
+        """Chunks first..first+count-1 as of the freeze point, as one buffer (one disk read when none was
+        saved aside)."""
+        with self._cbw_lock:
+            pending = self._cbw_pending
+            store = self._cbw
+            if pending is None or store is None:
+                raise BatonError("no backup is in progress on this tracker")
+            off = first * self.chunk_size
+            length = min(count * self.chunk_size, self.size - off)
+            buf = bytearray(self.data.pread(off, length))
+            for c in range(first, first + count):
+                saved = store.take(c)
+                if saved is not None:
+                    lo = (c - first) * self.chunk_size
+                    buf[lo : lo + len(saved)] = saved
+                pending[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+        return bytes(buf)
+
+    def end_backup(self) -> dict[str, int]:
+        """Disarm copy-before-write and drop saved copies. Returns what copy-before-write did."""
+        with self._cbw_lock:
+            store = self._cbw
+            self._cbw = None
+            self._cbw_pending = None
+        if store is None:
+            return {"cbw_saved": 0, "cbw_spilled_bytes": 0}
+        st = {"cbw_saved": store.saved, "cbw_spilled_bytes": store.spilled_bytes}
+        store.close()
+        return st
+
+    def frozen_chunks(self, frozen: bytearray) -> list[int]:
+        return list(iter_bits(frozen, self.record.header.nchunks))
+
+    # ----------------------------------------------------------------------------------------------- misc
+
+    def statistics(self) -> dict[str, int]:
+        with self._stats_lock:
+            s = dict(self.stats)
+        r = self.record.statistics()
+        s.update({"first_touch": r["first_touch_chunks"], "metadata_syncs": r["metadata_syncs"],
+                  "metadata_commits": r["commits"], "marks_fast": r["marks_fast"]})
+        try:
+            s["dirty_chunks"] = self.record.owner_dirty_chunks()
+        except AssertionError:
+            s["dirty_chunks"] = 0
+        return s
+
+    def close(self) -> None:
+        self.end_backup()
+
+
+def spill_dir_default() -> str:
+    d = os.environ.get("BATON_SPILL_DIR", "/var/tmp")
+    return d if os.path.isdir(d) else tempfile.gettempdir()
