@@ -48,12 +48,13 @@ def _prereqs() -> None:
 class Daemon:
     """The fake-tracker FUSE daemon as a subprocess in its own mount namespace, driven line by line."""
 
-    def __init__(self, root: Path, name: str, size: int, *extra: str, expect_ready: bool = True) -> None:
+    def __init__(self, root: Path, name: str, size: int, *extra: str, expect_ready: bool = True,
+                 unshare: tuple[str, ...] = ()) -> None:
         self.root, self.name = root, name
         self.run_dir, self.dev_dir = root / "run", root / "dev"
         self.backing = root / f"{name}.img"
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
+            ["unshare", "--mount", "--propagation", "private", *unshare, sys.executable, "-m",
              "baton.testing.fake_tracker_fuse", "--backing", str(self.backing), "--size", str(size),
              "--name", name, "--run-dir", str(self.run_dir), "--dev-dir", str(self.dev_dir), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -537,3 +538,17 @@ def test_many_requests_in_flight_for_group_commit(daemon: Daemon) -> None:
         for t in threads:
             t.join(BOUND)
     assert len(daemon.cmd("dirty")["dirty"]) == 24
+
+
+def test_live_daemon_in_another_pid_namespace_is_never_cleaned(root: Path) -> None:
+    # Its pid means nothing here (a cluster node in namespaces): the lock file is what says it is alive.
+    d = Daemon(root, "pn", 16 * MiB, unshare=("--pid", "--fork", "--kill-child"))
+    try:
+        st = read_state(d.run_dir / "pn" / "state.json")
+        assert st is not None and st.pid_ns != os.readlink("/proc/self/ns/pid")
+        with pytest.raises(DeviceBusy, match="served by live pid"):
+            cleanup_stale("pn", d.run_dir, d.dev_dir)
+        assert _pread_direct(d.device, 0, 4096) == bytes(4096)
+        assert d.cmd("stop") == {"ok": True}
+    finally:
+        d.close()

@@ -117,7 +117,7 @@ def test_constructor_checks_name_and_size(tmp_path: Path) -> None:
 
 
 def test_state_roundtrip_and_bad_state(tmp_path: Path) -> None:
-    st = State(name="d", frontend="fuse", pid=1, pid_start=2, loop="/dev/loop3", loop_diskseq=9,
+    st = State(name="d", frontend="fuse", pid=1, pid_start=2, pid_ns="pid:[1]", loop="/dev/loop3", loop_diskseq=9,
                link="/dev/baton/d", mountpoint="/run/baton/d/fuse", fuse_dev=(0, 51), fuse_ino=2, fuse_conn=51,
                size=4096, started_at=1.5)
     p = tmp_path / "state.json"

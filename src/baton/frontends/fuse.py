@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -184,6 +185,7 @@ class State:
     frontend: str  # "fuse"
     pid: int  # the serving process
     pid_start: int  # its start time in clock ticks (/proc/PID/stat field 22): guards against pid reuse
+    pid_ns: str  # its pid namespace ("pid:[4026531836]"): pid and pid_start mean something only in it
     loop: str  # "/dev/loopN"
     loop_diskseq: int  # /sys/block/loopN/diskseq at attach: tells our attachment from a later reuse of loopN
     link: str  # dev_dir/NAME
@@ -234,8 +236,50 @@ def process_start_time(pid: int) -> int | None:
     return int(text.rsplit(")", 1)[1].split()[19])
 
 
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _alive(st: State) -> bool:
-    return process_start_time(st.pid) == st.pid_start
+    """The recorded process still runs. Only decidable from the same pid namespace; elsewhere the lock file
+    (see :class:`_Lock`) is the only evidence, and this returns False."""
+    return st.pid_ns == _pid_ns() and process_start_time(st.pid) == st.pid_start
+
+
+class _Lock:
+    """An flock on RUN_DIR/NAME/lock, held by the serving process for as long as it serves NAME.
+
+    The kernel drops it when the process dies, however it dies, so it tells a live daemon from a dead one even
+    across pid namespaces. The file is never deleted: deleting a lock file lets two processes lock two
+    different inodes under one name. The descriptor is close-on-exec, so children never inherit the lock.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = state_dir / "lock"
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def try_acquire(self) -> bool:
+        assert self.fd is not None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock
+            self.fd = None
+
+
+def _busy_message(name: str, st: State | None) -> str:
+    if st is None:
+        return f"{name} is being attached or served by another live process"
+    return f"{name} is attached and served by live pid {st.pid} ({st.loop})"
 
 
 def _name_ok(name: str) -> None:
@@ -254,17 +298,33 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
     mount is lazily unmounted only if it is still the recorded one ("Transport endpoint is not connected"),
     and the symlink is removed only if it still points at the recorded loop device.
 
-    Raises DeviceBusy if the recorded process is still alive, or if a file system is still mounted on (or a
-    holder sits on) the dead loop device: unmount it first. Returns [] when there is no state file.
+    Raises DeviceBusy if the serving process is still alive (it holds run_dir/NAME/lock), or if a file system
+    is still mounted on (or a holder sits on) the dead loop device: unmount it first; the state file is kept
+    then. Returns [] when there is no state file.
     """
     _name_ok(name)
-    state_path = run_dir / name / "state.json"
+    state_dir = run_dir / name
+    if not (state_dir / "state.json").exists():
+        return []
+    lock = _Lock(state_dir)
+    try:
+        if not lock.try_acquire():
+            raise DeviceBusy(_busy_message(name, read_state(state_dir / "state.json")),
+                             hint=f"detach it with `baton detach {name}`, or stop that process")
+        return _cleanup_locked(name, state_dir)
+    finally:
+        lock.release()
+
+
+def _cleanup_locked(name: str, state_dir: Path) -> list[str]:
+    """cleanup_stale's work; the caller holds NAME's lock, so no live process serves NAME."""
+    state_path = state_dir / "state.json"
     st = read_state(state_path)
     if st is None:
         return []
-    if _alive(st):
-        raise DeviceBusy(f"{name} is attached and served by live pid {st.pid} ({st.loop})",
-                         hint=f"detach it with `baton detach {name}` or stop pid {st.pid}")
+    if _alive(st):  # unlocked but running: someone removed the lock file; do not trust the lock then
+        raise DeviceBusy(_busy_message(name, st) + f" (but {state_dir}/lock was not held)",
+                         hint=f"stop pid {st.pid}")
     actions: list[str] = []
     li = loopdev.info(st.loop)
     if li is not None and li.diskseq == st.loop_diskseq:
@@ -285,9 +345,8 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
         actions.append(f"removed {link}")
     state_path.unlink(missing_ok=True)
     actions.append(f"removed {state_path}")
-    for d in (mp, state_path.parent):
-        with contextlib.suppress(OSError):
-            d.rmdir()
+    with contextlib.suppress(OSError):
+        mp.rmdir()
     return actions
 
 
@@ -343,6 +402,7 @@ class FuseFrontend:
         self._conn: int | None = None
         self._fuse_stat: os.stat_result | None = None
         self._diskseq: int | None = None  # of our loop attachment
+        self._lock_file: _Lock | None = None  # held from start() until the device is gone
         self._dead = False  # fenced/aborted: reject every request without calling the tracker
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
@@ -382,7 +442,13 @@ class FuseFrontend:
         return str(self.link)
 
     def _prepare_dirs(self) -> None:
-        cleaned = cleanup_stale(self.name, self.run_dir, self.dev_dir)
+        self._lock_file = _Lock(self.state_dir)
+        if not self._lock_file.try_acquire():
+            self._lock_file.release()
+            self._lock_file = None
+            raise DeviceBusy(_busy_message(self.name, read_state(self.state_path)),
+                             hint=f"detach it with `baton detach {self.name}` first")
+        cleaned = _cleanup_locked(self.name, self.state_dir)
         for a in cleaned:
             log.warning("%s: stale leftovers of a dead daemon: %s", self.name, a)
         if self.link.is_symlink() or self.link.exists():
@@ -430,6 +496,7 @@ class FuseFrontend:
         assert self._fuse_stat is not None and self._conn is not None
         self._state = State(
             name=self.name, frontend="fuse", pid=os.getpid(), pid_start=process_start_time(os.getpid()) or 0,
+            pid_ns=_pid_ns(),
             loop=dev, loop_diskseq=li.diskseq, link=str(self.link), mountpoint=str(self.mountpoint),
             fuse_dev=(os.major(self._fuse_stat.st_dev), os.minor(self._fuse_stat.st_dev)),
             fuse_ino=self._fuse_stat.st_ino, fuse_conn=self._conn, size=self.tracker.size,
@@ -576,9 +643,11 @@ class FuseFrontend:
             self.link.unlink()
         if self._state is not None:
             self.state_path.unlink(missing_ok=True)
-        for d in (self.mountpoint, self.state_dir):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        with contextlib.suppress(OSError):
+            self.mountpoint.rmdir()
+        if self._lock_file is not None:  # last: the name is free for the next attach from here on
+            self._lock_file.release()
+            self._lock_file = None
 
     def _teardown_after_failed_start(self) -> None:
         with self._lock:
@@ -591,6 +660,9 @@ class FuseFrontend:
         if self._thread is not None:
             # Only once our own session existed: before that, the names may belong to a live daemon.
             self._remove_names()
+        elif self._lock_file is not None:
+            self._lock_file.release()
+            self._lock_file = None
         with self._lock:
             self._phase = "stopped"
         self._stopped.set()
