@@ -205,6 +205,7 @@ class State:
     def from_json(cls, text: str) -> State:
         d: dict[str, Any] = json.loads(text)
         d["fuse_dev"] = tuple(d["fuse_dev"])
+        d.setdefault("pid_ns", "")  # written before pid_ns was recorded
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
@@ -246,7 +247,7 @@ def _pid_ns() -> str:
 def _alive(st: State) -> bool:
     """The recorded process still runs. Only decidable from the same pid namespace; elsewhere the lock file
     (see :class:`_Lock`) is the only evidence, and this returns False."""
-    return st.pid_ns == _pid_ns() and process_start_time(st.pid) == st.pid_start
+    return st.pid_ns in ("", _pid_ns()) and process_start_time(st.pid) == st.pid_start
 
 
 class _Lock:
