@@ -44,6 +44,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -459,8 +460,9 @@ class NBDServer:
         # closes. A fenced server fails what is queued with EIO instead of calling the tracker.
         for c in conns:
             c.shutdown_read()
+        deadline = time.monotonic() + self.drain_timeout  # one budget for all, not one per connection
         for c in conns:
-            c.thread.join(self.drain_timeout)
+            c.thread.join(max(0.0, deadline - time.monotonic()))
             if c.thread.is_alive():
                 log.warning("NBD connection %d did not drain in %.0fs: closing it", c.seq, self.drain_timeout)
                 c.kill()
@@ -546,8 +548,9 @@ class _Connection:
     def close(self) -> None:
         for _ in self.workers:
             self.queue.put(None)
+        deadline = time.monotonic() + self.server.drain_timeout
         for w in self.workers:
-            w.join(self.server.drain_timeout)
+            w.join(max(0.0, deadline - time.monotonic()))
         with self.send_lock:
             self.dead = True
         with contextlib.suppress(OSError):
