@@ -647,3 +647,51 @@ def test_reply_combining_under_backpressure(server: NBDServer, tracker: FakeTrac
         assert r["error"] == 0 and r["data"] == expect.pop(r["cookie"])
     assert not expect
     c.close()
+
+
+DAEMON = """
+import signal, sys
+from baton.errors import Fenced
+from baton.frontends.nbd import NBDServer
+from baton.testing.fake_tracker import FakeTracker
+t = FakeTracker(sys.argv[1], 1 << 20, fence_after_writes=int(sys.argv[3]))
+s = NBDServer(t, "d", unix_path=sys.argv[2], workers=2)
+signal.signal(signal.SIGTERM, lambda *_: s.stop())
+try:
+    s.serve_forever()
+except Fenced:
+    sys.exit(5)
+"""
+
+
+@pytest.mark.parametrize("how", ["sigterm", "fenced"])
+def test_daemon_exits_on_sigterm_or_fence(tmp_path: Path, how: str) -> None:
+    """The daemon pattern: main thread in serve_forever(), SIGTERM handler calls stop() -> exit 0; a fence
+    makes serve_forever() raise -> exit 5. Either way the socket file is gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sock = tmp_path / "d.sock"
+    proc = subprocess.Popen([sys.executable, "-c", DAEMON, str(tmp_path / "d.img"), str(sock), "1"])
+    try:
+        for _ in range(200):  # bounded wait for the socket (the interpreter needs a moment to start)
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        c = Client(str(sock))
+        c.go("d")
+        assert c.call(WRITE, 0, data=b"ok")["error"] == 0
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(TIMEOUT) == 0
+        else:
+            assert c.call(WRITE, 0, data=b"late")["error"] == EIO
+            assert proc.wait(TIMEOUT) == 5
+        c.close()
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
