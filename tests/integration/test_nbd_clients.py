@@ -155,3 +155,15 @@ def test_fio_nbd_engine_verify(server: NBDServer, tracker: FakeTracker, tmp_path
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 8 << 20 and job["read"]["io_bytes"] == 8 << 20  # verify read it back
     assert tracker.statistics()["dirty_chunks"] == (8 << 20) // CHUNK
+
+
+def test_tcp_on_loopback_when_asked(tracker: FakeTracker) -> None:
+    need_tool("nbdinfo", "qemu-io")
+    with NBDServer(tracker, "disk1", tcp=("127.0.0.1", 0)) as s:
+        assert s.tcp_address is not None and s.unix_path is None
+        host, port = s.tcp_address
+        url = f"nbd://{host}:{port}/disk1"
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 128k 4k", "-c", "read -P 0x5a 128k 4k", url)
+        info = json.loads(run("nbdinfo", "--json", url))
+        assert info["exports"][0]["export-size"] == SIZE
+    assert tracker.dirty_chunks() == [2]
