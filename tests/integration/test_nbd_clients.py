@@ -46,8 +46,8 @@ def uri(server: NBDServer, name: str = "disk1") -> str:
     return f"nbd+unix:///{name}?socket={server.unix_path}"
 
 
-def run(*cmd: str) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
+def run(*cmd: str, cwd: Path | None = None) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT, cwd=cwd)
     assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
     return p.stdout
 
@@ -149,7 +149,8 @@ def test_fio_nbd_engine_verify(server: NBDServer, tracker: FakeTracker, tmp_path
     out = run(
         "fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={server.unix_path}",
         "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16", "--randseed=3103",
-        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
+        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+        "--output-format=json", cwd=tmp_path,  # fio drops state files into its working directory
     )  # fmt: skip
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0
