@@ -306,6 +306,8 @@ def run_scenario(c: Cluster, seed: int, *, backups: bool = True, failovers: int 
         assert results[0].info.get("mode") == "full", results[0].info
         for b in results[1:]:
             assert b.info.get("mode") == "incremental", f"backup #{b.index} was not incremental: {b.info}"
+            # ... and really read only what changed (the workload touches well under half of the disk).
+            assert 0 < int(b.info["bytes_read"]) < DISK_SIZE // 2, f"backup #{b.index} read too much: {b.info}"
         for b in results:
             check_restore(c, b, repo, c.workdir)
     return results
