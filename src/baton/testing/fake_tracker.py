@@ -11,6 +11,8 @@ Test hooks:
   fenced call changes nothing.
 * :meth:`fence` fences at once; :meth:`fail` makes the next ``times`` calls of one operation raise a given
   exception (without side effects), to exercise a frontend's EIO path.
+* ``io_delay`` (seconds) makes every read and write sleep first, like a device with that latency; it shows
+  whether a frontend keeps several requests in flight.
 * :meth:`clear_dirty` forgets the dirty bitmap (as a committed backup would); :meth:`dirty_chunks` lists it.
 
 All methods are thread-safe: the bitmap and counters sit behind one lock, file I/O uses pread/pwrite.
@@ -23,6 +25,7 @@ import ctypes.util
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 from baton.errors import Fenced
@@ -77,9 +80,11 @@ class FakeTracker:
         *,
         chunk_size: int = 64 * 1024,
         fence_after_writes: int | None = None,
+        io_delay: float = 0.0,
     ) -> None:
         if chunk_size & (chunk_size - 1) or not 4096 <= chunk_size <= 4 << 20:
             raise ValueError(f"chunk_size must be a power of two in 4 KiB..4 MiB, got {chunk_size}")
+        self.io_delay = io_delay  # seconds slept in each read/write: a slow device (releases the GIL)
         self.path = Path(path)
         self.chunk_size = chunk_size
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -130,6 +135,8 @@ class FakeTracker:
     # ---------------------------------------------------------------------------------------- TrackerLike
     def read(self, offset: int, length: int) -> bytes:
         self._admit("read", offset, length)
+        if self.io_delay:
+            time.sleep(self.io_delay)
         data = os.pread(self._fd, length, offset)
         while len(data) < length:  # short reads only at EOF of a sparse/short file: it reads as zeroes
             more = os.pread(self._fd, length - len(data), offset + len(data))
@@ -141,6 +148,8 @@ class FakeTracker:
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self._admit("write", offset, len(data), fua=fua)  # marks the chunks before the data moves
+        if self.io_delay:
+            time.sleep(self.io_delay)
         view = memoryview(data)
         done = 0
         while done < len(view):
