@@ -772,43 +772,46 @@ class _Connection:
                 log.exception("NBD connection %d: request failed unexpectedly", self.seq)
                 self.reply_error(item[2], item[1], _EIO, "")
 
-    def execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes | None) -> None:
+    def execute(
+        self, flags: int, cmd: int, cookie: int, offset: int, length: int, data: bytes | None
+    ) -> None:
+        """Run one validated request against the tracker and send its reply. Never raises for tracker errors:
+        they become EIO replies, and a Fenced also shuts the server down."""
         tracker, srv = self.tracker, self.server
-        if True:
-            if srv._fenced is not None:
-                self.reply_error(cookie, cmd, _EIO, "fenced: a newer owner holds this disk")
+        if srv._fenced is not None:
+            self.reply_error(cookie, cmd, _EIO, "fenced: a newer owner holds this disk")
+            return
+        try:
+            if cmd == _READ:
+                self.reply_read(cookie, offset, length, tracker.read(offset, length) if length else b"")
                 return
-            try:
-                if cmd == _READ:
-                    self.reply_read(cookie, offset, length, tracker.read(offset, length) if length else b"")
-                    return
-                if cmd == _WRITE:
-                    assert data is not None
-                    if length:
-                        tracker.write(offset, data, fua=bool(flags & _FUA))
-                elif cmd == _FLUSH:
-                    tracker.flush()
-                elif cmd == _TRIM:
-                    if length:
-                        tracker.discard(offset, length)
-                        if flags & _FUA:
-                            tracker.flush()
-                elif cmd == _ZEROES:
-                    if length:
-                        tracker.write_zeroes(offset, length, may_trim=not flags & _NO_HOLE)
-                        if flags & _FUA:
-                            tracker.flush()
-                elif cmd == _BSTATUS:
-                    self.reply_block_status(cookie, flags, offset, length)
-                    return
-                # _CACHE: a hint we may ignore; the tracker has no cache to warm.
-                self.send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
-            except Fenced as e:
-                self.reply_error(cookie, cmd, _EIO, f"fenced: {e}")
-                srv._on_fenced(e)
-            except Exception as e:
-                log.warning("NBD %s %d+%d failed: %r", _CMD_NAMES.get(cmd), offset, length, e)
-                self.reply_error(cookie, cmd, _EIO, f"{type(e).__name__}: {e}")
+            if cmd == _WRITE:
+                assert data is not None
+                if length:
+                    tracker.write(offset, data, fua=bool(flags & _FUA))
+            elif cmd == _FLUSH:
+                tracker.flush()
+            elif cmd == _TRIM:
+                if length:
+                    tracker.discard(offset, length)
+                    if flags & _FUA:
+                        tracker.flush()
+            elif cmd == _ZEROES:
+                if length:
+                    tracker.write_zeroes(offset, length, may_trim=not flags & _NO_HOLE)
+                    if flags & _FUA:
+                        tracker.flush()
+            elif cmd == _BSTATUS:
+                self.reply_block_status(cookie, flags, offset, length)
+                return
+            # _CACHE: a hint we may ignore; the tracker has no cache to warm.
+            self.send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
+        except Fenced as e:
+            self.reply_error(cookie, cmd, _EIO, f"fenced: {e}")
+            srv._on_fenced(e)
+        except Exception as e:
+            log.warning("NBD %s %d+%d failed: %r", _CMD_NAMES.get(cmd), offset, length, e)
+            self.reply_error(cookie, cmd, _EIO, f"{type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------------------------------------ replies
     def send(self, *parts: bytes | memoryview, out_bytes: int = 0, error: int = 0) -> None:
