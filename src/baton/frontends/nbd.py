@@ -169,7 +169,8 @@ class NBDServer:
     transports given are opened: ``unix_path`` (socket created mode 0600; a stale socket left by a dead server
     is replaced, a live one raises :class:`DeviceBusy`) and/or ``tcp=(host, port)`` (bound to that address
     only; port 0 picks one, see :attr:`tcp_address`). ``workers`` threads per connection call the tracker, so
-    up to that many requests of one connection are in flight at once.
+    up to that many requests of one connection are in flight at once; ``workers=0`` runs each request inline
+    in the reader thread (less CPU, but queue depth 1: only for a tracker that never blocks).
 
     Lifecycle: :meth:`start` returns once listening; :meth:`serve_forever` blocks until :meth:`stop` (returns)
     or a fence (raises :class:`Fenced`); :meth:`stop` drains in-flight requests (bounded by ``drain_timeout``
