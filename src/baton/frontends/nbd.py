@@ -302,6 +302,7 @@ class NBDServer:
             parts.append(f"nbd+unix:///{self.export_name}?socket={self.unix_path}")
         if self.tcp_address is not None:
             host, port = self.tcp_address
+            host = f"[{host}]" if ":" in host else host  # IPv6 literals are bracketed in URIs
             parts.append(f"nbd://{host}:{port}/{self.export_name}")
         return ", ".join(parts)
 
