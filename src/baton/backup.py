@@ -118,7 +118,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
             for i in range(count):
                 c = first + i
                 lo = i * h.chunk_size
-                w.put(c, memoryview(buf)[lo : lo + min(h.chunk_size, tracker.size - c * h.chunk_size)])
+                w.put(c, buf[lo : lo + min(h.chunk_size, tracker.size - c * h.chunk_size)])
                 batch.append(c)
             done += len(buf)
             if progress:

@@ -130,9 +130,11 @@ def holders(path: str) -> list[str]:
             if src == real or (src.startswith("/dev/") and os.path.realpath(src) == real):
                 out.append(f"mounted at {mnt}")
     if not is_block_device(real):
-        r = subprocess.run(["losetup", "-j", real], capture_output=True, text=True, timeout=30)
-        for line in r.stdout.splitlines():
-            out.append(f"attached as {line.split(':', 1)[0]}")
+        # Loop devices backed by this file, from sysfs (losetup -j can hang on a loop whose backing is dead).
+        for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
+            with contextlib.suppress(OSError):
+                if bf.read_text().strip() == real:
+                    out.append(f"attached as /dev/{bf.parent.parent.name}")
     else:
         name = os.path.basename(real)
         hdir = Path(f"/sys/class/block/{name}/holders")
