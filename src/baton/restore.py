@@ -30,7 +30,7 @@ from typing import Any
 
 import blake3
 
-from baton.device import device_size
+from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate, device_size
 from baton.errors import DeviceBusy, DeviceError, RepoCorrupt, RepoError
 from baton.repo import ZERO_ID, Manifest, Repository
 from baton.repo.repository import coalesce
@@ -131,6 +131,8 @@ def _open_target(path: str, kind: str, disk_size: int) -> int:
             # O_EXCL on a block device fails with EBUSY if the kernel has it mounted or claimed.
             return os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if kind == "image":
+            return fd                 # a larger disk image (e.g. with a tail record): keep what lies beyond
         os.ftruncate(fd, 0)           # drop old data so zero chunks become holes
         os.ftruncate(fd, disk_size)
         return fd
@@ -151,6 +153,10 @@ def restore(repo: Repository, manifest: Manifest, target_path: str, *,
                         f"point-in-time image", hint="restore a complete snapshot (see `baton snapshots`)")
     disk = manifest.disk
     kind = check_target(target_path, disk.size)
+    if kind == "file" and os.path.exists(target_path) and os.path.getsize(target_path) > disk.size:
+        # An image larger than the snapshot is a disk whose end may hold a Baton tail record: never truncate
+        # it; zero chunks are punched (they still read as zeros) instead of left over from before.
+        kind = "image"
     started = time.monotonic()
     lock = repo.shared_lock("restore")
     try:
@@ -203,6 +209,12 @@ def restore(repo: Repository, manifest: Manifest, target_path: str, *,
                         if kind == "block":
                             _pwrite_all(fd, zero_buf[:length], off, target_path)
                             written += length
+                        elif kind == "image":
+                            try:
+                                _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
+                            except OSError:
+                                _pwrite_all(fd, zero_buf[:length], off, target_path)
+                                written += length
                     else:
                         data = plain[cid]
                         hasher.update(data)

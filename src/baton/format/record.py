@@ -415,7 +415,7 @@ def parse_page(data: bytes, *, region: int, page: int, copy: int, disk_uuid: str
         elif _sector_crc(p, seq, ident) != crc:
             seqs.append(None)
             damaged.append(i)
-        elif seq >> 32 != generation:
+        elif seq >> 32 != generation & 0xFFFFFFFF:
             seqs.append(None)  # stale: from a cleared generation
         else:
             seqs.append(seq)

@@ -18,6 +18,7 @@ One ``Record`` object is the single writer of one disk's record on this node (ST
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -209,7 +210,8 @@ class Record:
             self.notes.append(f"region {r} slot header unreadable ({'; '.join(errs)}): whole disk marked dirty")
             full = bytes([0xFF]) * ((npages + 7) // 8)
             reg = _Region(r, SlotHeader(region=r, kind=kind, disk_uuid=h.disk_uuid, npages=npages, seq=0,
-                                        copy=1, generation=1, page_map=full),
+                                        copy=1, generation=int.from_bytes(os.urandom(4), "little") >> 1 or 1,
+                                        page_map=full),
                           [0] * npages, [-1] * npages, corrupt_header=True)
             return reg
         return _Region(r, best, [0] * npages, [-1] * npages)
@@ -368,7 +370,7 @@ class Record:
     def _write_page(self, reg: _Region, p: int, bits: bytes | bytearray) -> None:
         copy = 1 - reg.page_copy[p] if reg.page_copy[p] >= 0 else 0
         counter = reg.page_seq[p] + 1
-        block = pack_page(region=reg.index, page=p, copy=copy, seq=reg.hdr.generation << 32 | counter,
+        block = pack_page(region=reg.index, page=p, copy=copy, seq=(reg.hdr.generation & 0xFFFFFFFF) << 32 | counter,
                           epoch=self.header.epoch, disk_uuid=self.header.disk_uuid,
                           bits=bytes(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]))
         self.area.pwrite(self.geo.page_block(reg.index, p, copy) * BLOCK, block)
@@ -647,7 +649,7 @@ class Record:
 # -------------------------------------------------------------------------------------------------- formatting
 
 
-def format_record(area: BlockDev, header: RecordHeader) -> Record:
+def format_record(area: BlockDev, header: RecordHeader, *, keep_history: bool = False) -> Record:
     """Write a fresh record (both header copies, every region's slot headers, an empty history ring) and sync.
     ``header`` must have its geometry fields set; seq/lineage are filled in here when empty."""
     geo = Geometry(header.nslots, header.pages_per_slot)
@@ -656,12 +658,17 @@ def format_record(area: BlockDev, header: RecordHeader) -> Record:
     now = time.time_ns()
     h = replace(header, lineage=header.lineage or str(uuid.uuid4()), created_ns=header.created_ns or now,
                 updated_ns=now, flags=header.flags | FLAG_CLEAN)
-    area.pwrite(geo.history_offset(0), bytes(HISTORY_ENTRIES * HISTORY_ENTRY_SIZE))
+    # Page copies of an earlier record in the same area (a re-format, --reset, a restore over a file record)
+    # must never count as current: generations start at a random 31-bit value, so an old copy's generation
+    # matches only by a ~1 in 2^31 chance (and it must then also pass its checksums).
+    start_gen = int.from_bytes(os.urandom(4), "little") >> 1 or 1
+    if not keep_history:
+        area.pwrite(geo.history_offset(0), bytes(HISTORY_ENTRIES * HISTORY_ENTRY_SIZE))
     for r in range(geo.nregions):
         kind = REGION_FROZEN if r == geo.frozen_region else REGION_NODE
         for copy in (0, 1):
             s = SlotHeader(region=r, kind=kind, disk_uuid=h.disk_uuid, npages=geo.pages_per_slot, seq=copy,
-                           copy=copy, generation=1, page_map=bytes((geo.pages_per_slot + 7) // 8))
+                           copy=copy, generation=start_gen, page_map=bytes((geo.pages_per_slot + 7) // 8))
             area.pwrite(geo.slot_header_block(r, copy) * BLOCK, s.pack())
     # Header copies last: a crash while formatting leaves no valid header, so nothing half-made is trusted.
     area.sync()
