@@ -162,5 +162,5 @@ def exit_code(err: BaseException) -> int:
     """The process exit code for ``err``: the entry of its nearest class in :data:`EXIT_CODES`."""
     for cls in type(err).__mro__:
         if cls in EXIT_CODES:
-            return EXIT_CODES[cls]  # type: ignore[index]
+            return EXIT_CODES[cls]
     return 1

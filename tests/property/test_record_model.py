@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import uuid
 
-from hypothesis import note, settings, strategies as st
+from hypothesis import note, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from baton.errors import Fenced

@@ -1,4 +1,4 @@
-"""Known-answer tests that pin repository format v1 byte for byte (docs/format-repo.md).
+"""Known-answer tests that pin repository format v1 byte for byte (docs/format.md, part 2).
 
 If one of these fails, the on-disk format changed: bump the version, keep reading v1, and add a row to the
 version history instead of editing the expected bytes.

@@ -68,7 +68,7 @@ def command(target: str, repo: str, key_file: str | None, full: bool, if_owner: 
     JSON keys: snapshot, mode, reason, bytes_read, bytes_stored, chunks_changed, chunks_read, duration_s, node,
     parent, disk_uuid, disk_size, chunk_size.
     """
-    from baton.cluster import attach as att
+    import baton.cluster.attach as att
 
     # Is it attached here?
     name = None
@@ -79,7 +79,8 @@ def command(target: str, repo: str, key_file: str | None, full: bool, if_owner: 
         for st in att.attachments():
             if st.get("disk") == real or st["name"] == target:
                 name = st["name"]
-    if name is not None and att.read_state(name) is not None and att._pid_alive(int(att.read_state(name)["pid"])):
+    state = att.read_state(name) if name is not None else None
+    if name is not None and state is not None and att._pid_alive(int(state["pid"])):
         with progress_bar(f"backup {name}", not as_json) as bar:
             res = att.request(name, {"op": "backup", "repo": repo, "key_file": key_file, "full": full},
                               timeout=None, on_progress=bar)

@@ -53,7 +53,7 @@ def command(target: str, record: str | None, as_json: bool) -> None:
     device (FUSE) or socket (NBD), writes, first_touch, metadata_syncs, bytes_in, bytes_out. The exit status
     is 0 whenever the question could be answered.
     """
-    from baton.cluster import attach as att
+    import baton.cluster.attach as att
 
     if os.path.sep in target or os.path.exists(target):
         st = att.disk_status(target, record)

@@ -1,6 +1,6 @@
 """The envelope every small repository object travels in (config, lock, manifest, chunk-index file, index page).
 
-Layout (docs/format-repo.md, "Envelope")::
+Layout (docs/format.md, part 2, "Envelope")::
 
     offset size field
     0      8    magic         object type, e.g. b"BTNSNAP\\0"

@@ -1,6 +1,6 @@
 """Pack objects: chunk blobs followed by a table describing them and a fixed trailer.
 
-Layout (docs/format-repo.md, "Pack")::
+Layout (docs/format.md, part 2, "Pack")::
 
     0        16   PACK_HEAD      magic b"BTNPACK\\0", version, flags, reserved
     16       ...  blobs          encoded chunks, back to back (see encode_blob in baton.repo.crypto)

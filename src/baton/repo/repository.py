@@ -1,6 +1,6 @@
 """The repository: configuration, chunk index, snapshots and page access over a byte store.
 
-Object layout (docs/format-repo.md)::
+Object layout (docs/format.md, part 2)::
 
     config                       RepoConfig (envelope BTNCONFG)
     packs/<2 hex>/<64 hex>       packs, named by the unkeyed BLAKE3 of their bytes
