@@ -57,11 +57,22 @@ def fiemap(fd: int, size: int) -> list[tuple[int, int, int, int]]:
 def main(argv: list[str]) -> int:
     dev, size = argv[0], int(argv[1])
     mnt = tempfile.mkdtemp(prefix="baton-fileprep-")
-    opts = ["-o", "loop"] if os.path.isfile(dev) else []
-    r = subprocess.run(["mount", *opts, dev, mnt], capture_output=True, text=True)
+    loop = ""
+    if os.path.isfile(dev):
+        # An explicit loop device, not `mount -o loop`: libmount then scans every loop device's backing file
+        # for reuse, and hangs on one backed by an unresponsive FUSE file (e.g. a stopped Baton daemon).
+        r = subprocess.run(["losetup", "--find", "--show", dev], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            print(f"cannot set up a loop device for {dev}: {r.stderr.strip()}", file=sys.stderr)
+            os.rmdir(mnt)
+            return 1
+        loop = r.stdout.strip()
+    r = subprocess.run(["mount", loop or dev, mnt], capture_output=True, text=True)
     if r.returncode != 0:
         print(f"cannot mount {dev}: {r.stderr.strip()}", file=sys.stderr)
         os.rmdir(mnt)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False, capture_output=True)
         return 1
     try:
         d = os.path.join(mnt, RECORD_DIR)
@@ -103,6 +114,8 @@ def main(argv: list[str]) -> int:
     finally:
         subprocess.run(["umount", mnt], check=False, capture_output=True)
         os.rmdir(mnt)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False, capture_output=True)
 
 
 if __name__ == "__main__":
