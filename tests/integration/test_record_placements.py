@@ -8,7 +8,6 @@ PATH while status and attach run). Every test uses its own BATON_RUN_DIR/BATON_D
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
