@@ -355,7 +355,8 @@ class Daemon:
         except Exception:
             log.exception("NBD server failed")
             self.exit_status = 1
-        self.stop_event.set()
+        if not self.detaching:  # a detach stops the server itself and ends the daemon after the record is clean
+            self.stop_event.set()
 
     # -- control socket --------------------------------------------------------------------------------
 
