@@ -1,0 +1,71 @@
+"""Generate docs/cli.md from the commands' own --help texts, so the reference always matches the code.
+
+    python scripts/gen_cli_doc.py            # rewrite docs/cli.md
+    python scripts/gen_cli_doc.py --check    # exit 1 if docs/cli.md is out of date (used by the unit tests)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from baton.cli import COMMANDS, HIDDEN, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+INTRO = """# Baton command reference
+
+Generated from the commands' `--help` by `scripts/gen_cli_doc.py` (a unit test checks it is current).
+Details of the repository commands (JSON keys, policies) are in [cli-repo.md](cli-repo.md); the
+formats in [format.md](format.md); cluster set-up in [operations.md](operations.md).
+
+## Conventions
+
+* Data goes to stdout; progress, messages and errors go to stderr. A progress bar appears only when stderr is
+  a terminal. Every command has `--json`; with it, errors are also printed to stdout as
+  `{"error": CLASS, "message": ..., "hint": ..., "exit_code": N}`.
+* Exit codes: 0 ok, 1 error, 2 usage, 3 device (wrong, too small, in use), 4 record (missing, corrupt,
+  unsupported version, another disk's, no free slot), 5 fenced, 6 not the owner, 7 repository (missing,
+  corrupt, locked, full, key, storage), 8 daemon not reachable, 9 verify found damage.
+* Environment: `BATON_RUN_DIR` (default `/run/baton`), `BATON_DEV_DIR` (default `/dev/baton`), `BATON_NODE`
+  (default for `--node`), `BATON_REPO` (default for `--repo` of `backup`), `BATON_KEY_FILE`,
+  `BATON_SPILL_DIR` (copy-before-write spill files, default `/var/tmp`), and for S3 repositories
+  `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`.
+"""
+
+
+def render() -> str:
+    out = [INTRO]
+    ctx = click.Context(cli, info_name="baton", terminal_width=110, max_content_width=110)
+    out.append("## baton\n\n```\n" + cli.get_help(ctx) + "\n```\n")
+    for name in COMMANDS:
+        if name in HIDDEN:
+            continue
+        cmd = cli.get_command(ctx, name)
+        if cmd is None:
+            continue
+        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=110, max_content_width=110)
+        out.append(f"## baton {name}\n\n```\n" + cmd.get_help(sub) + "\n```\n")
+        if isinstance(cmd, click.Group):
+            for sname, scmd in cmd.commands.items():
+                ssub = click.Context(scmd, info_name=sname, parent=sub, terminal_width=110,
+                                     max_content_width=110)
+                out.append(f"### baton {name} {sname}\n\n```\n" + scmd.get_help(ssub) + "\n```\n")
+    return "\n".join(out)
+
+
+def main() -> int:
+    text = render()
+    path = ROOT / "docs" / "cli.md"
+    if "--check" in sys.argv:
+        if not path.exists() or path.read_text() != text:
+            print("docs/cli.md is out of date: run python scripts/gen_cli_doc.py", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
