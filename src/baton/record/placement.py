@@ -264,6 +264,12 @@ def _locate_tail(disk: str, dev: DirectDev) -> Located:
     if anchor is None:
         if all(e.reason.endswith("blank block") or "expected magic" in e.reason for e in errs):
             raise RecordNotFound("no tail anchor at the end of the disk")
+        if any(e.reason.startswith("written for a ") for e in errs):
+            # Intact anchors of a disk of another size: a copied (or resized) disk, not damage.
+            raise WrongDisk(f"the tail record at the end of {disk} belongs to another disk: "
+                            + "; ".join(str(e) for e in errs),
+                            hint="check the disk path; a copy of another Baton disk needs its own record "
+                            "(`baton init --force DISK`; the next backup is full)")
         raise RecordCorrupt("both tail anchors are damaged: " + "; ".join(str(e) for e in errs),
                             hint="reset the record with `baton init --reset --record tail DISK`")
     area = SubDev(dev, anchor.record_offset, anchor.record_size)
