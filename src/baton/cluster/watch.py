@@ -139,6 +139,9 @@ def probe(t: ProbeTarget) -> ProbeResult:
         code = cause.errno if isinstance(cause, OSError) and cause.errno else 0
         return ProbeResult(ABSENT if code in _GONE else REFUSED, code, str(e))
     try:
+        if dev.size < max(t.offset, t.header_offset + 2 * BLOCK):
+            # A detached loop device, a removed medium: the node is there, the disk is not.
+            return ProbeResult(ABSENT, 0, f"{t.path} has {dev.size} bytes now, too small to hold the record")
         try:
             why = _header_matches(dev, t)
             if why:
@@ -207,6 +210,7 @@ def relevant_mounts(disk: str, mountinfo: str) -> frozenset[str]:
     mount point prefixing its path). A change of this set between two reads is a mount event for the disk."""
     real = os.path.realpath(disk)
     numbers = device_numbers(real)
+    image = numbers is None and not real.startswith("/dev/")  # an image file (or a path not there yet)
     mine: set[str] = set()
     holders: list[tuple[int, str]] = []
     for line in mountinfo.splitlines():
@@ -217,7 +221,7 @@ def relevant_mounts(disk: str, mountinfo: str) -> frozenset[str]:
         majmin, mnt, source = parts[2], _unescape(parts[4]), _unescape(parts[sep + 2])
         if source == real or (numbers is not None and majmin == f"{numbers[0]}:{numbers[1]}"):
             mine.add(line)
-        elif numbers is None and (real == mnt or real.startswith(mnt.rstrip("/") + "/")):
+        elif image and (real == mnt or real.startswith(mnt.rstrip("/") + "/")):
             holders.append((len(mnt), line))
     if holders:
         longest = max(n for n, _ in holders)
