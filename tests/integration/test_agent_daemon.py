@@ -57,6 +57,38 @@ def baton(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Com
     return cp
 
 
+def cleanup(agent: subprocess.Popen[bytes] | None, env: dict[str, str], name: str, tmp_path: Path,
+            log_path: Path) -> None:
+    """Stop our agent (by PID), detach NAME, kill its daemon if detach could not, free our loop devices."""
+    if agent is not None and agent.poll() is None:
+        agent.kill()
+        agent.wait(timeout=10)
+    baton(env, "detach", name, check=False)
+    st = baton(env, "status", name, "--json", check=False)
+    try:
+        pid = int(json.loads(st.stdout).get("pid") or 0)
+    except (ValueError, AttributeError):
+        pid = 0
+    if pid > 0:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        baton(env, "detach", name, check=False)
+    for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if str(tmp_path) in bf.read_text():
+                subprocess.run(["losetup", "-d", "/dev/" + bf.parent.parent.name], timeout=30)
+        except OSError:
+            pass
+    if log_path.exists():
+        sys.stderr.write(log_path.read_text()[-4000:])
+
+
+def events_of(log_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+
+
 def test_agent_watch_attaches_and_serves_metrics(tmp_path: Path) -> None:
     need_root()
     need_tool("losetup")
@@ -127,26 +159,53 @@ def test_agent_watch_attaches_and_serves_metrics(tmp_path: Path) -> None:
         events = [json.loads(line)["event"] for line in log_path.read_text().splitlines() if line.startswith("{")]
         assert "watch.attachment_ended" in events and events[-1] == "agent.stop"
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.kill()
-            agent.wait(timeout=10)
-        baton(env, "detach", name, check=False)
-        st = baton(env, "status", name, "--json", check=False)
-        try:
-            pid = int(json.loads(st.stdout).get("pid") or 0)
-        except (ValueError, AttributeError):
-            pid = 0
-        if pid > 0:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            baton(env, "detach", name, check=False)
-        for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
-            try:
-                if str(tmp_path) in bf.read_text():
-                    subprocess.run(["losetup", "-d", "/dev/" + bf.parent.parent.name], timeout=30)
-            except OSError:
-                pass
-        if log_path.exists():
-            sys.stderr.write(log_path.read_text()[-4000:])
+        cleanup(agent, env, name, tmp_path, log_path)
+
+
+def test_mount_event_triggers_the_probe(tmp_path: Path) -> None:
+    """The disk's file system is mounted while the agent watches with a long probe interval: the mount event
+    makes it probe at once and attach; unmounting it later is logged as the device gone."""
+    need_root()
+    need_tool("losetup", "mount", "umount")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    name = f"agm{secrets.token_hex(3)}"
+    env = {**os.environ, "BATON_RUN_DIR": str(tmp_path / "run"), "BATON_DEV_DIR": str(tmp_path / "dev")}
+    env.pop("BATON_NODE", None)
+    staging, mnt = tmp_path / "staging", tmp_path / "mnt"
+    staging.mkdir()
+    mnt.mkdir()
+    with open(staging / "shared.img", "wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    baton(env, "init", str(staging / "shared.img"))
+    log_path = tmp_path / "agent.log"
+    agent: subprocess.Popen[bytes] | None = None
+    mounted = False
+    try:
+        with open(log_path, "wb") as logf:
+            agent = subprocess.Popen(
+                [str(BATON), "agent", "--watch", str(mnt / "shared.img"), "--node", "n1", "--name", name,
+                 "--probe-interval", "300", "--log-format", "json"],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
+        wait_for("the first probe (absent)", lambda: any(
+            e["event"] == "watch.device_gone" for e in events_of(log_path)))
+        subprocess.run(["mount", "--bind", str(staging), str(mnt)], check=True, timeout=30)
+        mounted = True
+        wait_for("the mount event", lambda: any(
+            e["event"] == "watch.event" and "mount" in e["events"] for e in events_of(log_path)))
+        # With a 300 s probe interval only the event can have caused this attach.
+        wait_for("the attach", lambda: (tmp_path / "dev" / name).is_block_device())
+        ev = [e for e in events_of(log_path) if e["event"] == "watch.arrival"]
+        assert ev and ev[0]["via"] == "event"
+        baton(env, "detach", name)
+        n_gone = sum(e["event"] == "watch.device_gone" for e in events_of(log_path))
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        mounted = False
+        wait_for("the unmount to be logged", lambda: sum(
+            e["event"] == "watch.device_gone" for e in events_of(log_path)) > n_gone)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+    finally:
+        cleanup(agent, env, name, tmp_path, log_path)
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)], timeout=30, check=False)
