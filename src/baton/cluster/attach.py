@@ -347,6 +347,27 @@ class Daemon:
         os.replace(tmp, path)
         return st
 
+    def watch_fence(self, interval: float = 1.0) -> None:
+        """Re-read the record header every ``interval`` s: a superseded owner stops even if it only writes
+        chunks that are already marked. On Fenced the frontend is stopped and the daemon exits with 5."""
+
+        def run() -> None:
+            assert self.loc is not None
+            while not self.stop_event.wait(interval):
+                try:
+                    self.loc.record.heartbeat()
+                except Fenced as e:
+                    log.error("fenced: %s", e)
+                    self.exit_status = 5
+                    with contextlib.suppress(Exception):
+                        self.frontend.stop(force=True)
+                    self.stop_event.set()
+                    return
+                except Exception as e:  # an unreadable header is not a fence; the next commit decides
+                    log.warning("fence heartbeat: %s", e)
+
+        threading.Thread(target=run, name="fence-heartbeat", daemon=True).start()
+
     def _nbd_serve(self) -> None:
         try:
             self.frontend.serve_forever()
@@ -484,7 +505,8 @@ class Daemon:
                 return
             failure = getattr(self.frontend, "failure", None) or ""
             log.error("frontend stopped: %s", failure)
-            self.exit_status = 5 if "fenc" in failure.lower() else 1
+            if not self.exit_status:
+                self.exit_status = 5 if "fenc" in failure.lower() else 1
             self.stop_event.set()
         else:
             self.stop_event.wait()
@@ -514,6 +536,7 @@ def serve(disk: str, *, node: str, name: str, frontend: str, record: str | None,
         try:
             st = d.start()
             srv = d.serve_control()
+            d.watch_fence()
         except BaseException as e:
             log.error("attach failed: %s", e)
             say(_err_msg(e))

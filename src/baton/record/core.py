@@ -433,6 +433,21 @@ class Record:
             self._broken = err
             raise err
 
+    def heartbeat(self) -> None:
+        """Re-read the header between commits, so a superseded owner notices even when all its writes hit
+        chunks that are already marked (no commit, so no fence check). Raises Fenced (sticky)."""
+        with self._cond:
+            if self._broken is not None:
+                raise self._broken
+            if not self.attached or self._committing:
+                return
+            self.check_fence()
+
+    def broken(self) -> BaseException | None:
+        """The sticky error (Fenced, or the I/O error of a failed commit) once the record stopped accepting
+        marks; every later I/O of the tracker fails with it."""
+        return self._broken
+
     def _guard(self) -> None:
         if self._broken is not None:
             raise self._broken

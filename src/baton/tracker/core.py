@@ -152,6 +152,8 @@ class Tracker:
         """Mark (write-ahead, durable) and copy-before-write. Caller holds the barrier."""
         if self.tracking:
             self.record.mark(chunks)
+        else:
+            self._check_broken()
         pending = self._cbw_pending
         if pending is None:
             return
@@ -172,7 +174,13 @@ class Tracker:
 
     # ----------------------------------------------------------------------------------------------- I/O
 
+    def _check_broken(self) -> None:
+        err = self.record.broken()
+        if err is not None:
+            raise err
+
     def read(self, offset: int, length: int) -> bytes:
+        self._check_broken()
         self._chunks(offset, length)
         data = self.data.pread(offset, length)
         self._count("reads", 1, length, "bytes_out")
@@ -191,6 +199,7 @@ class Tracker:
         self._count("writes", 1, len(data), "bytes_in")
 
     def flush(self) -> None:
+        self._check_broken()
         self.data.sync()
         self._count("flushes")
 
