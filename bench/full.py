@@ -34,6 +34,7 @@ from bench.common import (
     median_of,
     ratio,
     stat,
+    syncfs,
     tree_bytes,
     unavailable,
 )
@@ -45,10 +46,10 @@ TOOLS = ("baton", "baton-aes", "restic", "borg")
 STEPS = ("backup", "restore", "verify")
 
 
-def _synced(m: Measured) -> float:
-    """Wall time of a restore plus the write-back of what it left dirty."""
+def _synced(m: Measured, target: Path) -> float:
+    """Wall time of a restore plus the write-back of what it left dirty (syncfs of the target's file system)."""
     t0 = time.perf_counter()
-    os.sync()
+    syncfs(target)
     return m.wall_s + (time.perf_counter() - t0)
 
 
@@ -75,7 +76,7 @@ def _baton_rep(ctx: Context, img: Path, root: Path, check_identical: bool, s: di
     target = root / "restored.img"
     ctx.cold_for("baton", "restore", img)
     rm = b.restore(snap, str(repo), target, os.path.getsize(img))
-    wall = _synced(rm)
+    wall = _synced(rm, target)
     detail: JSON = rm.to_json()
     if check_identical:
         # The restored disk is the exposed device: the image minus any tail record area.
@@ -102,7 +103,7 @@ def _peer_rep(ctx: Context, img: Path, root: Path, tool: Restic | Borg, check_id
     target_dir.mkdir(exist_ok=True)
     ctx.cold_for(name, "restore", img)
     rm = tool.restore(target_dir) if isinstance(tool, Restic) else tool.extract(target_dir)
-    wall = _synced(rm)
+    wall = _synced(rm, target_dir)
     # restic recreates the absolute path under the target, borg the relative name given at create time.
     found = [Path(r) / f for r, _, fs in os.walk(target_dir) for f in fs if f == img.name]
     detail: JSON = rm.to_json()
