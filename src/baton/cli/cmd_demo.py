@@ -150,7 +150,7 @@ def command(workdir: str | None, size: str, change: float, seed: int, frontend: 
         # Node A: initial content, first (full) backup, then writes until it is killed.
         _say("  node-a takes the disk and writes initial data")
         attach("node-a")
-        write(nchunks // 8, rng.randrange(1 << 30), None)
+        write(nchunks // 16, rng.randrange(1 << 30), None)
         backup("node-a", "node-a, first backup")
         for i, (old, new) in enumerate([("node-a", "node-b"), ("node-b", "node-c")]):
             _say(f"  {old} rewrites {change:g}% of the chunks and is killed mid-way; {new} takes over")
