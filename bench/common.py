@@ -193,11 +193,11 @@ def proc_io(pid: int) -> JSON:
     return {k.strip(): int(v) for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
 
 
-def proc_rss(pid: int) -> int | None:
-    """Resident set size of a live process in bytes (VmRSS), or None."""
+def proc_rss(pid: int, field: str = "VmRSS") -> int | None:
+    """Resident set size of a live process in bytes (``VmRSS``; ``VmHWM`` for its peak so far), or None."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None

@@ -32,6 +32,7 @@ from bench.common import (
     disk_sectors_read,
     median_of,
     proc_io,
+    proc_rss,
     ratio,
     stat,
     tree_bytes,
@@ -97,6 +98,8 @@ def _timed_baton(ctx: Context, disk: _Disk, repo: Path, full: bool, changed: int
     ctx.cold_for("baton", "backup", disk.img)
     out, m = b.backup(NAME, str(repo), full=full)
     io1 = proc_io(pid) if pid else {}
+    # The backup runs inside the per-disk daemon; its peak RSS (since this owner's takeover) counts too.
+    daemon_hwm = (proc_rss(pid, "VmHWM") or 0) if pid else 0
     sec1 = disk_sectors_read(ctx.scratch_device)
     daemon_read = (io1.get("read_bytes", 0) - io0.get("read_bytes", 0)) if io0 and io1 else 0
     metrics: JSON = {
@@ -105,10 +108,12 @@ def _timed_baton(ctx: Context, disk: _Disk, repo: Path, full: bool, changed: int
         # (summing would double-count reads of the loop device that the daemon then serves from the file).
         "bytes_read": max(m.read_bytes, daemon_read),
         "bytes_stored": tree_bytes(repo) - before,
-        "peak_rss_bytes": m.peak_rss_bytes,
+        "peak_rss_bytes": max(m.peak_rss_bytes, daemon_hwm),
         "cpu_s": m.cpu_s,
     }
     detail = {
+        "client_peak_rss_bytes": m.peak_rss_bytes,
+        "daemon_peak_rss_bytes": daemon_hwm,
         **m.to_json(),
         "process_read_bytes": m.read_bytes,
         "daemon_read_bytes": daemon_read,

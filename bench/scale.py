@@ -27,7 +27,7 @@ CHUNK = 64 * KiB
 SIZES = (64 * GiB, 256 * GiB, 1 * TiB, 4 * TiB, 16 * TiB - CHUNK)
 SMOKE_SIZES = (1 * GiB, 64 * GiB)
 NAME = "bench-scale"
-SEED_TIMEOUT_S = 60.0
+SEED_TIMEOUT_S = 150.0
 
 
 def _plan_seconds(out: JSON) -> tuple[float | None, str]:
