@@ -15,7 +15,6 @@ a monitor. One agent per RUN_DIR (an flock on RUN_DIR/agent.lock).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import ipaddress
 import logging
@@ -35,7 +34,7 @@ from baton.errors import BatonError, UsageError
 
 log = logging.getLogger("baton.agent")
 DEFAULT_METRICS_PORT = 9470
-STATUS_TIMEOUT = 10.0  # per daemon, per scrape or status request
+STATUS_TIMEOUT = 5.0  # per daemon, per scrape or status request
 HOUSEKEEPING_INTERVAL = 2.0
 
 
@@ -131,6 +130,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._lock_fd = -1
         self._seen: dict[str, str] = {}  # attachment name -> last state logged
+        self.status_errors = 0  # daemons that did not answer a status request during a scrape
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -233,8 +233,27 @@ class Agent:
 
     # -- what it reports ----------------------------------------------------------------------------------
 
+    def _reap(self) -> None:
+        # Daemons started by watch mode are our children: reap the ones that exited, so they do not linger as
+        # zombies (attach waits for a dead daemon's process to vanish before cleaning up after it). Only our
+        # own daemons' PIDs: a waitpid(-1) would steal the exit status of other subprocesses.
+        for wt in self.watchers:
+            for pid in list(wt.child_pids):
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    wt.child_pids.discard(pid)
+                    continue
+                if done:
+                    wt.child_pids.discard(pid)
+                    code = os.waitstatus_to_exitcode(status)
+                    (log.info if code == 0 else log.warning)("attachment.daemon_exited", extra={"fields": {
+                        "name": wt.name, "pid": pid, "exit_status": code,
+                        "meaning": {0: "detached", 5: "fenced by a newer owner"}.get(code, "failed or killed")}})
+
     def _housekeeping(self) -> None:
         """Log attachments appearing, ending and failing on this node (whoever attached them)."""
+        self._reap()
         now: dict[str, str] = {}
         for a in att.attachments():
             name = str(a.get("name"))
@@ -267,8 +286,11 @@ class Agent:
             seen.add(name)
             st: dict[str, Any] | None = None
             if a.get("alive"):
-                with contextlib.suppress(BatonError):
+                try:
                     st = att.request(name, {"op": "status"}, timeout=STATUS_TIMEOUT)
+                except BatonError as e:
+                    self.status_errors += 1
+                    log.warning("metrics.status_failed", extra={"fields": {"name": name, "error": str(e)}})
             out.append(DiskSample(name, str((st or {}).get("disk_uuid") or self._uuid_of(name)), st))
         for wt in self.watchers:
             if wt.name not in seen:
@@ -304,6 +326,7 @@ class Agent:
         raise UsageError(f"unknown op {op!r} (the agent answers only 'status')")
 
     def statistics(self) -> dict[str, Any]:
-        return {"control": self.control.statistics(), "metrics": self.collector.statistics(),
+        return {"control": self.control.statistics(),
+                "metrics": self.collector.statistics() | {"status_errors": self.status_errors},
                 "events": self.events.statistics() if self.events else None,
                 "watches": {wt.name: wt.statistics() for wt in self.watchers}}

@@ -84,6 +84,7 @@ class Watcher:
         self.next_attach_at = 0.0
         self.failures_in_row = 0
         self.disk_uuid = ""
+        self.child_pids: set[int] = set()  # daemons this watcher started: children of this process, to reap
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._events: list[str] = []
@@ -169,6 +170,8 @@ class Watcher:
                                                                 retry_in_s=round(delay, 1)))
             return "arrival-failed"
         self.stats["attaches"] += 1
+        if res_att.get("pid"):
+            self.child_pids.add(int(res_att["pid"]))
         self.failures_in_row = 0
         self.attached, self.armed = True, False
         log.info("watch.attached", extra=self._fields(node=self.spec.node, epoch=res_att.get("epoch"),
@@ -213,12 +216,13 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         """Step until ``stop`` is set; never raises (an unexpected error is logged and the loop goes on)."""
         while not stop.is_set():
+            # Cleared before the step, so an event that arrives during it wakes the next wait at once.
+            self._wake.clear()
             try:
                 self.step()
             except Exception:
                 log.exception("watch.step_failed", extra=self._fields())
             self._wake.wait(self.spec.probe_interval)
-            self._wake.clear()
             # Event storms: keep probes at least MIN_EVENT_SPACING apart.
             gap = self.last_probe_at + MIN_EVENT_SPACING - self.clock()
             if gap > 0:
