@@ -81,6 +81,11 @@ def command(target: str, repo: str, key_file: str | None, full: bool, if_owner: 
                 name = st["name"]
     state = att.read_state(name) if name is not None else None
     if name is not None and state is not None and att._pid_alive(int(state["pid"])):
+        # The daemon's working directory is not ours: local paths must reach it absolute.
+        if "://" not in repo:
+            repo = os.path.abspath(repo)
+        if key_file:
+            key_file = os.path.abspath(key_file)
         with progress_bar(f"backup {name}", not as_json) as bar:
             res = att.request(name, {"op": "backup", "repo": repo, "key_file": key_file, "full": full},
                               timeout=None, on_progress=bar)
