@@ -265,3 +265,22 @@ def test_backup_killed_mid_way_then_taken_over_and_redone(env: Env) -> None:
         if attached:
             subprocess.run([sys.executable, "-m", "baton", "detach", name], capture_output=True, timeout=60,
                            env=env.env)
+
+
+def test_backup_of_an_attached_disk_with_a_relative_repo_path(env: Env) -> None:
+    """The backup runs inside the daemon, whose working directory is not the caller's: a relative --repo (and
+    --key-file) must mean the caller's."""
+    disk = env.root / "rel.img"
+    with open(disk, "wb") as f:
+        f.truncate(32 * MiB)
+    env.baton("init", str(disk))
+    env.baton("repo", "init", str(env.root / "relrepo"))
+    name = f"pitr-{uuid.uuid4().hex[:8]}"
+    env.baton("attach", str(disk), "--node", "node-a", "--name", name)
+    try:
+        r = subprocess.run([sys.executable, "-m", "baton", "backup", name, "--repo", "relrepo", "--json"],
+                           capture_output=True, text=True, timeout=120, env=env.env, cwd=env.root)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["mode"] == "full"
+    finally:
+        env.baton("detach", name)
