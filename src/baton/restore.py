@@ -30,8 +30,9 @@ from typing import Any
 
 import blake3
 
-from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate, device_size
+from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
 from baton.errors import DeviceBusy, DeviceError, RepoCorrupt, RepoError
+from baton.record.placement import device_size, has_tail_record
 from baton.repo import ZERO_ID, Manifest, Repository
 from baton.repo.repository import coalesce
 
@@ -153,9 +154,10 @@ def restore(repo: Repository, manifest: Manifest, target_path: str, *,
                         f"point-in-time image", hint="restore a complete snapshot (see `baton snapshots`)")
     disk = manifest.disk
     kind = check_target(target_path, disk.size)
-    if kind == "file" and os.path.exists(target_path) and os.path.getsize(target_path) > disk.size:
-        # An image larger than the snapshot is a disk whose end may hold a Baton tail record: never truncate
-        # it; zero chunks are punched (they still read as zeros) instead of left over from before.
+    if (kind == "file" and os.path.exists(target_path) and os.path.getsize(target_path) > disk.size
+            and has_tail_record(target_path)):
+        # A disk image whose end holds a Baton tail record: never truncate it; zero chunks are punched (they
+        # still read as zeros) instead of left over from before. Any other file is replaced whole.
         kind = "image"
     started = time.monotonic()
     lock = repo.shared_lock("restore")

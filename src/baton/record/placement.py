@@ -445,6 +445,26 @@ def _locate_external(disk: str, spec: RecordSpec, writable: bool) -> Located:
         raise
 
 
+def has_tail_record(path: str) -> bool:
+    """True if ``path`` ends with a valid Baton tail anchor (so its end holds a record that must survive)."""
+    try:
+        size = device_size(path)
+        if size < ANCHOR_BLOCKS * BLOCK:
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - ANCHOR_BLOCKS * BLOCK)
+            raw = f.read(ANCHOR_BLOCKS * BLOCK)
+    except (OSError, DeviceError):
+        return False
+    for copy in range(ANCHOR_BLOCKS):
+        try:
+            Anchor.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy, disk_size=size)
+            return True
+        except FormatError:
+            continue
+    return False
+
+
 # ------------------------------------------------------------------------------------------------ init
 
 
