@@ -271,6 +271,13 @@ class EventSource:
         self._thread.start()
 
     def _loop(self) -> None:
+        try:
+            self._watch()
+        except Exception:
+            # Probes go on without events; say so once instead of dying silently.
+            log.exception("watch.events_failed", extra={"fields": {"hint": "only the periodic probe is running"}})
+
+    def _watch(self) -> None:
         mi = open(self.mountinfo_path, "rb")  # noqa: SIM115 - lives as long as the loop
         try:
             text = mi.read().decode(errors="replace")
