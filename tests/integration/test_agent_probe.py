@@ -71,3 +71,50 @@ def test_probe_absent_and_moved_record(image: Path, tmp_path: Path) -> None:
     assert w.probe(t).outcome == w.ABSENT
     t2, res = w.safe_find_target(str(image))
     assert t2 is None and res is not None and res.outcome == w.ABSENT
+
+
+def _init(tmp_path: Path, *args: str) -> None:
+    env = {**os.environ, "BATON_RUN_DIR": str(tmp_path / "run")}
+    cp = subprocess.run([str(BATON), "init", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr
+
+
+def _block(path: str, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(4096)
+
+
+def test_probe_block_is_the_write_once_block_in_every_placement(image: Path, tmp_path: Path) -> None:
+    """The probe writes exactly the record's block 2: the extent map of a file record (inside ext4, found via
+    its extents), zeros next to a tail record, and the slot's block 2 on a record disk for an external one."""
+    need_tool("mkfs.ext4", "debugfs")
+    # tail (the fixture): header block at header_offset, block 2 blank
+    t = w.find_target(str(image))
+    assert b"BATONREC" in (_block(str(image), t.header_offset)[:8], _block(str(image), t.header_offset + 4096)[:8])
+    assert _block(str(image), t.offset) == bytes(4096)
+    # file: an ext4 image; block 2 of the record file is the extent map
+    fs_img = tmp_path / "fs.img"
+    with open(fs_img, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs_img)], check=True, capture_output=True, timeout=60)
+    _init(tmp_path, str(fs_img))
+    tf = w.find_target(str(fs_img))
+    assert tf.placement == "file" and tf.path == str(fs_img)
+    assert _block(str(fs_img), tf.offset)[:8] == b"BATONEXT"
+    before = digest(fs_img)
+    assert w.probe(tf).outcome == w.OWNER
+    assert digest(fs_img) == before
+    # external: the probe goes to the record disk, never to the data disk
+    rdisk, data = tmp_path / "rdisk.img", tmp_path / "data.img"
+    for p, size in ((rdisk, 16 << 20), (data, 32 << 20)):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    _init(tmp_path, str(rdisk), "--record-disk", "--slots", "2", "--slot-size", "4M")
+    _init(tmp_path, str(data), "--record", f"external:{rdisk}")
+    te = w.find_target(str(data), f"external:{rdisk}")
+    assert te.placement == "external" and te.path == str(rdisk)
+    assert _block(str(rdisk), te.offset) == bytes(4096)
+    assert b"BATONREC" in (_block(str(rdisk), te.header_offset)[:8], _block(str(rdisk), te.header_offset + 4096)[:8])
+    assert w.probe(te).outcome == w.OWNER
+    assert digest(data) == hashlib.sha256(bytes(32 << 20)).hexdigest()
