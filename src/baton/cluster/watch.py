@@ -93,6 +93,11 @@ def find_target(disk: str, record: str | None = None) -> ProbeTarget:
         _, h1 = _physical(area, BLOCK)
         if hpath != path:
             raise RecordError(f"the record area of {disk} spans devices ({hpath}, {path}); cannot probe it")
+        if off % BLOCK or h0 % BLOCK:
+            # An unaligned block would be written by read-modify-write of its 4 KiB neighbourhood, which is
+            # not write-once: refuse rather than risk rewriting bytes an owner may be changing.
+            raise RecordError(f"the record's probe block on {path} is not 4 KiB-aligned (byte {off}); "
+                              "cannot probe it safely")
         h = loc.header
         return ProbeTarget(disk=disk, path=path, offset=off, header_offset=h0, contiguous_header=h1 == h0 + BLOCK,
                            disk_uuid=h.disk_uuid, record_offset=h.record_offset,
