@@ -17,7 +17,7 @@ from baton.cluster import watch as w
 from baton.errors import DeviceBusy, RecordNotFound, UsageError
 
 TARGET = w.ProbeTarget(disk="/nonexistent/shared.img", path="/nonexistent/shared.img", offset=8192,
-                       header_offset=0, contiguous_header=True, disk_uuid="u-1", record_offset=0, placement="tail")
+                       header_offsets=(0, 4096), disk_uuid="u-1", record_offset=0, placement="tail")
 
 
 class Fake:

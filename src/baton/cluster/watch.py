@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import stat
 from dataclasses import dataclass
@@ -48,9 +49,8 @@ class ProbeTarget:
 
     disk: str  # the data disk as given
     path: str  # the device holding the record area (the data disk, or the record disk for external)
-    offset: int  # byte offset of record block EXTMAP_START on ``path``
-    header_offset: int  # byte offset of record block 0 (header copy 0) on ``path``
-    contiguous_header: bool  # header blocks 0 and 1 are adjacent on ``path`` (checked before each write)
+    offset: int  # byte offset of record block EXTMAP_START on ``path`` (its 4 KiB are contiguous there)
+    header_offsets: tuple[int, ...]  # byte offsets of the header copies whose 4 KiB are contiguous on ``path``
     disk_uuid: str  # the record's disk identity
     record_offset: int  # the header's own record_offset (checked before each write)
     placement: str  # tail | file | external
@@ -79,50 +79,99 @@ def _physical(area: Any, logical: int) -> tuple[str, int]:
     raise RecordError(f"cannot map a record area of type {type(area).__name__} to a device")
 
 
+def _block_at(area: Any, block: int) -> tuple[str, int] | None:
+    """(path, offset) of record block ``block`` when its 4 KiB are contiguous on one device, else None (a file
+    record in a file system with 1 KiB blocks may split a record block)."""
+    path, start = _physical(area, block * BLOCK)
+    path2, last = _physical(area, block * BLOCK + BLOCK - 1)
+    return (path, start) if path2 == path and last == start + BLOCK - 1 else None
+
+
 def find_target(disk: str, record: str | None = None) -> ProbeTarget:
     """Locate ``disk``'s record read-only and return where its probe block is.
 
     Raises DeviceError when the disk cannot be opened (absent, unreadable) and RecordError when it has no
-    usable record; nothing is written either way.
+    usable record or its probe block is split on disk; nothing is written either way.
     """
     loc = locate(disk, record, writable=False)
     try:
         area = loc.record.area
-        path, off = _physical(area, EXTMAP_START * BLOCK)
-        hpath, h0 = _physical(area, 0)
-        _, h1 = _physical(area, BLOCK)
-        if hpath != path:
-            raise RecordError(f"the record area of {disk} spans devices ({hpath}, {path}); cannot probe it")
-        if off % BLOCK or h0 % BLOCK:
-            # An unaligned block would be written by read-modify-write of its 4 KiB neighbourhood, which is
-            # not write-once: refuse rather than risk rewriting bytes an owner may be changing.
-            raise RecordError(f"the record's probe block on {path} is not 4 KiB-aligned (byte {off}); "
-                              "cannot probe it safely")
+        blk = _block_at(area, EXTMAP_START)
+        if blk is None:
+            raise RecordError(f"block {EXTMAP_START} of the record of {disk} is split on disk; cannot probe it")
+        path, off = blk
+        headers = tuple(h[1] for h in (_block_at(area, 0), _block_at(area, 1)) if h is not None and h[0] == path)
+        if not headers:
+            raise RecordError(f"the record headers of {disk} are not on {path} in one piece; cannot probe")
         h = loc.header
-        return ProbeTarget(disk=disk, path=path, offset=off, header_offset=h0, contiguous_header=h1 == h0 + BLOCK,
-                           disk_uuid=h.disk_uuid, record_offset=h.record_offset,
-                           placement=str(loc.spec).split(":", 1)[0])
+        return ProbeTarget(disk=disk, path=path, offset=off, header_offsets=headers, disk_uuid=h.disk_uuid,
+                           record_offset=h.record_offset, placement=str(loc.spec).split(":", 1)[0])
     finally:
         loc.close()
 
 
-def _header_matches(dev: DirectDev, t: ProbeTarget) -> str:
-    """'' when at least one header copy is valid and names the same disk at the same place; else why not."""
-    raw = dev.pread(t.header_offset, BLOCK)
-    raw1 = dev.pread(t.header_offset + BLOCK, BLOCK) if t.contiguous_header else b""
-    why = []
-    for copy, block in ((0, raw), (1, raw1)):
-        if not block:
-            continue
+class _ProbeIO:
+    """Exactly-ranged I/O on the probe device: ``O_DIRECT`` at the device's own alignment (512-byte sectors
+    usually), into a page-aligned buffer, so only the record's own 4 KiB are ever read and written. No
+    read-modify-write of neighbouring bytes, which an owner may be changing at that moment. Falls back to
+    buffered I/O only for regular files on file systems without O_DIRECT (tmpfs): buffered writes to a file
+    change only the bytes written."""
+
+    def __init__(self, path: str) -> None:
+        flags = os.O_RDWR | os.O_CLOEXEC
         try:
-            h = RecordHeader.unpack(block, copy=copy)
+            self.fd = os.open(path, flags | os.O_DIRECT)
+            self.direct = True
+        except OSError as e:
+            if e.errno != errno.EINVAL or not stat.S_ISREG(os.stat(path).st_mode):
+                raise
+            self.fd = os.open(path, flags)
+            self.direct = False
+        self.buf = mmap.mmap(-1, BLOCK)
+
+    def size(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def read(self, offset: int) -> bytes:
+        n = os.preadv(self.fd, [self.buf], offset)
+        if n != BLOCK:
+            raise OSError(errno.EIO, f"short read ({n} of {BLOCK} bytes)")
+        return bytes(self.buf)
+
+    def write_back(self, offset: int, data: bytes) -> None:
+        self.buf[:] = data
+        n = os.pwritev(self.fd, [self.buf], offset)
+        if n != BLOCK:
+            raise OSError(errno.EIO, f"short write ({n} of {BLOCK} bytes)")
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        self.buf.close()
+        os.close(self.fd)
+
+
+def _header_matches(io: _ProbeIO, t: ProbeTarget) -> str:
+    """'' when at least one header copy is valid and names the same disk at the same place; else why not."""
+    why = []
+    for off in t.header_offsets:
+        try:
+            h = RecordHeader.unpack(io.read(off))
         except FormatError as e:
             why.append(str(e))
             continue
         if h.disk_uuid == t.disk_uuid and h.record_offset == t.record_offset:
             return ""
-        why.append(f"header copy {copy} names disk {h.disk_uuid} at {h.record_offset}")
+        why.append(f"a header copy names disk {h.disk_uuid} at {h.record_offset}")
     return "; ".join(why) or "no header copy readable"
+
+
+def _failed(what: str, e: OSError) -> ProbeResult:
+    code = e.errno or 0
+    if code == errno.EINVAL:
+        # The device needs a larger alignment than the record block has (a 4Kn disk under a 1 KiB-block file
+        # system): this node cannot probe it exactly, which says nothing about ownership.
+        return ProbeResult(UNKNOWN, code, f"{what} failed: {e.strerror or e} (alignment)")
+    return ProbeResult(ABSENT if code in _GONE else REFUSED, code, f"{what} failed: {e.strerror or e}")
 
 
 def probe(t: ProbeTarget) -> ProbeResult:
@@ -138,33 +187,29 @@ def probe(t: ProbeTarget) -> ProbeResult:
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
         return ProbeResult(ABSENT, 0, f"{t.path} is not a block device or file")
     try:
-        dev = DirectDev(t.path, writable=True)
-    except DeviceError as e:
-        cause = e.__cause__
-        code = cause.errno if isinstance(cause, OSError) and cause.errno else 0
-        return ProbeResult(ABSENT if code in _GONE else REFUSED, code, str(e))
+        io = _ProbeIO(t.path)
+    except OSError as e:
+        return _failed(f"opening {t.path} for writing", e)
     try:
-        if dev.size < max(t.offset, t.header_offset + 2 * BLOCK):
+        size = io.size()
+        if size < max(t.offset, *t.header_offsets) + BLOCK:
             # A detached loop device, a removed medium: the node is there, the disk is not.
-            return ProbeResult(ABSENT, 0, f"{t.path} has {dev.size} bytes now, too small to hold the record")
+            return ProbeResult(ABSENT, 0, f"{t.path} has {size} bytes now, too small to hold the record")
         try:
-            why = _header_matches(dev, t)
+            why = _header_matches(io, t)
             if why:
                 return ProbeResult(UNKNOWN, 0, f"the record of {t.disk} is not where it was: {why}")
-            data = dev.pread(t.offset, BLOCK)
+            data = io.read(t.offset)
         except OSError as e:
-            code = e.errno or 0
-            return ProbeResult(ABSENT if code in _GONE else REFUSED, code, f"read failed: {e.strerror or e}")
+            return _failed("read", e)
         try:
-            dev.pwrite(t.offset, data)
-            dev.sync()
+            io.write_back(t.offset, data)
         except OSError as e:
-            code = e.errno or 0
-            return ProbeResult(ABSENT if code in _GONE else REFUSED, code, f"write failed: {e.strerror or e}")
+            return _failed("write", e)
         return ProbeResult(OWNER)
     finally:
         with contextlib.suppress(OSError):
-            dev.close()
+            io.close()
 
 
 def safe_find_target(disk: str, record: str | None = None) -> tuple[ProbeTarget | None, ProbeResult | None]:
