@@ -235,3 +235,34 @@ def test_json_and_text_log_lines() -> None:
         for h in list(root.handlers):
             root.removeHandler(h)
         root.propagate = True
+
+
+def test_cli_keeps_watch_options_with_their_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import baton.agent.core as core
+    from baton.cli.cmd_agent import command
+
+    got: dict[str, Any] = {}
+
+    class FakeAgent:
+        def __init__(self, *, watches: list[WatchSpec], metrics: tuple[str, int] | None) -> None:
+            got.update(watches=watches, metrics=metrics)
+
+        def run(self) -> int:
+            return 0
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(core, "Agent", FakeAgent)
+    monkeypatch.setenv("BATON_NODE", "n5")
+    monkeypatch.setattr(logs, "setup", lambda fmt: None)
+    r = CliRunner().invoke(command, ["--watch", "/x/a.img", "--name", "A", "--watch", "/x/b.img", "--node", "n2",
+                                     "--frontend", "nbd", "--probe-interval", "2", "--metrics", ":9999"])
+    assert r.exit_code == 0, repr(r.exception)
+    assert [(s.disk, s.node, s.name, s.frontend, s.probe_interval) for s in got["watches"]] == [
+        ("/x/a.img", "n5", "A", "fuse", 5.0), ("/x/b.img", "n2", "", "nbd", 2.0)]
+    assert got["metrics"] == ("127.0.0.1", 9999)
+    r = CliRunner().invoke(command, ["--watch", "/x/a.img", "--name", "A", "--name", "B"])
+    assert isinstance(r.exception, UsageError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -43,9 +44,9 @@ def _ordered(ctx: click.Context, values: dict[str, Sequence[Any]]) -> list[tuple
 @click.option("--watch", multiple=True, metavar="DISK",
               help="Watch DISK and attach it when its ownership arrives on this node (repeatable; the options "
                    "below follow the --watch they apply to).")
-@click.option("--node", multiple=True, envvar="BATON_NODE",
+@click.option("--node", multiple=True,
               help="This node's cluster name, for the --watch before it (before any --watch: for all). "
-                   "Env: BATON_NODE.")
+                   "Default: env BATON_NODE.")
 @click.option("--name", multiple=True, help="Attachment name for the --watch before it (default: DISK's name).")
 @click.option("--frontend", multiple=True, type=click.Choice(["fuse", "nbd"]),
               help="Frontend for the --watch before it (default fuse).")
@@ -95,9 +96,9 @@ def command(ctx: click.Context, metrics: str | None, metrics_allow_remote: bool,
 
     items = _ordered(ctx, {"watch": watch, "node": node, "name": name, "frontend": frontend, "record": record,
                            "probe_interval": probe_interval})
-    # BATON_NODE from the environment (click's envvar) is not on the command line: a default for all.
-    env_node = node[0] if node and "node" not in ctx.meta.get("baton.agent.order", []) else ""
-    specs = group_watches(items, default_node=env_node)
+    # BATON_NODE is the default for every watch without its own --node (read here, not as click's envvar,
+    # which click would drop as soon as one --node is on the command line).
+    specs = group_watches(items, default_node=os.environ.get("BATON_NODE", ""))
     addr = parse_metrics_addr(metrics, allow_remote=metrics_allow_remote) if metrics else None
     logs.setup(log_format)
     agent = Agent(watches=specs, metrics=addr)
