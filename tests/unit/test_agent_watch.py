@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
 from typing import Any
 
 import pytest
@@ -258,6 +259,7 @@ def test_cli_keeps_watch_options_with_their_watch(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(core, "Agent", FakeAgent)
     monkeypatch.setenv("BATON_NODE", "n5")
     monkeypatch.setattr(logs, "setup", lambda fmt: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own handlers
     r = CliRunner().invoke(command, ["--watch", "/x/a.img", "--name", "A", "--watch", "/x/b.img", "--node", "n2",
                                      "--frontend", "nbd", "--probe-interval", "2", "--metrics", ":9999"])
     assert r.exit_code == 0, repr(r.exception)
