@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from baton.cluster import attach as att
 from baton.cluster import watch as w
-from baton.errors import BatonError, DeviceBusy
+from baton.errors import DeviceBusy
 
 log = logging.getLogger("baton.agent")
 
@@ -122,7 +122,7 @@ class Watcher:
 
     def step(self) -> str:
         """Observe, probe if needed, attach on arrival. Returns what it did (for tests and logs):
-        'attached-here', 'ended', 'probed', 'arrival-attached', 'arrival-failed', 'waiting-backoff'."""
+        'attached-here', 'probed', 'arrival-attached', 'arrival-failed', 'waiting-backoff'."""
         with self._lock:
             events, self._events = self._events, []
         here = self._attached_here()
@@ -161,7 +161,7 @@ class Watcher:
             self.armed = False
             log.info("watch.already_attached", extra=self._fields(detail=str(e)))
             return "attached-here"
-        except BatonError as e:
+        except Exception as e:  # BatonError mostly; anything else is logged the same way, with backoff
             self.stats["attach_failures"] += 1
             self.failures_in_row += 1
             delay = min(MAX_BACKOFF, self.spec.probe_interval * 2 ** self.failures_in_row)
@@ -188,8 +188,8 @@ class Watcher:
         if res is None and self.target is not None:
             res = self._probe(self.target)
             self.stats["probes"] += 1
-            if res.outcome == w.UNKNOWN:
-                self.target = None
+            if res.outcome in (w.UNKNOWN, w.ABSENT):
+                self.target = None  # locate the record again when the device is back (it may be another one)
         assert res is not None
         self.last_probe_at = self.clock()
         if res.outcome == w.OWNER:
