@@ -21,6 +21,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -285,12 +286,15 @@ def test_ext4_survives_kill9_and_takeover(env: Env) -> None:
     subprocess.run(["mkfs.ext4", "-F", "-q", dev], check=True, capture_output=True, timeout=120)
     # Mount privately, write files and sync them, then keep writing (unsynced) until the owner dies.
     script = (f"m=$(mktemp -d); mount {dev} $m; mkdir $m/d; "
-              f"for i in 0 1 2 3 4 5 6 7; do head -c 300000 /dev/urandom > $m/d/f$i; done; sync; "
+              f"for i in 0 1 2 3 4 5 6 7; do head -c 300000 /dev/urandom > $m/d/f$i; done; sync -f $m/d; "
               f"(cd $m/d && sha256sum f*); echo READY; "
               f"i=0; while true; do head -c 200000 /dev/urandom > $m/g$i 2>/dev/null || true; i=$((i+1)); done")
     sh = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                           stdout=subprocess.PIPE, text=True, start_new_session=True)
     sums: list[str] = []
+    # Only this file system is synced (syncfs): a global sync can block on any other stuck file system.
+    watchdog = threading.Timer(2 * BOUND, lambda: os.killpg(sh.pid, signal.SIGKILL))
+    watchdog.start()
     try:
         assert sh.stdout is not None
         for line in sh.stdout:
@@ -302,6 +306,7 @@ def test_ext4_survives_kill9_and_takeover(env: Env) -> None:
         kill_pid(env.daemon_pid(name))
         time.sleep(0.5)
     finally:
+        watchdog.cancel()
         # The mount dies with its namespace (a lazy unmount of a dead device).
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sh.pid, signal.SIGKILL)
