@@ -58,8 +58,9 @@ def baton(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Com
 
 
 def cleanup(agent: subprocess.Popen[bytes] | None, env: dict[str, str], name: str, tmp_path: Path,
-            log_path: Path) -> None:
-    """Stop our agent (by PID), detach NAME, kill its daemon if detach could not, free our loop devices."""
+            log_path: Path, *, sweep: bool = True) -> None:
+    """Stop our agent (by PID), detach NAME, kill its daemon if detach could not, and with ``sweep`` free the
+    loop devices left over tmp_path (after every attachment of the test is detached)."""
     if agent is not None and agent.poll() is None:
         agent.kill()
         agent.wait(timeout=10)
@@ -75,7 +76,7 @@ def cleanup(agent: subprocess.Popen[bytes] | None, env: dict[str, str], name: st
         except ProcessLookupError:
             pass
         baton(env, "detach", name, check=False)
-    for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
+    for bf in Path("/sys/block").glob("loop*/loop/backing_file") if sweep else []:
         try:
             if str(tmp_path) in bf.read_text():
                 subprocess.run(["losetup", "-d", "/dev/" + bf.parent.parent.name], timeout=30)
@@ -209,3 +210,53 @@ def test_mount_event_triggers_the_probe(tmp_path: Path) -> None:
         cleanup(agent, env, name, tmp_path, log_path)
         if mounted:
             subprocess.run(["umount", "-l", str(mnt)], timeout=30, check=False)
+
+
+def test_fenced_attachment_is_not_taken_back(tmp_path: Path) -> None:
+    """Another "node" (its own RUN_DIR on this host) takes the disk over: the daemon watch mode started is
+    fenced and exits 5, the agent logs it, and although the probe still succeeds on this shared image, the watch
+    does not take the disk back."""
+    need_root()
+    need_tool("losetup")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("needs /dev/fuse")
+    name = f"agf{secrets.token_hex(3)}"
+    env_a = {**os.environ, "BATON_RUN_DIR": str(tmp_path / "runA"), "BATON_DEV_DIR": str(tmp_path / "devA")}
+    env_b = {**os.environ, "BATON_RUN_DIR": str(tmp_path / "runB"), "BATON_DEV_DIR": str(tmp_path / "devB")}
+    for e in (env_a, env_b):
+        e.pop("BATON_NODE", None)
+    image = tmp_path / "shared.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    baton(env_a, "init", str(image))
+    log_path = tmp_path / "agent.log"
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        with open(log_path, "wb") as logf:
+            agent = subprocess.Popen(
+                [str(BATON), "agent", "--watch", str(image), "--node", "n1", "--name", name, "--probe-interval",
+                 "0.5", "--log-format", "json"],
+                env=env_a, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
+        wait_for("the watch to attach", lambda: (tmp_path / "devA" / name).is_block_device())
+        res = json.loads(baton(env_b, "attach", str(image), "--node", "n2", "--name", name, "--json").stdout)
+        assert res["epoch"] == 2
+        ex = wait_for("the fenced daemon's exit to be logged", lambda: [
+            e for e in events_of(log_path) if e["event"] == "attachment.daemon_exited"])
+        assert ex[0]["exit_status"] == 5
+
+        def probes() -> int:
+            w = json.loads(baton(env_a, "agent", "--status", "--json").stdout)["agent"]["watches"][0]
+            return int(w["statistics"]["probes"]) if not w["attached_here"] else 0
+
+        base = wait_for("the watch to notice", probes)
+        wait_for("three more probes", lambda: probes() >= base + 3)
+        w = json.loads(baton(env_a, "agent", "--status", "--json").stdout)["agent"]["watches"][0]
+        assert w["probe"]["outcome"] == "owner" and not w["attached_here"]
+        assert w["statistics"]["attaches"] == 1
+        st_b = json.loads(baton(env_b, "status", name, "--json").stdout)
+        assert st_b["state"] == "running" and st_b["epoch"] == 2 and st_b["node"] == "n2"
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+    finally:
+        cleanup(agent, env_a, name, tmp_path, log_path, sweep=False)
+        cleanup(None, env_b, name, tmp_path, tmp_path / "none.log")
