@@ -95,6 +95,15 @@ else:
         if magic != 0x67446698 or ck != cookie[0] or err:
             raise OSError(err, f"NBD write error {err}")
 
+one = os.environ.get("ONE_WRITE")
+if one is not None:  # a single 4 KiB write at that offset; exit status = its errno (0: acknowledged)
+    try:
+        write(int(one), b"\x5a" * 4096)
+    except OSError as e:
+        sys.exit(e.errno or 1)
+    except EOFError:
+        sys.exit(107)  # ENOTCONN
+    sys.exit(0)
 i = 0
 while True:
     off, n, data = draw()
@@ -328,32 +337,32 @@ def test_ext4_survives_kill9_and_takeover(env: Env) -> None:
     assert st["epoch"] == 2 and st["owner"] == "node-b" and st["dirty_chunks"] > 0
 
 
-def _write_once(dev: str, offset: int) -> int:
-    """One 4 KiB O_DIRECT write in a child process (it may block on a dying device): its errno, or 0."""
-    code = ("import mmap,os,sys\nb=mmap.mmap(-1,4096); b[:]=b'\\x5a'*4096\n"
-            "fd=os.open(sys.argv[1], os.O_WRONLY|os.O_DIRECT)\n"
-            "try:\n os.pwrite(fd,b,int(sys.argv[2])); os.fsync(fd)\n"
-            "except OSError as e:\n sys.exit(e.errno)\n")
-    return subprocess.run([sys.executable, "-c", code, dev, str(offset)], timeout=BOUND).returncode
+def _write_once(frontend: str, target: str, export: str, offset: int) -> int:
+    """One 4 KiB write in a child process (it may block on a dying device): its errno, or 0 if acknowledged."""
+    return subprocess.run([sys.executable, "-c", WRITER, frontend, target, export, os.devnull, "0", "0"],
+                          env=os.environ | {"ONE_WRITE": str(offset)}, timeout=BOUND).returncode
 
 
-def test_superseded_owner_gets_eio_exits_5_and_never_writes_again(env: Env) -> None:
+@pytest.mark.parametrize("frontend", ["fuse", "nbd"])
+def test_superseded_owner_gets_eio_exits_5_and_never_writes_again(env: Env, frontend: str) -> None:
     disk = raw_disk(env.root, 64 * MiB)
     init = env.json("init", str(disk))
     size = int(init["data_size"])
     name = new_name("tkf")
     env_a, env_b = Env(env.root, "-a"), Env(env.root, "-b")  # two "nodes": separate run and device dirs
     proc = subprocess.Popen([sys.executable, "-m", "baton", "attach", str(disk), "--node", "node-a", "--name",
-                             name, "--foreground"], env=env_a.env, stdout=subprocess.DEVNULL,
+                             name, "--frontend", frontend, "--foreground"], env=env_a.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     env_a.names.add(name)
     try:
-        wait_for(lambda: (env_a.dev_dir / name).exists() or proc.poll() is not None, "A's device")
+        target_a = str(env_a.dev_dir / name if frontend == "fuse" else env_a.run_dir / f"{name}.sock")
+        wait_for(lambda: (env_a.run_dir / name / "daemon.json").exists() or proc.poll() is not None,
+                 "A ready")
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        dev_a = str(env_a.dev_dir / name)
-        assert _write_once(dev_a, 0) == 0  # A owns the disk: a first-touch write succeeds
-        res_b = env_b.attach(disk, "node-b", name)
+        assert _write_once(frontend, target_a, name, 0) == 0  # A owns the disk: a first-touch write succeeds
+        res_b = env_b.attach(disk, "node-b", name, frontend)
         assert res_b["epoch"] == 2
+        target_b = res_b["device"] if frontend == "fuse" else res_b["socket"]
 
         def record_area() -> bytes:
             with open(disk, "rb") as f:
@@ -361,13 +370,13 @@ def test_superseded_owner_gets_eio_exits_5_and_never_writes_again(env: Env) -> N
                 return f.read()
 
         before = record_area()
-        assert _write_once(dev_a, 10 * CHUNK) == errno.EIO  # first touch: A finds epoch 2 on disk
+        assert _write_once(frontend, target_a, name, 10 * CHUNK) == errno.EIO  # first touch: A finds epoch 2
         assert proc.wait(BOUND) == 5, "the superseded daemon must exit with status 5 (Fenced)"
         assert record_area() == before, "the superseded owner wrote the record"
         st = env_b.json("status", name)
         assert (st["epoch"], st["owner"], st["dirty_chunks"]) == (2, "node-b", 1)
         # B still works and records.
-        assert _write_once(res_b["device"], 20 * CHUNK) == 0
+        assert _write_once(frontend, target_b, name, 20 * CHUNK) == 0
         assert env_b.json("status", name)["dirty_chunks"] == 2
         env_b.baton("detach", name)
         st = env.json("status", str(disk))
