@@ -135,6 +135,23 @@ def test_tail_record_copied_onto_another_disk_is_refused(env: Env) -> None:
     assert (digest(a), digest(b)) == (before_a, before_b)
 
 
+def test_file_record_on_a_grown_copy_of_the_disk_is_refused(env: Env) -> None:
+    need_tool("mkfs.ext4", "debugfs")
+    a = sparse(env.root / "fa.img", 64 * MiB)
+    subprocess.run(["mkfs.ext4", "-F", "-q", str(a)], check=True, capture_output=True, timeout=60)
+    env.baton("init", str(a), "--record", "file")
+    b = env.root / "fb.img"
+    subprocess.run(["cp", "--sparse=always", str(a), str(b)], check=True, timeout=60)
+    with open(b, "r+b") as f:
+        f.truncate(72 * MiB)  # the same file system and record file, on a disk of another size
+    before = digest(b)
+    for cmd in (["status", str(b), "--json"], ["attach", str(b), "--node", "n1", "--name", env.name()]):
+        r = env.baton(*cmd, rc=code(errors.WrongDisk))
+        assert "67108864" in r.stderr and "75497472" in r.stderr, r.stderr
+    assert digest(b) == before
+    assert env.json("status", str(a))["placement"] == "file"
+
+
 def test_record_disk_slot_used_with_the_wrong_data_disk(env: Env) -> None:
     rdisk = sparse(env.root / "rdisk.img", 16 * MiB)
     env.baton("init", str(rdisk), "--record-disk", "--slots", "2", "--slot-size", "2M")
