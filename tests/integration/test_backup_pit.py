@@ -284,3 +284,78 @@ def test_backup_of_an_attached_disk_with_a_relative_repo_path(env: Env) -> None:
         assert json.loads(r.stdout)["mode"] == "full"
     finally:
         env.baton("detach", name)
+
+
+HAMMER = r'''
+import mmap, os, random, sys
+rng = random.Random(int(sys.argv[3]))
+size = int(sys.argv[2])
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 64 * 1024)
+while True:
+    n = rng.randrange(1, 17) * 4096
+    off = rng.randrange(0, (size - n) // 4096 + 1) * 4096
+    buf[:n] = rng.randbytes(n)
+    os.pwrite(fd, memoryview(buf)[:n], off)
+'''
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def test_point_in_time_through_the_device_with_a_paused_writer(env: Env) -> None:
+    """The same through /dev/baton/NAME and the CLI: the writer process is stopped (SIGSTOP: its synchronous
+    O_DIRECT write has returned, nothing is in flight), the disk is copied, `baton backup` starts, and the writer
+    resumes only once status shows the backup in progress (the freeze is done)."""
+    print(f"BATON_SEED={SEED}")
+    disk = env.root / "pd.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+    size = int(env.json("init", str(disk), "--chunk-size", "16K")["data_size"])
+    repo = str(env.root / "repo")
+    env.baton("repo", "init", repo)
+    name = f"pitd-{uuid.uuid4().hex[:8]}"
+    dev = env.json("attach", str(disk), "--node", "node-a", "--name", name)["device"]
+    writer = subprocess.Popen([sys.executable, "-c", HAMMER, dev, str(size), str(SEED)])
+    try:
+        time.sleep(0.5)
+        for phase in (1, 2):
+            os.kill(writer.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + BOUND
+            while not _stopped(writer.pid):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with open(disk, "rb") as f:
+                copy = f.read(size)
+            bk = subprocess.Popen([sys.executable, "-m", "baton", "backup", name, "--repo", repo, "--json"],
+                                  env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                deadline = time.monotonic() + BOUND
+                while bk.poll() is None and not env.json("status", name).get("backup_in_progress"):
+                    assert time.monotonic() < deadline, "the backup never showed as in progress"
+                    time.sleep(0.01)
+            finally:
+                os.kill(writer.pid, signal.SIGCONT)
+            out, err = bk.communicate(timeout=120)
+            assert bk.returncode == 0, err
+            res = json.loads(out)
+            assert writer.poll() is None, "the writer died"
+            target = env.root / f"restored-{phase}.img"
+            env.baton("restore", res["snapshot"], "--repo", repo, "--to", str(target))
+            got = target.read_bytes()
+            assert len(got) == size
+            bad = [c for c in range(0, size, 16 * KiB) if got[c : c + 16 * KiB] != copy[c : c + 16 * KiB]]
+            assert not bad, (f"backup {phase} differs from the disk at its freeze point in chunks "
+                             f"{[c // (16 * KiB) for c in bad[:20]]} (seed {SEED})")
+            print(f"backup {phase}: {res['mode']}, {res['chunks_read']} chunks read, "
+                  f"{res['cbw_copies']} copy-before-write saves")
+            assert res["mode"] == ("full" if phase == 1 else "incremental")
+    finally:
+        if writer.poll() is None:
+            os.kill(writer.pid, signal.SIGCONT)
+            writer.kill()
+            writer.wait(BOUND)
+        subprocess.run([sys.executable, "-m", "baton", "detach", name], capture_output=True, timeout=60,
+                       env=env.env)
