@@ -614,6 +614,12 @@ def _init_file(disk: str, fs: FsInfo, chunk: int, nslots: int, disk_uuid: str, f
                           "--record external:RECORD_DISK")
     raw = json.loads(r.stdout)["extents"]
     ext = tuple(Extent(lo, ph, ln) for lo, ph, ln in raw)
+    if any(e.physical % BLOCK or e.length % BLOCK or e.logical % BLOCK for e in ext):
+        # Record blocks must be whole 4 KiB device blocks: a record write must never share a 4 KiB block
+        # (read-modify-write) with file-system data the tracker writes at the same time.
+        raise DeviceError(f"the {fs.type} on {disk} uses blocks smaller than 4 KiB, so its record file is not "
+                          "4 KiB-aligned on the disk", hint="use --record tail or external:RECORD_DISK, or make "
+                          "the file system with 4 KiB blocks (mkfs.ext4 -b 4096)")
     if len(ext) > EXTMAP_MAX:
         raise DeviceError(f"the record file is split into {len(ext)} extents (at most {EXTMAP_MAX} are supported)",
                           hint="defragment the file system or use --record external:RECORD_DISK")
