@@ -98,11 +98,11 @@ def test_probe_block_is_the_write_once_block_in_every_placement(image: Path, tmp
     fs_img = tmp_path / "fs.img"
     with open(fs_img, "wb") as f:
         f.truncate(64 * 1024 * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(fs_img)], check=True, capture_output=True, timeout=60)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(fs_img)], check=True, capture_output=True, timeout=60)
     _init(tmp_path, str(fs_img))
     tf = w.find_target(str(fs_img))
     assert tf.placement == "file" and tf.path == str(fs_img)
-    # A 64 MiB ext4 has 1 KiB blocks: the record's 4 KiB blocks need not be 4 KiB-aligned on the disk.
+    # 4 KiB blocks: init refuses a file record that is not 4 KiB-aligned on the disk (1 KiB-block ext4).
     assert _block(str(fs_img), tf.offset)[:8] == b"BATONEXT"
     assert b"BATONREC" in [_block(str(fs_img), h)[:8] for h in tf.header_offsets]
     before = digest(fs_img)

@@ -138,7 +138,7 @@ def test_tail_record_copied_onto_another_disk_is_refused(env: Env) -> None:
 def test_file_record_on_a_grown_copy_of_the_disk_is_refused(env: Env) -> None:
     need_tool("mkfs.ext4", "debugfs")
     a = sparse(env.root / "fa.img", 64 * MiB)
-    subprocess.run(["mkfs.ext4", "-F", "-q", str(a)], check=True, capture_output=True, timeout=60)
+    subprocess.run(["mkfs.ext4", "-F", "-q", "-b", "4096", str(a)], check=True, capture_output=True, timeout=60)
     env.baton("init", str(a), "--record", "file")
     b = env.root / "fb.img"
     subprocess.run(["cp", "--sparse=always", str(a), str(b)], check=True, timeout=60)
@@ -301,7 +301,7 @@ def test_device_in_use_mounted_or_attached(env: Env) -> None:
     need_tool("mkfs.ext4", "fusermount3")
     # Mounted: a block device (our own loop) mounted in a private namespace, `baton init` run inside it.
     img = sparse(env.root / "m.img", 64 * MiB)
-    subprocess.run(["mkfs.ext4", "-F", "-q", str(img)], check=True, capture_output=True, timeout=60)
+    subprocess.run(["mkfs.ext4", "-F", "-q", "-b", "4096", str(img)], check=True, capture_output=True, timeout=60)
     loop = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True, text=True, check=True,
                           timeout=30).stdout.strip()
     try:
@@ -334,3 +334,18 @@ def test_device_in_use_mounted_or_attached(env: Env) -> None:
     assert (after["lineage"], after["epoch"], after["disk_uuid"]) == (
         before_rec["lineage"], before_rec["epoch"], before_rec["disk_uuid"])
     env.baton("detach", name)
+
+
+def test_file_record_refused_on_a_1k_block_ext4(env: Env) -> None:
+    """A 1 KiB-block ext4 can place the record file off 4 KiB boundaries: a record write would then
+    read-modify-write a 4 KiB block shared with file-system data. init refuses, suggests tail/external, and
+    leaves the file system as it was."""
+    need_tool("mkfs.ext4", "e2fsck")
+    disk = sparse(env.root / "k1.img", 64 * MiB)
+    subprocess.run(["mkfs.ext4", "-F", "-q", "-b", "1024", str(disk)], check=True, capture_output=True, timeout=60)
+    # 64 MiB with 1 KiB blocks and a 300 KiB record file: ext4 places it in block group 0, after the 1 KiB
+    # superblock and descriptors, which is not 4 KiB-aligned on the disk.
+    r = env.baton("init", str(disk), "--record", "file", rc=code(errors.DeviceError))
+    assert "4 KiB" in r.stderr and ("tail" in r.stderr or "external" in r.stderr), r.stderr
+    fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True, timeout=120)
+    assert fsck.returncode == 0, fsck.stdout

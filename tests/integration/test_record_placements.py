@@ -158,7 +158,7 @@ def test_file_placement(env: Env, fs: str) -> None:
     need_tool(f"mkfs.{fs}", "debugfs" if fs == "ext4" else "xfs_db", "e2fsck" if fs == "ext4" else "xfs_repair")
     size = 64 * MiB if fs == "ext4" else 320 * MiB  # mkfs.xfs refuses file systems under 300 MB
     disk = sparse(env.root / f"{fs}.img", size)
-    mkfs = ["mkfs.ext4", "-F", "-q"] if fs == "ext4" else ["mkfs.xfs", "-f", "-q"]
+    mkfs = ["mkfs.ext4", "-F", "-q", "-b", "4096"] if fs == "ext4" else ["mkfs.xfs", "-f", "-q"]
     subprocess.run([*mkfs, str(disk)], check=True, capture_output=True, timeout=120)
     fs_uuid = subprocess.run(["blkid", "-p", "-s", "UUID", "-o", "value", str(disk)], capture_output=True,
                              text=True, check=True).stdout.strip()
