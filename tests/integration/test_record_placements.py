@@ -155,7 +155,8 @@ def test_tail_on_raw_sparse_image(env: Env) -> None:
 
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
 def test_file_placement(env: Env, fs: str) -> None:
-    need_tool(f"mkfs.{fs}", "debugfs" if fs == "ext4" else "xfs_db", "e2fsck" if fs == "ext4" else "xfs_repair")
+    need_tool(f"mkfs.{fs}", "debugfs" if fs == "ext4" else "xfs_db", "e2fsck" if fs == "ext4" else "xfs_repair",
+              "lsattr")
     size = 64 * MiB if fs == "ext4" else 320 * MiB  # mkfs.xfs refuses file systems under 300 MB
     disk = sparse(env.root / f"{fs}.img", size)
     mkfs = ["mkfs.ext4", "-F", "-q", "-b", "4096"] if fs == "ext4" else ["mkfs.xfs", "-f", "-q"]
