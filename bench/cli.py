@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -69,8 +70,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    # Turn SIGTERM (and SIGINT, which a background shell job ignores by default) into an exception, so the
+    # benchmarks' finally blocks detach disks, release loop devices and stop what they started.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     if os.geteuid() != 0:
         print("bench: needs root (loop devices, FUSE, drop_caches); run `sudo make bench`", file=sys.stderr)
         return 1

@@ -140,6 +140,12 @@ def run(
         timer.start()
         try:
             _, status, ru = os.wait4(proc.pid, 0)
+        except BaseException:
+            # Interrupted (SIGTERM/SIGINT): stop the command we started, then let the caller clean up.
+            _kill()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(proc.pid, 0)
+            raise
         finally:
             timer.cancel()
         wall = time.perf_counter() - t0

@@ -211,7 +211,10 @@ def run(ctx: Context) -> JSON:
                     # written by the current owner.
                     if not ctx.smoke or (not cells and rep == 0) or not disk.attached:
                         disk.takeover(node)
-                    w = write_chunks(disk.target, sorted(group), CHUNK, ctx.seed + rep * 7 + len(writes))
+                    # A fresh content seed per round and owner: no round rewrites bytes an earlier round wrote,
+                    # which would let chunk-level dedup store less than really changed.
+                    content_seed = ctx.seed + 1000 * len(cells) + 10 * rep + len(writes)
+                    w = write_chunks(disk.target, sorted(group), CHUNK, content_seed)
                     writes.append({"node": disk.owner, "via": "baton device" if disk.attached else "image file", **w})
                 changed = len(chunks) * CHUNK
                 changed_samples.append(changed)
