@@ -552,3 +552,28 @@ def test_live_daemon_in_another_pid_namespace_is_never_cleaned(root: Path) -> No
         assert d.cmd("stop") == {"ok": True}
     finally:
         d.close()
+
+
+def test_daemon_wedged_in_exit_by_its_own_namespace_is_unwedged(root: Path) -> None:
+    # The daemon is the last process of a mount namespace in which ext4 on its own device is mounted: when it
+    # is killed, tearing that namespace down unmounts the ext4, whose writeback only the dying daemon could
+    # serve. cleanup_stale aborts the FUSE connection so the exit (and the clean-up) can finish.
+    need_tool("mkfs.ext4", "nsenter")
+    d = Daemon(root, "wx", 64 * MiB)
+    try:
+        r = subprocess.run(["mkfs.ext4", "-q", "-F", d.device], capture_output=True, text=True, timeout=120,
+                           check=False)
+        assert r.returncode == 0, r.stderr
+        mnt = root / "mnt"
+        mnt.mkdir()
+        r = subprocess.run(["nsenter", "-t", str(d.proc.pid), "-m", "sh", "-ec",
+                            f"mount {d.device} {mnt}; head -c 1000000 /dev/urandom > {mnt}/f"],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        d.proc.send_signal(signal.SIGKILL)  # no wait: the exit may be wedged until cleanup_stale acts
+        actions = cleanup_stale("wx", d.run_dir, d.dev_dir)
+        assert any(a.startswith("detached") for a in actions) or d.loop_gone(), actions
+        assert d.proc.wait(BOUND) == -signal.SIGKILL
+        assert d.loop_gone()
+    finally:
+        d.close()

@@ -75,6 +75,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _READY_TIMEOUT = 30.0  # seconds for the FUSE session to come up
 _STOP_JOIN_TIMEOUT = 10.0  # seconds for the FUSE loop to end after unmount, before we abort the connection
 _DETACH_WAIT = 5.0  # seconds for losetup -d to take effect
+_DYING_GRACE = 2.0  # seconds a killed daemon gets to finish exiting before we abort its FUSE connection
 
 
 class TrackerLike(Protocol):
@@ -244,10 +245,20 @@ def _pid_ns() -> str:
         return ""
 
 
+def _exiting(pid: int) -> bool:
+    """The process was killed and is inside exit() (PF_EXITING), or is a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] == "Z" or bool(int(fields[6]) & 0x4)  # state; flags & PF_EXITING
+
+
 def _alive(st: State) -> bool:
     """The recorded process still runs. Only decidable from the same pid namespace; elsewhere the lock file
     (see :class:`_Lock`) is the only evidence, and this returns False."""
-    return st.pid_ns in ("", _pid_ns()) and process_start_time(st.pid) == st.pid_start
+    return (st.pid_ns in ("", _pid_ns()) and process_start_time(st.pid) == st.pid_start
+            and not _exiting(st.pid))
 
 
 class _Lock:
@@ -304,17 +315,45 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
     then. Returns [] when there is no state file.
     """
     _name_ok(name)
-    state_dir = run_dir / name
+    state_dir = Path(run_dir).absolute() / name
     if not (state_dir / "state.json").exists():
         return []
     lock = _Lock(state_dir)
     try:
-        if not lock.try_acquire():
+        if not lock.try_acquire() and not _unwedge_dying_daemon(read_state(state_dir / "state.json"), lock):
             raise DeviceBusy(_busy_message(name, read_state(state_dir / "state.json")),
                              hint=f"detach it with `baton detach {name}`, or stop that process")
         return _cleanup_locked(name, state_dir)
     finally:
         lock.release()
+
+
+def _unwedge_dying_daemon(st: State | None, lock: _Lock) -> bool:
+    """A killed daemon that cannot finish dying: abort its FUSE connection; True once we hold the lock.
+
+    The case: the daemon was the last process of a mount namespace in which a file system on its own device
+    is mounted. Its exit tears the namespace down, unmounting that file system, which waits for writeback
+    through the device, which only the dying daemon could serve: the kernel releases /dev/fuse (and our lock)
+    only after that. Aborting the connection fails the writeback with EIO and lets the exit finish.
+    """
+    if st is None or st.pid_ns not in ("", _pid_ns()) or process_start_time(st.pid) != st.pid_start:
+        return False
+    deadline = time.monotonic() + _DYING_GRACE
+    while _exiting(st.pid):
+        if lock.try_acquire():
+            return True
+        if time.monotonic() > deadline:
+            log.warning("%s: daemon pid %d is stuck exiting; aborting its FUSE connection %d", st.name, st.pid,
+                        st.fuse_conn)
+            abort_connection(st.fuse_conn)
+            end = time.monotonic() + _DYING_GRACE
+            while time.monotonic() < end:
+                if lock.try_acquire():
+                    return True
+                time.sleep(0.05)
+            return False
+        time.sleep(0.05)
+    return lock.try_acquire()
 
 
 def _cleanup_locked(name: str, state_dir: Path) -> list[str]:
@@ -376,8 +415,9 @@ class FuseFrontend:
             raise DeviceError(f"tracker size {tracker.size} is not a positive multiple of 512 bytes")
         self.tracker = tracker
         self.name = name
-        self.run_dir = Path(run_dir)
-        self.dev_dir = Path(dev_dir)
+        # Absolute: libfuse's fuse_main changes the working directory to "/".
+        self.run_dir = Path(run_dir).absolute()
+        self.dev_dir = Path(dev_dir).absolute()
         self.state_dir = self.run_dir / name
         self.state_path = self.state_dir / "state.json"
         self.mountpoint = self.state_dir / "fuse"
