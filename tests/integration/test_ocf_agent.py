@@ -192,3 +192,15 @@ def test_errors_map_to_ocf_codes(ocf_env: Env, tmp_path: Path) -> None:
         f.truncate(64 * 1024 * 1024)
     assert e.ra("start", disk=str(blank)) == OCF_ERR_CONFIGURED
     assert e.ra("monitor", disk=str(blank)) == OCF_NOT_RUNNING
+
+
+def test_nbd_frontend(ocf_env: Env) -> None:
+    e = ocf_env
+    assert e.ra("start", frontend="nbd") == OCF_SUCCESS
+    sock = Path(e.env["BATON_RUN_DIR"]) / f"{e.name}.sock"
+    assert sock.is_socket(), "start returned before the NBD socket was ready"
+    assert not (Path(e.env["BATON_DEV_DIR"]) / e.name).exists()
+    assert e.ra("monitor", frontend="nbd") == OCF_SUCCESS
+    assert e.ra("stop", frontend="nbd") == OCF_SUCCESS
+    assert e.ra("monitor", frontend="nbd") == OCF_NOT_RUNNING
+    assert not sock.exists()
