@@ -484,7 +484,8 @@ class FuseFrontend:
 
     def _prepare_dirs(self) -> None:
         self._lock_file = _Lock(self.state_dir)
-        if not self._lock_file.try_acquire():
+        if not self._lock_file.try_acquire() and not _unwedge_dying_daemon(read_state(self.state_path),
+                                                                          self._lock_file):
             self._lock_file.release()
             self._lock_file = None
             raise DeviceBusy(_busy_message(self.name, read_state(self.state_path)),
