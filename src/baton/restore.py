@@ -30,9 +30,9 @@ from typing import Any
 
 import blake3
 
-from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate
+from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate, device_size
 from baton.errors import DeviceBusy, DeviceError, RepoCorrupt, RepoError
-from baton.record.placement import device_size, has_tail_record
+from baton.record.placement import has_tail_record
 from baton.repo import ZERO_ID, Manifest, Repository
 from baton.repo.repository import coalesce
 

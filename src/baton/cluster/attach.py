@@ -34,6 +34,7 @@ from baton.errors import BatonError, DaemonError, DeviceBusy, DeviceError, Fence
 from baton.format.record import PLACEMENT_TAIL
 from baton.record.placement import Located, describe, locate
 from baton.tracker.core import Tracker, spill_dir_default
+from baton.util import pid_alive
 
 log = logging.getLogger("baton.daemon")
 READY_TIMEOUT = 60.0
@@ -68,19 +69,7 @@ def _check_name(name: str) -> None:
         raise UsageError(f"invalid NAME {name!r}: use letters, digits, '-', '_' and '.' (at most 64)")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+_pid_alive = pid_alive
 
 
 def read_state(name: str) -> dict[str, Any] | None:

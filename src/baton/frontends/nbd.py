@@ -46,7 +46,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Protocol, cast
+from typing import cast
 
 from baton.errors import DeviceBusy, DeviceError, Fenced
 from baton.format import nbd_proto as P
@@ -109,19 +109,9 @@ def default_socket_path(name: str) -> Path:
     return RUN_DIR / f"{name}.sock"
 
 
-class TrackerLike(Protocol):
-    """What the frontend needs from the tracker (mirrors ``baton.tracker.TrackerLike`` in docs/design.md)."""
+from baton.tracker import TrackerLike  # noqa: E402 - the protocol lives with the tracker
 
-    size: int
-    chunk_size: int
-
-    def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None: ...
-    def flush(self) -> None: ...
-    def discard(self, offset: int, length: int) -> None: ...
-    def write_zeroes(self, offset: int, length: int, may_trim: bool = False) -> None: ...
-    def dirty_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]: ...
-    def statistics(self) -> dict[str, int]: ...
+__all__ = ["NBDServer", "TrackerLike", "default_socket_path"]
 
 
 class _Disconnect(Exception):

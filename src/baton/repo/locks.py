@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from baton.errors import ObjectNotFound, RepoCorrupt, RepoLocked
 from baton.format.repo_envelope import MAGIC_LOCK, seal, unseal
 from baton.storage import Store
+from baton.util import pid_alive
 
 EXCLUSIVE_KEY = "locks/exclusive"
 SHARED_PREFIX = "locks/shared-"
@@ -68,14 +69,7 @@ class LockInfo:
                 f"expires {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.expires))}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_pid_alive = pid_alive
 
 
 class RepoLock:
