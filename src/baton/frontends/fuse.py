@@ -57,7 +57,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 from baton.errors import BatonError, DeviceBusy, DeviceError, Fenced
 from baton.frontends import loopdev
@@ -78,20 +78,7 @@ _DETACH_WAIT = 5.0  # seconds for losetup -d to take effect
 _DYING_GRACE = 2.0  # seconds a killed daemon gets to finish exiting before we abort its FUSE connection
 
 
-class TrackerLike(Protocol):
-    """What the frontend needs from a tracker (baton.tracker implements it; see docs/design.md)."""
-
-    size: int
-    chunk_size: int
-
-    def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None: ...
-    def flush(self) -> None: ...
-    def discard(self, offset: int, length: int) -> None: ...
-    def write_zeroes(self, offset: int, length: int, may_trim: bool = False) -> None: ...
-    def dirty_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]: ...
-    def statistics(self) -> dict[str, int]: ...
-
+from baton.tracker import TrackerLike  # noqa: E402 - the protocol lives with the tracker
 
 # ---- libfuse3 via mfusepy ------------------------------------------------------------------------------
 
