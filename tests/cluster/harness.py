@@ -85,6 +85,7 @@ class Node:
     dir: Path
     launcher: subprocess.Popen[bytes] | None = None  # the `unshare` process (parent of the node's init)
     init_pid: int | None = None                   # host PID of the node's PID 1
+    mnt_pin: int | None = None                    # fd of the node's mount namespace, see Cluster._pin_mounts
 
     @property
     def address(self) -> str:
@@ -256,6 +257,7 @@ class Cluster:
         if n.alive():
             raise ClusterError(f"{name} is already running")
         self._reap(n)
+        self._release_mounts(n)
         (n.dir / "started").unlink(missing_ok=True)
         logf = open(n.dir / "launcher.log", "ab")  # noqa: SIM115 (handed to the child)
         try:
@@ -267,6 +269,7 @@ class Cluster:
             logf.close()
         launcher = n.launcher
         n.init_pid = self._wait(lambda: self._child_of(launcher), timeout, f"{name}: init to start")
+        n.mnt_pin = os.open(f"/proc/{n.init_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         started = n.dir / "started"
         self._wait(lambda: started.exists() or launcher.poll() is not None, timeout,
                    f"{name}: corosync and pacemakerd to start")
@@ -275,6 +278,27 @@ class Cluster:
         with self._lock:
             self._stats["node_starts"] += 1
         self.event(f"{name}: started (init pid {n.init_pid})")
+
+    def _release_mounts(self, n: Node, timeout: float = 20) -> str | None:
+        """Drop the pin on a dead node's mount namespace, which unmounts what was still mounted in it.
+
+        Why the pin: a killed node's file system on /dev/baton/NAME must not be unmounted while the node dies.
+        That unmount writes back through the very FUSE daemon that is being killed, and if the daemon happens
+        to be the namespace's last process it cannot finish exiting (see docs/frontends-fuse.md), wedging the
+        loop device. Holding the namespace from the host lets the daemon die first (the kernel then aborts its
+        FUSE connection) and leaves the file system as a crashed host leaves it: dirty pages never reach the
+        disk. Released here, after the node is dead, the unmount fails fast with EIO instead. Runs in a thread
+        so that even a wedge cannot hang the harness; returns a problem description, or None."""
+        fd, n.mnt_pin = n.mnt_pin, None
+        if fd is None:
+            return None
+        t = threading.Thread(target=os.close, args=(fd,), name=f"release-{n.name}", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            return f"{n.name}: releasing its mount namespace did not finish in {timeout}s"
+        self.event(f"{n.name}: mount namespace released")
+        return None
 
     @staticmethod
     def _child_of(p: subprocess.Popen[bytes] | None) -> int | None:
@@ -547,6 +571,10 @@ class Cluster:
                     self._reap(n)
             except Exception as e:  # teardown must go on whatever failed
                 problems.append(f"kill {n.name}: {e}")
+        for n in self.nodes.values():
+            problem = self._release_mounts(n)
+            if problem:
+                problems.append(problem)
         self._broker_stop.set()
         if self._broker is not None:
             self._broker.join(timeout=5)
