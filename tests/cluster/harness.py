@@ -115,7 +115,7 @@ class ClusterState:
     dc: str | None
     quorate: bool
     online: set[str]
-    resources: dict[str, list[str]]               # resource id -> nodes where it is active
+    resources: dict[str, list[str]]               # resource id -> nodes where it is started (not pending)
     failed: dict[str, list[str]]                  # resource id -> nodes where it is failed
     raw: str = field(repr=False, default="")
 
@@ -414,7 +414,9 @@ class Cluster:
         for r in root.iter("resource"):
             rid = r.get("id", "")
             where = [x.get("name", "") for x in r.iterfind("node")]
-            if r.get("active") == "true":
+            # A start still in progress is reported active too, with pending="Starting" (record-pending):
+            # only a completed start counts, or callers would race the resource agent.
+            if r.get("active") == "true" and r.get("pending") is None and r.get("role") == "Started":
                 res[rid] = where
             if r.get("failed") == "true":
                 failed[rid] = where

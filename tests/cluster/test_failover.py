@@ -127,6 +127,8 @@ def wait_files(c: Cluster, durable: Durable, n: int, timeout: float = 60) -> Non
 
 
 def verify_live(c: Cluster, node: str, mnt: str, durable: Durable, workdir: Path, label: str) -> dict[str, Any]:
+    mounted = c.exec(node, "mountpoint", "-q", mnt, check=False)
+    assert mounted.returncode == 0, f"{mnt} is not mounted on {node}, although the cluster says fs runs there"
     manifest = workdir / f"manifest-{label}.json"
     manifest.write_text(json.dumps(durable.snapshot()))
     cp = c.exec(node, "python3", str(WORKLOAD), "verify", f"{mnt}/data", str(manifest), check=False, timeout=60)
