@@ -144,13 +144,13 @@ HEADER = struct.Struct(
     "<"
     "8s"  # magic            b"BATONREC"
     "H"  # version           FORMAT_VERSION
-    "H"  # length            bytes covered: this struct + extents + crc
+    "H"  # length            bytes covered: this struct + crc (286)
     "B"  # copy              0 or 1: which header block this is (self-location)
     "B"  # placement         PLACEMENT_TAIL | PLACEMENT_FILE | PLACEMENT_EXTERNAL
     "H"  # nslots            node slots (regions 0..nslots-1); region nslots is the frozen set
     "Q"  # seq               incremented on every header write
     "I"  # chunk_size        tracking granularity in bytes (power of two, 4 KiB..4 MiB)
-    "I"  # flags             FLAG_CLEAN | FLAG_RESET
+    "I"  # flags             FLAG_CLEAN | FLAG_RESET | FLAG_SUSPECT
     "16s"  # disk_uuid       Baton's id of the data disk
     "16s"  # fs_uuid         file-system UUID blkid saw at init (zeros if none)
     "16s"  # lineage         changes whenever the record is reset
