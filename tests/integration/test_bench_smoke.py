@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import need_root, need_tool
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import need_root, need_tool
 
 pytestmark = pytest.mark.integration
