@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results directory (default bench/results[/smoke])")
     p.add_argument("--scratch", default=None, help="scratch directory on the disk to measure (default: under /tmp)")
     p.add_argument("--baton", default=None, help="the baton executable to measure (default: the project's .venv)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only re-render the markdown, plots and docs/performance.md from a results JSON")
     p.add_argument("--keep-scratch", action="store_true", help="leave the scratch directory for inspection")
     a = p.parse_args(argv)
     only = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -76,8 +78,23 @@ def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def render(path: Path) -> int:
+    """Re-render a finished run (markdown next to the JSON, plots, and docs/performance.md for a full run)."""
+    results = json.loads(path.read_text())
+    default = path.resolve().parent == (ROOT / "bench" / "results").resolve()
+    img_dir = ROOT / "docs" / "img" if default and not results.get("smoke") else path.parent / "img"
+    results["plots"] = report.plots(results, img_dir)
+    md = report.markdown(results, img_dir, path.parent)
+    path.with_suffix(".md").write_text(md)
+    if default and not results.get("smoke") and set(results.get("sections", {})) == set(SECTIONS):
+        report.update_performance_doc(ROOT / "docs" / "performance.md", results, md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.render:
+        return render(Path(a.render))
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     if os.geteuid() != 0:

@@ -73,9 +73,10 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
         f"noisier figures).",
         "- Tools: " + "; ".join(f"{k}: {v or 'not installed / not available'}" for k, v in tools.items()) + ".",
         f"- Repetitions: {results.get('reps')}; figures are median [min-max]. Cold cache "
-        f"(`sync; echo 3 > /proc/sys/vm/drop_caches` plus fadvise DONTNEED) before every timed backup, "
-        f"restore and verify: {results.get('cold_cache', {}).get('drops', 0)} drops, "
-        f"{results.get('cold_cache', {}).get('failures', 0)} failures.",
+        f"(syncfs, fadvise DONTNEED on the image, `echo 3 > /proc/sys/vm/drop_caches`, tool warm-up) before "
+        f"every timed backup, restore and verify: {results.get('cold_cache', {}).get('drops', 0)} drops, "
+        f"{results.get('cold_cache', {}).get('failures', 0)} failures"
+        f"{' (smoke: fadvise only)' if results.get('cold_cache', {}).get('light') else ''}.",
         "",
     ]
     secs = results.get("sections", {})
@@ -111,13 +112,16 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
                              f"{_size(row, 'bytes_read')} | {_size(row, 'bytes_stored')} | "
                              f"{_size(row, 'peak_rss_bytes')} |")
         lines += ["", "| change | restic ÷ Baton inc | borg ÷ Baton inc | Baton inc ÷ bound | Baton read ÷ changed "
-                  "| restic ÷ Baton full | borg ÷ Baton full |", "|---|---|---|---|---|---|---|"]
+                  "(kernel / reported) | restic ÷ Baton full | borg ÷ Baton full |", "|---|---|---|---|---|---|---|"]
         for cell in s.get("cells", []):
             r = cell["ratios"]
+            rep = [x["reported"]["bytes_read"] for x in cell["contenders"]["baton_incremental"].get("runs", [])
+                   if isinstance(x.get("reported", {}).get("bytes_read"), int)]
+            rep_ratio = (sorted(rep)[len(rep) // 2] / cell["changed_bytes"]["median"]) if rep else None
             lines.append(f"| {cell['rate_pct']} % | {_x(r['restic_wall_over_baton_incremental'])} | "
                          f"{_x(r['borg_wall_over_baton_incremental'])} | "
                          f"{_x(r['baton_incremental_over_physical_bound'])} | "
-                         f"{_x(r['baton_incremental_bytes_read_over_changed'])} | "
+                         f"{_x(r['baton_incremental_bytes_read_over_changed'])} / {_x(rep_ratio)} | "
                          f"{_x(r['restic_wall_over_baton_full'])} | {_x(r['borg_wall_over_baton_full'])} |")
         lines.append("")
         img("incremental", "backup wall time against change rate")
