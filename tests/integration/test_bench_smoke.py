@@ -54,11 +54,22 @@ def test_bench_smoke_writes_complete_results(tmp_path: Path) -> None:
     need_root()
     need_tool("fio", "restic", "borg", "losetup")
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = tmp_path / "bench.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=270)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: the benchmark then detaches its disks and releases its loop devices.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"bench --smoke did not finish in 270 s:\n{log.read_text()[-3000:]}")
+    assert rc == 0, log.read_text()[-3000:]
 
     data = json.loads((out / "latest.json").read_text())
     assert data["smoke"] is True
