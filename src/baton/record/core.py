@@ -368,11 +368,22 @@ class Record:
         reg.corrupt_header = False
 
     def _write_page(self, reg: _Region, p: int, bits: bytes | bytearray) -> None:
-        copy = 1 - reg.page_copy[p] if reg.page_copy[p] >= 0 else 0
+        gen = (reg.hdr.generation & 0xFFFFFFFF) << 32
+        page_bits = bytes(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES])
+        if reg.page_copy[p] < 0:
+            # First write of this page in this generation: write both copies (copy 1 with counter 0), so the
+            # other copy is never blank. A torn later write then leaves intact sectors of two known versions
+            # (recognisably torn), never blank sectors that would look like damage.
+            spare = pack_page(region=reg.index, page=p, copy=1, seq=gen, epoch=self.header.epoch,
+                              disk_uuid=self.header.disk_uuid, bits=page_bits)
+            self.area.pwrite(self.geo.page_block(reg.index, p, 1) * BLOCK, spare)
+            self.stats.metadata_writes += 1
+            reg.page_copy[p] = 1
+            reg.page_seq[p] = 0
+        copy = 1 - reg.page_copy[p]
         counter = reg.page_seq[p] + 1
-        block = pack_page(region=reg.index, page=p, copy=copy, seq=(reg.hdr.generation & 0xFFFFFFFF) << 32 | counter,
-                          epoch=self.header.epoch, disk_uuid=self.header.disk_uuid,
-                          bits=bytes(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]))
+        block = pack_page(region=reg.index, page=p, copy=copy, seq=gen | counter, epoch=self.header.epoch,
+                          disk_uuid=self.header.disk_uuid, bits=page_bits)
         self.area.pwrite(self.geo.page_block(reg.index, p, copy) * BLOCK, block)
         self.stats.metadata_writes += 1
         reg.page_seq[p] = counter
