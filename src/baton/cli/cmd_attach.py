@@ -19,7 +19,9 @@ from baton.cli import emit
 @click.option("--tcp", metavar="HOST:PORT", help="With --frontend nbd: listen on TCP at this address instead "
               "of the unix socket (only when asked; bind to a private address).")
 @click.option("--foreground", is_flag=True, help="Serve in this process instead of a background daemon.")
-@click.option("--no-tracking", is_flag=True, hidden=True, help="Benchmarks only: serve without recording writes.")
+@click.option("--no-tracking", is_flag=True,
+              help="Benchmarks only: serve without recording writes, to measure what tracking costs. Backups "
+                   "of the disk then miss those writes: never use it for data you back up.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def command(disk: str, node: str, name: str | None, frontend: str, record: str | None, tcp: str | None,
             foreground: bool, no_tracking: bool, as_json: bool) -> None:
