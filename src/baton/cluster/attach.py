@@ -305,6 +305,8 @@ class Daemon:
         loc = locate(self.disk, self.record_spec, writable=True)
         self.loc = loc
         loc.record.attach(self.node)
+        if not self.tracking:
+            loc.record.distrust()  # unrecorded writes follow: the next backup must be full, and says so
         self.tracker = open_tracker(loc, tracking=self.tracking)
         if self.frontend_kind == "fuse":
             from baton.frontends.fuse import FuseFrontend

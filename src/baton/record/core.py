@@ -497,6 +497,15 @@ class Record:
             self.owner_region = mine.index
             self.attached = True
 
+    def distrust(self) -> None:
+        """Writes are about to go unrecorded (``attach --no-tracking``): set FLAG_RESET durably, so the next
+        backup is full with a stated reason instead of an incremental that misses them."""
+        with self._cond:
+            self._exclusive()
+            self.check_fence()
+            self._write_header(replace(self.header, flags=self.header.flags | FLAG_RESET))
+            self._sync()
+
     def detach(self) -> None:
         """Wait for in-flight commits, then mark the record clean. The object cannot write afterwards."""
         with self._cond:
