@@ -131,6 +131,9 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
         lines += [f"## 2. Tracking cost (fio; region {fmt_size(s.get('region_bytes', 0))}, "
                   f"{s.get('runtime_s')} s per steady-state run)", ""]
         note("tracking", s)
+        if s.get("rerun"):
+            lines += [f"This section comes from a separate run: `{s['rerun']['command']}` "
+                      f"({s['rerun']['started_utc']}; {s['rerun']['why']}).", ""]
         lines += ["| config | first-touch 4K QD16 IOPS | 4K randwrite QD16 IOPS | 4K randread QD16 IOPS | "
                   "1M seq write |", "|---|---|---|---|---|"]
         for cfg, row in s.get("results", {}).items():
