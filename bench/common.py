@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from baton.util import pid_alive as util_pid_alive
+
 JSON = dict[str, Any]
 
 KiB = 1024
@@ -210,18 +212,7 @@ def proc_rss(pid: int, field: str = "VmRSS") -> int | None:
     return None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
+pid_alive = util_pid_alive  # one definition, in baton.util
 
 
 def kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> bool:
