@@ -396,7 +396,8 @@ class Record:
     def _persist_region(self, reg: _Region, bits: bytearray, pages: Iterable[int] | None = None,
                         **hdr_changes: Any) -> None:
         """Write ``pages`` (default: all pages that have bits) of ``bits`` into ``reg`` and, if the page map or
-        anything else changed, its slot header. No sync."""
+        anything else changed, its slot header. No final sync, and ``reg.bits`` is left alone: callers set it
+        only once the writes are durable."""
         # Rules (docs/format.md "Bitmap pages"): a page-map bit is never cleared within a generation (so no
         # valid same-generation copy ever hides outside the map), and a page enters the map only after one valid
         # copy of it is durable (so a torn first write can never leave a mapped page with no valid copy).
@@ -415,7 +416,6 @@ class Record:
             self._sync()
         if entering or hdr_changes:
             self._write_slot_header(reg, page_map=bytes(pm), **hdr_changes)
-        reg.bits = bits
 
     def _clear_region(self, reg: _Region, **hdr_changes: Any) -> None:
         """Empty a region: bump its generation (stale pages become invalid) and clear its page map. No sync."""
@@ -486,6 +486,7 @@ class Record:
                 or_into(merged, self._load_bits(r))
             self._persist_region(mine, merged, node=node)
             self._sync()
+            mine.bits = merged
             for r in others:
                 extra = {"backup_id": ""} if r.index == self.geo.frozen_region else {"node": ""}
                 self._clear_region(r, **extra)
@@ -577,12 +578,9 @@ class Record:
         assert reg.bits is not None
         new = bytearray(reg.bits)
         set_bits(new, batch)
-        pages = {c // PAGE_BITS for c in batch}
-        bits_before = reg.bits
-        self._persist_region(reg, new, pages)
-        reg.bits = bits_before  # the in-memory set changes only after the sync below
+        self._persist_region(reg, new, {c // PAGE_BITS for c in batch})
         self._sync()
-        reg.bits = new
+        reg.bits = new  # the in-memory set changes only once the marks are durable
         self.stats.commits += 1
         self.stats.first_touch_chunks += len(batch)
 
@@ -608,6 +606,7 @@ class Record:
             or_into(fbits, mine.bits)
             self._persist_region(frozen, fbits, backup_id=backup_id)
             self._sync()
+            frozen.bits = fbits
             self._clear_region(mine)
             self._sync()
             return bytearray(fbits)
@@ -635,6 +634,7 @@ class Record:
                 pages.add(c // PAGE_BITS)
             self._persist_region(frozen, fbits, pages)
             self._sync()
+            frozen.bits = fbits
 
     def abort_backup(self) -> None:
         """Merge the frozen set back into the owner's slot (durable), then clear it."""
@@ -649,6 +649,7 @@ class Record:
                 or_into(merged, frozen.bits)
                 self._persist_region(mine, merged)
                 self._sync()
+                mine.bits = merged
             self._clear_region(frozen, backup_id="")
             self._sync()
 

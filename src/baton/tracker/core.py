@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
 from typing import Any
 
 from baton.device import BlockDev
 from baton.errors import BatonError
-from baton.record.core import Record, iter_bits
+from baton.record.core import Record
 
 CBW_MEMORY_LIMIT = 256 << 20
 
@@ -273,24 +272,6 @@ class Tracker:
             self._barrier.thaw()
         return frozen
 
-    def read_frozen(self, chunks: Iterable[int]) -> list[tuple[int, bytes]]:
-        """Content of ``chunks`` as of the freeze point (saved copies, else the disk). Each chunk is read once."""
-        out = []
-        with self._cbw_lock:
-            pending = self._cbw_pending
-            store = self._cbw
-            if pending is None or store is None:
-                raise BatonError("no backup is in progress on this tracker")
-            for c in chunks:
-                saved = store.take(c)
-                if saved is not None:
-                    out.append((c, saved))
-                    continue
-                out.append((c, self._read_chunk_raw(c)))
-                pending[c >> 3] &= ~(1 << (c & 7)) & 0xFF
-        self._count("reads", 0, sum(len(d) for _, d in out), "bytes_out")
-        return out
-
     def read_frozen_run(self, first: int, count: int) -> bytes:
         """Chunks first..first+count-1 as of the freeze point, as one buffer (one disk read when none was
         saved aside)."""
@@ -321,9 +302,6 @@ class Tracker:
         st = {"cbw_saved": store.saved, "cbw_spilled_bytes": store.spilled_bytes}
         store.close()
         return st
-
-    def frozen_chunks(self, frozen: bytearray) -> list[int]:
-        return list(iter_bits(frozen, self.record.header.nchunks))
 
     # ----------------------------------------------------------------------------------------------- misc
 
