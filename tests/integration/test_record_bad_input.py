@@ -349,3 +349,62 @@ def test_file_record_refused_on_a_1k_block_ext4(env: Env) -> None:
     assert "4 KiB" in r.stderr and ("tail" in r.stderr or "external" in r.stderr), r.stderr
     fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True, timeout=120)
     assert fsck.returncode == 0, fsck.stdout
+
+
+# --------------------------------------------------------------------------------------------- reset identity
+
+
+def _header_blocks(disk: Path) -> list[int]:
+    """Byte offsets of the record-header blocks (magic b"BATONREC") in an image, found by scanning it."""
+    out = []
+    with open(disk, "rb") as f:
+        pos = 0
+        while True:
+            b = f.read(4 * MiB)
+            if not b:
+                break
+            for i in range(0, len(b), BLOCK):
+                if b[i : i + 8] == b"BATONREC":
+                    out.append(pos + i)
+            pos += len(b)
+    return out
+
+
+def _smash_headers(disk: Path, offsets: list[int]) -> None:
+    with open(disk, "r+b") as f:
+        for off in offsets:
+            f.seek(off + 40)
+            f.write(b"\xde\xad\xbe\xef" * 2)  # inside the checksummed body
+
+
+@pytest.mark.parametrize("placement", ["tail", "file", "external"])
+def test_reset_after_both_headers_damaged_keeps_the_disk_identity(env: Env, placement: str) -> None:
+    """Issue 9 defect 6: `init --reset` after both header copies are damaged keeps the disk UUID that the tail
+    anchors (tail), the extent map (file) or the record-disk slot table (external) still hold, so the
+    snapshots of the disk stay one disk; only the lineage is new and the next backup is full (record reset)."""
+    disk = sparse(env.root / f"id-{placement}.img", 64 * MiB)
+    args: list[str] = ["--record", placement]
+    scan = disk
+    if placement == "file":
+        need_tool("mkfs.ext4", "debugfs")
+        subprocess.run(["mkfs.ext4", "-F", "-q", "-b", "4096", str(disk)], check=True, capture_output=True,
+                       timeout=60)
+    elif placement == "external":
+        scan = sparse(env.root / "id-rdisk.img", 16 * MiB)
+        env.baton("init", str(scan), "--record-disk", "--slots", "2", "--slot-size", "2M")
+        args = ["--record", f"external:{scan}"]
+    out = env.json("init", str(disk), *args)
+    repo = env.root / "repo"
+    env.baton("repo", "init", str(repo))
+    first = env.json("backup", str(disk), "--repo", str(repo), *args)
+    assert first["disk_uuid"] == out["disk_uuid"]
+    heads = _header_blocks(scan)
+    assert len(heads) == 2, heads
+    _smash_headers(scan, heads)
+    env.baton("status", str(disk), *args, "--json", rc=code(errors.RecordCorrupt))
+    reset = env.json("init", str(disk), *args, "--reset")
+    assert reset["disk_uuid"] == out["disk_uuid"], (reset["disk_uuid"], out["disk_uuid"])
+    assert reset["lineage"] != out["lineage"] and reset["reset"] is True
+    nxt = env.json("backup", str(disk), "--repo", str(repo), *args)
+    assert nxt["disk_uuid"] == out["disk_uuid"]
+    assert nxt["mode"] == "full" and nxt["reason"].startswith("record reset"), nxt

@@ -549,13 +549,67 @@ def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT
             raise DeviceError(f"{disk} already has a Baton record ({old.spec}, disk {old_uuid})",
                               hint="pass --reset to start a new lineage in place (the next backup is full), or "
                               "--force to re-create it")
-    disk_uuid = str(uuid.uuid4()) if old is None or force else old.header.disk_uuid
+    if force:
+        disk_uuid = str(uuid.uuid4())
+    elif old is not None:
+        disk_uuid = old.header.disk_uuid
+    else:
+        # --reset of a record whose header is unreadable: keep the identity the other structures still hold
+        # (tail anchors, the file's extent map, the record-disk slot table), so the disk's snapshots stay one
+        # disk. A new id is minted only when none of them names one.
+        disk_uuid = surviving_disk_uuid(disk, spec, fs) or str(uuid.uuid4())
     flags = FLAG_RESET if (reset or force) else 0
     if spec.placement == "tail":
         return _init_tail(disk, fs, spec, chunk_size, nslots, disk_uuid, flags, force)
     if spec.placement == "file":
         return _init_file(disk, fs, chunk_size, nslots, disk_uuid, flags)
     return _init_external(disk, fs, spec, chunk_size, nslots, disk_uuid, flags, force or reset)
+
+
+def surviving_disk_uuid(disk: str, spec: RecordSpec, fs: FsInfo) -> str:
+    """The disk UUID that the structures around an unreadable record header still hold: a valid tail anchor
+    (tail), a valid extent-map copy of ``/.baton/record`` (file), or the matching slot-table entry (external).
+    '' when none is readable. Read-only."""
+    with contextlib.suppress(RecordError, DeviceError, OSError, subprocess.SubprocessError):
+        if spec.placement == "tail":
+            dev = _open_dev(disk, False)
+            try:
+                size = dev.size
+                if size >= (ANCHOR_BLOCKS + 1) * BLOCK:
+                    raw = dev.pread(size - ANCHOR_BLOCKS * BLOCK, ANCHOR_BLOCKS * BLOCK)
+                    for copy in range(ANCHOR_BLOCKS):
+                        with contextlib.suppress(FormatError):
+                            a = Anchor.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy, disk_size=size)
+                            if a.disk_uuid:
+                                return a.disk_uuid
+            finally:
+                dev.close()
+        elif spec.placement == "file" and fs.type in SUPPORTED_FS:
+            phys = _fs_block_map(disk, fs, EXTMAP_START + 2)
+            dev = _open_dev(disk, False)
+            try:
+                bdev = ExtentDev(dev, tuple(Extent(i * BLOCK, p, BLOCK) for i, p in enumerate(phys)))
+                for copy in (0, 1):
+                    with contextlib.suppress(FormatError):
+                        duuid, _ = unpack_extmap(bdev.pread((EXTMAP_START + copy) * BLOCK, BLOCK), copy=copy)
+                        if duuid:
+                            return duuid
+            finally:
+                dev.close()
+        elif spec.placement == "external":
+            size = device_size(disk)
+            hw = hw_id(disk)
+            rdev = _open_dev(spec.record_disk, False)
+            try:
+                sup = _read_rdisk(rdev, spec.record_disk)
+                idx = [i for i, sl in enumerate(sup.slots) if sl.in_use and not _identity_matches(sl, size, fs, hw)]
+                if spec.slot is not None:
+                    idx = [i for i in idx if i == spec.slot]
+                if len(idx) == 1 and sup.slots[idx[0]].disk_uuid:
+                    return sup.slots[idx[0]].disk_uuid
+            finally:
+                rdev.close()
+    return ""
 
 
 def _base_header(placement: int, *, chunk: int, nslots: int, disk_uuid: str, fs: FsInfo, disk_size: int,
