@@ -21,7 +21,7 @@ case "$level" in
 esac
 
 if [ "$(id -u)" != 0 ]; then
-  echo "setup.sh: Baton drives loop devices, FUSE and mounts; run as root (sudo make ...)" >&2
+  echo "setup.sh: Baton drives loop devices, FUSE and mounts; run it as root, from a root shell: make demo, make test" >&2
   exit 1
 fi
 

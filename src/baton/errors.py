@@ -14,6 +14,7 @@
     │   └── RecordFull              exit 4   no free slot on a record disk
     ├── Fenced                      exit 5   a newer owner epoch is on disk: this node must stop writing
     ├── NotOwner                    exit 6   this node does not own the disk (`backup --if-owner` maps this to 0)
+    │   └── NotAttached             exit 6   no attachment of that NAME on this node (no daemon state at all)
     ├── RepoError                   exit 7   the repository cannot be used
     │   ├── RepoNotFound            exit 7
     │   ├── RepoCorrupt             exit 7   a pack/index/snapshot fails its checks (names the object)
@@ -97,6 +98,10 @@ class Fenced(BatonError):
 
 class NotOwner(BatonError):
     """This node does not own the disk."""
+
+
+class NotAttached(NotOwner):
+    """No attachment of that NAME on this node: no daemon state, live or dead (`status NAME`, `backup NAME`)."""
 
 
 class RepoError(BatonError):

@@ -58,7 +58,8 @@ def json_error(r: subprocess.CompletedProcess[str], rc: int) -> dict[str, Any]:
     ["backup", "--json"],                                           # missing argument
     ["backup", "x", "--repo", "r", "--bogus", "--json"],            # unknown option
     ["status", "--json", "a", "b"],                                 # extra argument
-    ["prune", "--repo", "r", "--grace", "--json"],                  # --json swallowed as a value: still JSON
+    ["status", "--json"],                                           # missing argument, --json first
+    ["prune", "--repo", "r", "--max-unused", "x", "--bogus", "--json"],
     ["nosuchcommand", "--json"],
 ])
 def test_usage_errors_under_json_are_json(env: dict[str, str], args: list[str]) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from baton.errors import ObjectNotFound, RepoFull, StorageError, TransientStorageError
+from baton.errors import ObjectNotFound, RepoFull, StorageError, TransientStorageError, UsageError
 from baton.storage import RetryingStore, RetryPolicy, Store, build_store, open_base_store, open_store
 from baton.testing.faulty_storage import Fault, FaultyStore
 from baton.testing.storage_suite import CHECKS
@@ -39,7 +39,7 @@ def test_local_put_leaves_no_temp_files(tmp_path) -> None:  # type: ignore[no-un
 
 
 def test_unknown_scheme() -> None:
-    with pytest.raises(StorageError):
+    with pytest.raises(UsageError):  # a wrong command line (exit 2), not a failing store (issue 9, defect 11)
         open_base_store("ftp://host/x")
 
 

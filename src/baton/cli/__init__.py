@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from baton import __version__
-from baton.errors import BatonError, exit_code
+from baton.errors import BatonError, UsageError, exit_code
 
 # name -> (module, one-line summary shown by `baton --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -89,8 +89,19 @@ def emit(data: Any, as_json: bool, human: str | None = None) -> None:
         click.echo(human)
 
 
+def _json_error(error: str, message: str, hint: str, code: int) -> None:
+    """The one shape of an error under --json: a single JSON object on stdout (the text still goes to stderr)."""
+    click.echo(json.dumps({"error": error, "message": message, "hint": hint, "exit_code": code}))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: runs the group and maps errors to exit codes (the only place that does)."""
+    """Console-script entry point: runs the group and maps errors to exit codes (the only place that does).
+
+    With ``--json`` anywhere among the arguments, every failure (Baton's errors, click's usage errors, an
+    interrupt, an unexpected exception) also prints one JSON object on stdout:
+    ``{"error", "message", "hint", "exit_code"}``. No Python traceback reaches the user unless
+    BATON_TRACEBACK=1 asks for it.
+    """
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     try:
@@ -100,19 +111,36 @@ def main(argv: list[str] | None = None) -> None:
     except BatonError as err:
         code = exit_code(err)
         if as_json:
-            click.echo(json.dumps({"error": type(err).__name__, "message": str(err), "hint": err.hint,
-                                   "exit_code": code}))
+            _json_error(type(err).__name__, str(err), err.hint, code)
         click.echo(f"baton: error: {err.user_message()}", err=True)
         sys.exit(code)
     except click.exceptions.Abort:
+        if as_json:
+            _json_error("Aborted", "aborted", "", 130)
         click.echo("baton: aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:
+        code = exit_code(UsageError("")) if isinstance(err, click.UsageError) else 1
+        if as_json:
+            ctx = getattr(err, "ctx", None)
+            hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see `baton --help`"
+            _json_error("UsageError" if code == 2 else "BatonError", err.format_message(), hint, code)
         err.show()
-        sys.exit(2 if isinstance(err, click.UsageError) else 1)
+        sys.exit(code)
     except KeyboardInterrupt:
+        if as_json:
+            _json_error("Interrupted", "interrupted", "", 130)
         click.echo("baton: interrupted", err=True)
         sys.exit(130)
     except BrokenPipeError:
         os._exit(1)
+    except Exception as err:  # a bug: say so plainly, with a non-zero exit, never a bare traceback
+        if os.environ.get("BATON_TRACEBACK") == "1":
+            raise
+        msg = f"internal error: {type(err).__name__}: {err}"
+        hint = "this is a bug in Baton; BATON_TRACEBACK=1 shows the traceback for a report"
+        if as_json:
+            _json_error("InternalError", msg, hint, 1)
+        click.echo(f"baton: error: {msg}\n  hint: {hint}", err=True)
+        sys.exit(1)
     sys.exit(0)

@@ -33,6 +33,10 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_repo(url: str, key_file: str | None) -> Repository:
+    """Open the repository at ``url``; a URL no store can serve is refused first (exit 2 or 7, saying why)."""
+    from baton.storage import check_url
+
+    check_url(url)
     return Repository.open(url, key_file=key_file)
 
 

@@ -235,7 +235,7 @@ def prune(repo: Repository, *, grace: float = 3600.0, max_unused: float = 0.2, d
         gone = set(delete_packs) | set(repack)
         new_entries = [(cid, e) for cid, e in index.items() if pack_key(e.pack_id) not in gone]
         if repack:
-            say(f"repacking {len(repack)} packs")
+            say(f"{'would repack' if dry_run else 'repacking'} {len(repack)} packs")
             moved = _repack(repo, repack, by_pack, used, res, dry_run)
             new_entries.extend(moved)
         res.packs_deleted = len(delete_packs)
@@ -252,7 +252,7 @@ def prune(repo: Repository, *, grace: float = 3600.0, max_unused: float = 0.2, d
             res.index_files_replaced = len(old)
             for k in sorted(gone):
                 repo.store.delete(k)
-        say("deleting unreferenced pages")
+        say("would delete unreferenced pages (dry run)" if dry_run else "deleting unreferenced pages")
         for o in list(repo.store.list("pages/")):
             if o.mtime > cutoff:
                 continue

@@ -13,21 +13,49 @@ import os
 from collections.abc import Callable
 from urllib.parse import urlparse
 
-from baton.errors import StorageError
+from baton.errors import RepoError, StorageError, UsageError
 from baton.storage.base import Capabilities, ObjectInfo, Store
 from baton.storage.wrappers import ReadOnlyStore, RetryingStore, RetryPolicy
 
 DEFAULT_RETRY = RetryPolicy()
 
 __all__ = ["DEFAULT_RETRY", "Capabilities", "ObjectInfo", "ReadOnlyStore", "RetryPolicy", "RetryingStore", "Store",
-           "build_store", "open_base_store", "open_store"]
+           "build_store", "check_url", "open_base_store", "open_store"]
+
+SCHEMES = ("file", "memory", "s3")
+
+
+def check_url(url: str) -> None:
+    """Refuse a repository URL that no store can serve, before anything is opened or created.
+
+    UsageError (exit 2) for an unsupported scheme; RepoError for a local path (or ``file://`` URL) that names an
+    existing regular file or other non-directory, which is never a repository. Says nothing about whether a
+    repository exists there: opening it does.
+    """
+    if "://" in url:
+        parsed = urlparse(url)
+        if parsed.scheme not in SCHEMES:
+            raise UsageError(f"unsupported repository URL scheme {parsed.scheme!r} in {url!r}",
+                             hint="use a directory path, file://PATH, s3://BUCKET/PREFIX or memory://NAME")
+        if parsed.scheme != "file":
+            return
+        path = parsed.path
+    else:
+        path = url
+    if os.path.exists(path) and not os.path.isdir(path):
+        what = "a file" if os.path.isfile(path) else "not a directory"
+        raise RepoError(f"{url} is {what}, not a repository (a local repository is a directory)",
+                        hint="pass the repository's directory, or create one with `baton repo init DIR` at a "
+                             "path that does not exist yet")
 
 
 def open_base_store(url: str) -> Store:
     """The unwrapped store for ``url``: a path or ``file://`` URL, ``memory://NAME`` or ``s3://bucket/prefix``.
 
-    Raises StorageError for an unknown scheme or a malformed URL.
+    Raises UsageError for an unknown scheme, RepoError for a path that is a file (see :func:`check_url`),
+    StorageError for a malformed URL.
     """
+    check_url(url)
     if "://" not in url:
         from baton.storage.local import LocalStore
 
@@ -47,8 +75,7 @@ def open_base_store(url: str) -> Store:
         if not parsed.netloc:
             raise StorageError(f"invalid S3 URL {url!r}: expected s3://bucket/prefix")
         return open_s3(parsed.netloc, parsed.path)
-    raise StorageError(f"unsupported repository URL scheme {parsed.scheme!r} in {url!r}",
-                       hint="use a directory path, file://PATH, s3://BUCKET/PREFIX or memory://NAME")
+    raise AssertionError(f"check_url let {url!r} through")  # unreachable: check_url knows every scheme
 
 
 def build_store(base: Store, *, read_only: bool = False, retry: RetryPolicy | None = DEFAULT_RETRY,
