@@ -2,10 +2,11 @@
 attaches, and the record still holds every chunk of every acknowledged write.
 
 A writer process writes random 4 KiB..256 KiB blocks at random 4 KiB-aligned offsets, through /dev/baton/NAME
-(FUSE + loop, O_DIRECT) or the NBD export (a minimal NBD client below: fixed newstyle, NBD_OPT_GO, WRITE), and
+(FUSE + loop, O_DIRECT) or the NBD export (a minimal NBD client: fixed newstyle, NBD_OPT_GO, WRITE), and
 logs each write only after it was acknowledged (one fsync'ed log line per write). Its random stream is a fixed
 function of the printed seed (env BATON_SEED, default 20261124), so the test can regenerate every write's data
-and also knows the one write that was in flight when the owner died.
+and also knows the one write that was in flight when the owner died. The writer and the CLI wrapper are shared
+with the lifecycle model test (tests/faults/procs.py).
 
 Every test has its own BATON_RUN_DIR/BATON_DEV_DIR under its tmp dir and random attachment names; daemons are
 detached (or their leftovers cleaned) in finally blocks.
@@ -15,202 +16,52 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from baton.record.placement import locate
-from conftest import need_root, need_tool
+from conftest import need_tool
+from faults.procs import (
+    BOUND,
+    WRITER,
+    Env,
+    kill_pid,
+    log_lines,
+    need_fuse_loop,
+    new_name,
+    raw_disk,
+    wait_for,
+    writes_of,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 MiB = 1 << 20
 KiB = 1 << 10
 CHUNK = 64 * KiB
-BOUND = 30.0  # seconds: upper bound for anything that must not hang (not a performance assertion)
 SEED = int(os.environ.get("BATON_SEED", "20261124"))
 MAX_WRITE = 256 * KiB
-
-# The writer. Write i (0-based) of a writer seeded S is drawn from random.Random(S) in order: offset, length,
-# then the data; the test redraws the same stream (see writes_of).
-WRITER = r'''
-import mmap, os, random, socket, struct, sys
-mode, target, export, log, seed, size = sys.argv[1:7]
-seed, size = int(seed), int(size)
-rng = random.Random(seed)
-logf = open(log, "a")
-
-def draw():
-    n = rng.randrange(1, 65) * 4096
-    off = rng.randrange(0, (size - n) // 4096 + 1) * 4096
-    return off, n, rng.randbytes(n)
-
-if mode == "fuse":
-    fd = os.open(target, os.O_WRONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, 256 * 1024)
-    def write(off, data):
-        buf[: len(data)] = data
-        if os.pwrite(fd, memoryview(buf)[: len(data)], off) != len(data):
-            raise OSError("short write")
-else:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(target)
-    def recv(n):
-        b = b""
-        while len(b) < n:
-            m = s.recv(n - len(b))
-            if not m:
-                raise EOFError("server closed the connection")
-            b += m
-        return b
-    magic, opt, hflags = struct.unpack(">QQH", recv(18))
-    assert magic == 0x4E42444D41474943 and opt == 0x49484156454F5054
-    s.sendall(struct.pack(">I", 3 if hflags & 2 else 1))
-    name = export.encode()
-    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(data)) + data)
-    while True:
-        _, _, rtype, rlen = struct.unpack(">QIII", recv(20))
-        recv(rlen)
-        if rtype & (1 << 31):
-            sys.exit("NBD_OPT_GO refused")
-        if rtype == 1:
-            break
-    cookie = [0]
-    def write(off, data):
-        cookie[0] += 1
-        s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie[0], off, len(data)) + data)
-        magic, err, ck = struct.unpack(">IIQ", recv(16))
-        if magic != 0x67446698 or ck != cookie[0] or err:
-            raise OSError(err, f"NBD write error {err}")
-
-one = os.environ.get("ONE_WRITE")
-if one is not None:  # a single 4 KiB write at that offset; exit status = its errno (0: acknowledged)
-    try:
-        write(int(one), b"\x5a" * 4096)
-    except OSError as e:
-        sys.exit(e.errno or 1)
-    except EOFError:
-        sys.exit(107)  # ENOTCONN
-    sys.exit(0)
-i = 0
-while True:
-    off, n, data = draw()
-    try:
-        write(off, data)
-    except (OSError, EOFError) as e:
-        print(f"write {i} failed: {e!r}", file=sys.stderr)
-        sys.exit(3)
-    logf.write(f"{i} {off} {n}\n")
-    logf.flush()
-    os.fsync(logf.fileno())
-    i += 1
-'''
-
-
-def writes_of(seed: int, size: int, count: int) -> list[tuple[int, int, bytes]]:
-    """The first ``count`` writes the writer seeded ``seed`` issues (same draws, same order)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        n = rng.randrange(1, 65) * 4096
-        off = rng.randrange(0, (size - n) // 4096 + 1) * 4096
-        out.append((off, n, rng.randbytes(n)))
-    return out
-
 
 def chunks_of(off: int, n: int) -> range:
     return range(off // CHUNK, (off + n - 1) // CHUNK + 1)
 
 
-class Env:
-    def __init__(self, root: Path, tag: str = "") -> None:
-        self.root = root
-        self.run_dir, self.dev_dir = root / f"run{tag}", root / f"dev{tag}"
-        self.env = os.environ | {"BATON_RUN_DIR": str(self.run_dir), "BATON_DEV_DIR": str(self.dev_dir)}
-        self.names: set[str] = set()
-
-    def baton(self, *args: str, rc: int | None = 0) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True, timeout=120,
-                           env=self.env)
-        if rc is not None:
-            assert r.returncode == rc, (f"baton {' '.join(args)}: rc {r.returncode}, expected {rc}\n"
-                                        f"{r.stdout}{r.stderr}")
-        return r
-
-    def json(self, *args: str) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self.baton(*args, "--json").stdout)
-        return out
-
-    def attach(self, disk: Path, node: str, name: str, frontend: str = "fuse") -> dict[str, Any]:
-        self.names.add(name)
-        return self.json("attach", str(disk), "--node", node, "--name", name, "--frontend", frontend)
-
-    def daemon_pid(self, name: str) -> int:
-        return int(json.loads((self.run_dir / name / "daemon.json").read_text())["pid"])
-
-    def cleanup(self) -> None:
-        for n in self.names:
-            if (self.run_dir / n / "daemon.json").exists():
-                self.baton("detach", n, rc=None)
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    need_root()
-    need_tool("losetup", "unshare", "fusermount3")
-    if not Path("/dev/fuse").exists():
-        pytest.skip("needs /dev/fuse")
+    need_fuse_loop()
     e = Env(tmp_path)
     try:
         yield e
     finally:
         e.cleanup()
-
-
-def new_name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def raw_disk(root: Path, size: int) -> Path:
-    p = root / f"disk-{uuid.uuid4().hex[:6]}.img"
-    with open(p, "wb") as f:
-        f.truncate(size)
-    return p
-
-
-def wait_for(pred: Any, what: str, timeout: float = BOUND) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def log_lines(log: Path) -> list[tuple[int, int, int]]:
-    if not log.exists():
-        return []
-    out = []
-    for line in log.read_text().splitlines():
-        i, off, n = (int(x) for x in line.split())
-        out.append((i, off, n))
-    return out
-
-
-def kill_pid(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("frontend", ["fuse", "nbd"])
