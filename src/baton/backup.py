@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from baton.format.record import FLAG_RESET, FLAG_SUSPECT, HistoryEntry
+from baton.format.record import FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, HistoryEntry
 from baton.record.core import iter_bits, popcount
 from baton.repo import DiskIdentity, Manifest, Repository
 from baton.tracker.core import Tracker
@@ -48,6 +48,10 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
         return Plan("full", "requested (--full)", None)
     if h.flags & FLAG_RESET:
         return Plan("full", "record reset: its change history starts now", None)
+    if h.flags & FLAG_UNTRACKED:
+        why = next((n for n in rec.notes if n.startswith("written while not attached")), "")
+        return Plan("full", (why or "written while not attached: the file system on the disk changed while no "
+                             "Baton owner tracked it")[:200], None)
     if h.flags & FLAG_SUSPECT or rec.suspect:
         problems = "; ".join(rec.notes[:2]) or "damage was found in the record"
         return Plan("full", f"record corrupt: {problems}"[:200], None)

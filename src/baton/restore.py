@@ -4,11 +4,17 @@ Contract:
 
 * the target is a regular file (created if missing, truncated to the disk size; zero chunks stay holes) or a
   block device at least as large as the disk (zero chunks are written as zeros);
-* a mounted, loop-attached or otherwise held target is refused with DeviceBusy before anything is written;
-  a too small device, a directory or a missing parent directory with DeviceError;
+* a target in use on this node, by whatever path it is named (mounted, a loop device over it or under it, held
+  by device-mapper, open by a process, attached by Baton: ``baton.host.check_not_in_use``), is refused with
+  DeviceBusy before anything is written; a too small device, a directory or a missing parent directory with
+  DeviceError;
+* a missing target is never created where devices live (a devtmpfs such as /dev, or Baton's device link
+  directory BATON_DEV_DIR): DeviceError "... does not exist (is NAME attached?)";
 * a partial (checkpoint) snapshot is refused unless ``allow_partial``;
 * every chunk is decrypted, decompressed and re-hashed; the first bad chunk stops the restore with
-  RepoCorrupt naming the chunk, its index and pack. The target's content is then undefined;
+  RepoCorrupt naming the chunk, its index and pack;
+* on any failure, a file the restore created is removed; a target that existed is left, its content undefined
+  (the error says so);
 * the result carries the bytes written and the BLAKE3-256 of the whole image (zero chunks included), which
   equals ``b3sum`` of the restored disk.
 
@@ -31,7 +37,10 @@ from typing import Any
 import blake3
 
 from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate, device_size
-from baton.errors import DeviceBusy, DeviceError, RepoCorrupt, RepoError
+from baton.errors import BatonError, DeviceBusy, DeviceError, RepoCorrupt, RepoError
+from baton.host import check_not_in_use
+from baton.host.attachments import dev_dir
+from baton.host.mounts import fstype_of_dev
 from baton.record.placement import has_tail_record
 from baton.repo import ZERO_ID, Manifest, Repository
 from baton.repo.repository import coalesce
@@ -56,82 +65,76 @@ class RestoreResult:
         return asdict(self)
 
 
-def _mounted_sources() -> set[str]:
-    out: set[str] = set()
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                out.add(line.split(" ", 1)[0])
-    except OSError:
-        pass
-    return out
-
-
-def _loop_backing_files() -> dict[str, str]:
-    """backing file -> loop device name, from sysfs."""
-    out: dict[str, str] = {}
-    try:
-        names = os.listdir("/sys/block")
-    except OSError:
-        return out
-    for name in names:
-        if not name.startswith("loop"):
-            continue
+def _refuse_new_device_path(path: str) -> None:
+    """A missing target where only the kernel creates entries (a devtmpfs such as /dev, or Baton's device link
+    directory) is a device that is not there: creating a regular file there would "restore" into RAM."""
+    real = os.path.realpath(path)
+    ddir = os.path.realpath(dev_dir())
+    for p in {os.path.abspath(path), real}:
+        parent = os.path.dirname(p)
+        if parent == ddir or p.startswith(ddir + "/"):
+            name = os.path.basename(p)
+            raise DeviceError(f"restore target {path} does not exist (is {name} attached?)",
+                              hint=f"attach the disk first (baton attach DISK --name {name}) and restore to "
+                                   f"{dev_dir() / name}, or give the disk or image itself")
         try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                out[f.read().strip()] = name
+            on_devtmpfs = fstype_of_dev(os.stat(parent).st_dev) == "devtmpfs"
         except OSError:
-            continue
-    return out
+            on_devtmpfs = False
+        if p == "/dev" or p.startswith("/dev/") or on_devtmpfs:
+            raise DeviceError(f"restore target {path} does not exist (is the device present?)",
+                              hint="device nodes are made by the kernel, not by restore: give an existing block "
+                                   "device, or a regular file outside /dev")
 
 
 def check_target(path: str, disk_size: int) -> str:
-    """"file" or "block" if ``path`` may be overwritten with a disk of ``disk_size`` bytes; else raise."""
-    real = os.path.realpath(path)
+    """What ``path`` is, if it may be overwritten with a disk of ``disk_size`` bytes: "new" (a file to create),
+    "file" or "block"; else raise DeviceBusy (in use on this node, by any path: see ``baton.host``) or
+    DeviceError."""
     try:
-        st = os.stat(real)
+        st = os.stat(path)
     except FileNotFoundError:
-        parent = os.path.dirname(real) or "."
+        _refuse_new_device_path(path)
+        parent = os.path.dirname(os.path.realpath(path)) or "."
         if not os.path.isdir(parent):
             raise DeviceError(f"restore target {path}: directory {parent} does not exist") from None
-        return "file"
+        return "new"
     if stat.S_ISDIR(st.st_mode):
         raise DeviceError(f"restore target {path} is a directory; give a file or block device")
-    if stat.S_ISREG(st.st_mode):
-        loop = _loop_backing_files().get(real)
-        if loop:
-            raise DeviceBusy(f"restore target {path} is attached to /dev/{loop}",
-                             hint=f"detach it first (losetup -d /dev/{loop})")
-        return "file"
-    if not stat.S_ISBLK(st.st_mode):
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise DeviceError(f"restore target {path} is neither a regular file nor a block device")
-    mounted = _mounted_sources()
-    dev_name = os.path.basename(real)
-    if real in mounted or any(os.path.realpath(m) == real for m in mounted if m.startswith("/dev/")):
-        raise DeviceBusy(f"restore target {path} is mounted", hint="unmount it first")
-    holders = f"/sys/class/block/{dev_name}/holders"
-    if os.path.isdir(holders) and os.listdir(holders):
-        raise DeviceBusy(f"restore target {path} is held by {', '.join(os.listdir(holders))}")
-    # A mounted partition of the target also makes it busy.
-    try:
-        parts = [p for p in os.listdir(f"/sys/class/block/{dev_name}") if p.startswith(dev_name)]
-    except OSError:
-        parts = []
-    for p in parts:
-        if f"/dev/{p}" in mounted:
-            raise DeviceBusy(f"restore target {path}: partition /dev/{p} is mounted", hint="unmount it first")
-    size = device_size(real)
+    check_not_in_use(path, "restore")
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    size = device_size(path)
     if size < disk_size:
         raise DeviceError(f"restore target {path} holds {size} bytes; the snapshot needs {disk_size}")
     return "block"
 
 
-def _open_target(path: str, kind: str, disk_size: int) -> int:
+@dataclass
+class _Target:
+    path: str
+    kind: str  # "file" | "image" | "block"
+    create: bool  # the file does not exist yet: restore makes it
+    created: tuple[int, int] | None = None  # (st_dev, st_ino) of the file restore made
+    opened: bool = False  # the target was opened for writing (it may have been written since)
+
+
+def _open_target(t: _Target, disk_size: int) -> int:
+    path, kind = t.path, t.kind
     try:
         if kind == "block":
             # O_EXCL on a block device fails with EBUSY if the kernel has it mounted or claimed.
-            return os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+            t.opened = True
+            return fd
+        # A new file is created here and nowhere else (O_EXCL: never one that appeared since the check).
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if t.create else 0), 0o600)
+        t.opened = True
+        if t.create:
+            st = os.fstat(fd)
+            t.created = (st.st_dev, st.st_ino)
         if kind == "image":
             return fd                 # a larger disk image (e.g. with a tail record): keep what lies beyond
         os.ftruncate(fd, 0)           # drop old data so zero chunks become holes
@@ -142,7 +145,25 @@ def _open_target(path: str, kind: str, disk_size: int) -> int:
             raise DeviceBusy(f"restore target {path} is in use (mounted or held open exclusively)") from e
         if e.errno in (errno.ENOSPC, errno.EFBIG):
             raise DeviceError(f"restore target {path}: {e.strerror}") from e
+        if e.errno in (errno.EEXIST, errno.ENOENT):
+            raise DeviceError(f"restore target {path} appeared or vanished while the restore started",
+                              hint="check what created or removed it, then run the restore again") from e
         raise DeviceError(f"cannot open restore target {path}: {e.strerror}") from e
+
+
+def _after_failure(t: _Target, err: BaseException) -> None:
+    """A failed restore removes the file it created; a target that existed is left, and the error says that
+    its content is now undefined."""
+    if t.created is not None:
+        try:
+            st = os.lstat(t.path)
+            if (st.st_dev, st.st_ino) == t.created:  # still the file we made, not one put there since
+                os.unlink(t.path)
+        except OSError:
+            pass
+    elif t.opened and isinstance(err, BatonError) and err.args:
+        err.args = (f"{err.args[0]}; restore target {t.path} was partly overwritten: its content is undefined "
+                    "until a restore to it succeeds", *err.args[1:])
 
 
 def restore(repo: Repository, manifest: Manifest, target_path: str, *,
@@ -154,17 +175,28 @@ def restore(repo: Repository, manifest: Manifest, target_path: str, *,
                         f"point-in-time image", hint="restore a complete snapshot (see `baton snapshots`)")
     disk = manifest.disk
     kind = check_target(target_path, disk.size)
-    if (kind == "file" and os.path.exists(target_path) and os.path.getsize(target_path) > disk.size
-            and has_tail_record(target_path)):
+    t = _Target(target_path, "file" if kind == "new" else kind, create=kind == "new")
+    if kind == "file" and os.path.getsize(target_path) > disk.size and has_tail_record(target_path):
         # A disk image whose end holds a Baton tail record: never truncate it; zero chunks are punched (they
         # still read as zeros) instead of left over from before. Any other file is replaced whole.
-        kind = "image"
+        t.kind = "image"
+    try:
+        return _write(repo, manifest, t, progress, workers)
+    except BaseException as e:
+        _after_failure(t, e)
+        raise
+
+
+def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[[int, int], None] | None,
+           workers: int) -> RestoreResult:
+    disk = manifest.disk
+    target_path, kind = t.path, t.kind
     started = time.monotonic()
     lock = repo.shared_lock("restore")
     try:
         reader = repo.snapshot_reader(manifest)
         index = repo.chunk_index()
-        fd = _open_target(target_path, kind, disk.size)
+        fd = _open_target(t, disk.size)
         hasher = blake3.blake3()
         written = zero = done = 0
         zero_buf = bytes(disk.chunk_size)

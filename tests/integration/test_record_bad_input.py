@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from baton import errors
-from baton.format.record import BLOCK, HEADER, crc32c
+from baton.format.record import BLOCK, crc32c, header_length
 from conftest import need_root, need_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -187,14 +187,15 @@ def _patch_headers(disk: Path, record_offset: int, patch: Any) -> None:
 def test_unsupported_version_is_refused_and_nothing_changes(env: Env) -> None:
     disk, out = tail_disk(env, "v.img")
 
-    def to_v2(blk: bytearray) -> None:
-        struct.pack_into("<H", blk, 8, 2)  # version
-        struct.pack_into("<I", blk, HEADER.size, crc32c(bytes(blk[: HEADER.size])))  # valid CRC: only the version
+    def to_v3(blk: bytearray) -> None:
+        end = header_length(2) - 4
+        struct.pack_into("<H", blk, 8, 3)  # version
+        struct.pack_into("<I", blk, end, crc32c(bytes(blk[:end])))  # valid CRC: only the version is wrong
 
-    _patch_headers(disk, out["data_size"], to_v2)
+    _patch_headers(disk, out["data_size"], to_v3)
     before = digest(disk)
     r = env.baton("status", str(disk), "--json", rc=code(errors.RecordVersionError))
-    assert "version 2 is not supported" in r.stderr and "1..1" in r.stderr, r.stderr
+    assert "version 3 is not supported" in r.stderr and "1..2" in r.stderr, r.stderr
     assert "upgrade" in r.stderr, r.stderr
     env.baton("attach", str(disk), "--node", "n1", "--name", env.name(), rc=RECORD)
     env.baton("backup", str(disk), "--repo", str(env.root / "repo"), rc=RECORD)

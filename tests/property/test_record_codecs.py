@@ -106,9 +106,138 @@ def test_anchor_roundtrip(disk: str, size: int, off: int, rsize: int, copy: int)
 def test_unsupported_version_is_its_own_error() -> None:
     h = r.RecordHeader(placement=1, nslots=4, chunk_size=65536, disk_uuid=str(uuid.uuid4()), lineage="",
                        disk_size=1, data_size=1, record_offset=0, record_size=1, pages_per_slot=1, version=2)
+    b = bytearray(h.pack())
+    b[8:10] = (3).to_bytes(2, "little")  # a version from the future, with a valid checksum
+    end = r.header_length(2) - 4
+    b[end : end + 4] = r.crc32c(bytes(b[:end])).to_bytes(4, "little")
     try:
-        r.RecordHeader.unpack(h.pack())
+        r.RecordHeader.unpack(bytes(b))
     except r.BadVersion as e:
-        assert "version 2" in str(e)
+        assert "version 3" in str(e) and "1..2" in str(e)
     else:
-        raise AssertionError("version 2 decoded")
+        raise AssertionError("version 3 decoded")
+
+
+# ------------------------------------------------------------------------------------------------ format v2
+
+
+@st.composite
+def v2_headers(draw: st.DrawFn) -> r.RecordHeader:
+    kind = draw(st.sampled_from([r.FS_UNSAVED, r.FS_EXT4, r.FS_XFS, r.FS_NONE]))
+    markers = draw(st.binary(min_size=r.FS_MARKERS_SIZE, max_size=r.FS_MARKERS_SIZE)) if kind in (
+        r.FS_EXT4, r.FS_XFS) else b""
+    from dataclasses import replace
+
+    return replace(draw(headers()), version=2, nrepos=draw(st.integers(0, 64)), fs_kind=kind, fs_markers=markers,
+                   markers_ns=draw(u64), flags=draw(st.integers(0, 15)))
+
+
+@given(v2_headers())
+def test_v2_header_roundtrip(h: r.RecordHeader) -> None:
+    assert len(h.pack()) == r.BLOCK and r.header_length(2) <= r.SECTOR  # one sector: never torn
+    assert r.RecordHeader.unpack(h.pack(), copy=h.copy, record_offset=h.record_offset) == h
+
+
+@given(v2_headers(), st.integers(0, r.HEADER.size + r.HEADER_V2.size + 3), st.integers(1, 255))
+def test_v2_header_detects_any_flipped_byte(h: r.RecordHeader, pos: int, x: int) -> None:
+    b = bytearray(h.pack())
+    b[pos] ^= x
+    try:
+        got = r.RecordHeader.unpack(bytes(b), copy=h.copy, record_offset=h.record_offset)
+    except r.FormatError:
+        return
+    raise AssertionError(f"a flipped byte at {pos} decoded as {got}")
+
+
+@given(headers())
+def test_v1_header_still_writes_and_reads_as_v1(h: r.RecordHeader) -> None:
+    from dataclasses import replace
+
+    v1 = replace(h, version=1)
+    raw = v1.pack()
+    assert int.from_bytes(raw[8:10], "little") == 1 and int.from_bytes(raw[10:12], "little") == 286
+    assert r.RecordHeader.unpack(raw, copy=v1.copy, record_offset=v1.record_offset) == v1
+
+
+@st.composite
+def v2_slots(draw: st.DrawFn) -> r.SlotHeader:
+    npages = draw(st.integers(1, 3000))
+    pm = draw(st.binary(min_size=(npages + 7) // 8, max_size=(npages + 7) // 8))
+    if npages % 8:
+        pm = pm[:-1] + bytes([pm[-1] & ((1 << (npages % 8)) - 1)])
+    kind = draw(st.sampled_from([r.REGION_NODE, r.REGION_FROZEN, r.REGION_REPO]))
+    return r.SlotHeader(region=draw(st.integers(0, 200)), kind=kind, disk_uuid=draw(uuids), npages=npages,
+                        seq=draw(u64), copy=draw(st.sampled_from([0, 1])), generation=draw(u64), epoch=draw(u64),
+                        node=draw(names), backup_id=draw(st.one_of(st.just(""), hex16)), page_map=pm, version=2,
+                        repo_id=draw(st.one_of(st.just(""), hex16)), last_backup=draw(st.one_of(st.just(""), hex16)),
+                        lineage=draw(st.one_of(st.just(""), uuids)), used_seq=draw(u64),
+                        repo_flags=draw(st.integers(0, 15)))
+
+
+@given(v2_slots())
+def test_v2_slot_header_roundtrip(s: r.SlotHeader) -> None:
+    assert r.SlotHeader.unpack(s.pack(), region=s.region, copy=s.copy, disk_uuid=s.disk_uuid) == s
+
+
+@given(v2_slots(), st.data(), st.integers(1, 255))
+def test_v2_slot_header_detects_any_flipped_byte(s: r.SlotHeader, data: st.DataObject, x: int) -> None:
+    raw = s.pack()
+    pos = data.draw(st.integers(0, r.slot_fixed_size(2) + (s.npages + 7) // 8 + 3))
+    b = bytearray(raw)
+    b[pos] ^= x
+    try:
+        got = r.SlotHeader.unpack(bytes(b), region=s.region, copy=s.copy, disk_uuid=s.disk_uuid)
+    except r.FormatError:
+        return
+    raise AssertionError(f"a flipped byte at {pos} decoded as {got}")
+
+
+def test_repo_region_kind_needs_v2() -> None:
+    s = r.SlotHeader(region=5, kind=r.REGION_REPO, disk_uuid=str(uuid.uuid4()), npages=1, version=1)
+    try:
+        r.SlotHeader.unpack(s.pack(), region=5, copy=0, disk_uuid=s.disk_uuid)
+    except r.FormatError as e:
+        assert "region kind" in str(e)
+    else:
+        raise AssertionError("a v1 slot header of a repository region decoded")
+
+
+@given(st.sampled_from([1, 2]), st.integers(0, 64), st.integers(0, 10000), st.sampled_from([0, 1]), u32, u32, uuids,
+       st.binary(min_size=r.PAGE_BYTES, max_size=r.PAGE_BYTES))
+def test_page_keeps_its_record_version(version: int, region: int, page: int, copy: int, gen: int, ctr: int,
+                                       disk: str, bits: bytes) -> None:
+    blk = r.pack_page(region=region, page=page, copy=copy, seq=gen << 32 | ctr, epoch=1, disk_uuid=disk, bits=bits,
+                      version=version)
+    assert int.from_bytes(blk[8:10], "little") == version
+    assert r.parse_page(blk, region=region, page=page, copy=copy, disk_uuid=disk, generation=gen).complete
+
+
+@given(st.binary(min_size=64, max_size=64), u32, u32, st.integers(0, 65535), u64, uuids)
+def test_fs_markers_parse_ext4_and_xfs_superblocks(seed: bytes, mtime: int, wtime: int, mnt: int, kb: int,
+                                                   fsu: str) -> None:
+    import struct
+
+    noise = seed * (r.BLOCK // len(seed))
+    ext = bytearray(noise)
+    ext[0:4] = b"\0\0\0\0"  # not xfs
+    sb = 1024
+    struct.pack_into("<IIH", ext, sb + 0x2C, mtime, wtime, mnt)
+    struct.pack_into("<H", ext, sb + 0x38, 0xEF53)
+    struct.pack_into("<Q", ext, sb + 0x178, kb)
+    ext[sb + 0x68 : sb + 0x78] = uuid.UUID(fsu).bytes
+    kind, m = r.parse_fs_markers(bytes(ext))
+    d = r.describe_fs_markers(kind, m)
+    assert kind == r.FS_EXT4 and len(m) == r.FS_MARKERS_SIZE
+    assert (d["s_mnt_count"], d["s_kbytes_written"]) == (mnt, kb)
+    assert d["s_mtime"] & 0xFFFFFFFF == mtime and d["s_wtime"] & 0xFFFFFFFF == wtime
+    bumped = bytearray(ext)
+    struct.pack_into("<Q", bumped, sb + 0x178, (kb + 1) % 2**64)
+    assert r.parse_fs_markers(bytes(bumped)) != (kind, m)  # any write moves the lifetime counter
+    xfs = bytearray(noise)
+    xfs[0:4] = b"XFSB"
+    struct.pack_into(">H", xfs, 100, 0xB4A5)  # a v5 superblock
+    struct.pack_into(">Q", xfs, 240, kb)
+    kind, m = r.parse_fs_markers(bytes(xfs))
+    assert kind == r.FS_XFS and r.describe_fs_markers(kind, m)["sb_lsn"] == kb
+    blank = bytes(r.BLOCK)
+    assert r.parse_fs_markers(blank) == (r.FS_NONE, b"")

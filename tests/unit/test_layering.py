@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "baton"
 LAYERS: dict[str, int] = {
     "errors": 0, "model": 0, "clock": 0, "config": 0, "__init__": 0, "util": 0,
     "format": 1,
-    "device": 2, "storage": 2, "record": 2, "blockdev": 2,
+    "device": 2, "storage": 2, "record": 2, "blockdev": 2, "host": 2,
     "tracker": 3,
     "repo": 4,
     "backup": 5, "restore": 5, "verify": 5, "engine": 5,

@@ -32,24 +32,18 @@ from baton import errors
 from baton.device import DirectDev, SubDev
 from baton.errors import BatonError, DaemonError, DeviceBusy, DeviceError, Fenced, UsageError
 from baton.format.record import PLACEMENT_TAIL
+from baton.host import OPEN, check_not_in_use
+from baton.host.attachments import attachments as attachments  # the one state-file reader, re-exported
+from baton.host.attachments import dev_dir as dev_dir
+from baton.host.attachments import read_state as read_state
+from baton.host.attachments import run_dir as run_dir
+from baton.host.attachments import state_path as state_path
 from baton.record.placement import Located, describe, locate
 from baton.tracker.core import Tracker, spill_dir_default
 from baton.util import pid_alive
 
 log = logging.getLogger("baton.daemon")
 READY_TIMEOUT = 60.0
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get("BATON_RUN_DIR", "/run/baton"))
-
-
-def dev_dir() -> Path:
-    return Path(os.environ.get("BATON_DEV_DIR", "/dev/baton"))
-
-
-def state_path(name: str) -> Path:
-    return run_dir() / name / "daemon.json"
 
 
 def control_path(name: str) -> Path:
@@ -71,25 +65,6 @@ def _check_name(name: str) -> None:
 
 _pid_alive = pid_alive
 
-
-def read_state(name: str) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(state_path(name).read_text())
-        return data
-    except (OSError, ValueError):
-        return None
-
-
-def attachments() -> list[dict[str, Any]]:
-    out = []
-    d = run_dir()
-    if d.is_dir():
-        for p in sorted(d.iterdir()):
-            st = read_state(p.name)
-            if st is not None:
-                st["alive"] = _pid_alive(int(st.get("pid", 0)))
-                out.append(st)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ control client
@@ -162,11 +137,15 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str = "fu
         raise DeviceError(f"{disk}: no such file or device")
     name = name or default_name(disk)
     _check_name(name)
-    real = os.path.realpath(disk)
     for st in attachments():
-        if st["alive"] and (st["name"] == name or st.get("disk") == real):
-            raise DeviceBusy(f"{st.get('disk')} is already attached here as {st['name']} (pid {st['pid']}, node "
-                             f"{st.get('node')})", hint=f"detach it first: baton detach {st['name']}")
+        if st["alive"] and st["name"] == name:
+            raise DeviceBusy(f"{name} is already attached here: {st.get('disk')} (pid {st['pid']}, node "
+                             f"{st.get('node')})", hint=f"detach it first: baton detach {name}, or pick another "
+                             "--name")
+    # The same disk by any path (a hard link, another device node, a loop device over it), mounted, held or
+    # open: refused. A Baton daemon outside this node's RUN_DIR (another "node" simulated on this host) may
+    # hold it: this attach is a takeover, and its epoch fences that daemon.
+    check_not_in_use(disk, "attach", allow=lambda u: u.kind == OPEN and u.baton_daemon)
     stale = read_state(name)
     cleaned = _cleanup_stale(name, stale) if stale is not None else []
     args = [sys.executable, "-m", "baton", "serve", disk, "--node", node, "--name", name, "--frontend", frontend]

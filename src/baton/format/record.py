@@ -1,4 +1,4 @@
-"""Pure codecs for the change record (format v1). No I/O here: bytes in, frozen dataclasses out.
+"""Pure codecs for the change record (format v2; v1 records are still read and written as v1). No I/O here: bytes in, frozen dataclasses out.
 
 The layout, field tables and rationale are in docs/format.md; constant names match the spec. Every structure
 carries a magic, a version checked against ``SUPPORTED_VERSIONS``, its length, a CRC32C and its own identity
@@ -12,13 +12,15 @@ from __future__ import annotations
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import crc32c as _crc
 
 BLOCK = 4096  # every record structure occupies whole 4 KiB blocks, aligned for O_DIRECT
 SECTOR = 512  # the smallest unit a torn write can leave half-old/half-new
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = range(1, 2)
+FORMAT_VERSION = 2  # what `baton init` writes; a v1 record keeps writing v1 structures (see docs/format.md)
+SUPPORTED_VERSIONS = range(1, 3)
+STRUCT_V1 = 1  # anchors, extent maps and record-disk superblocks are unchanged in v2 and stay version 1
 
 MIN_CHUNK = 4096
 MAX_CHUNK = 4 * 1024 * 1024
@@ -41,9 +43,20 @@ PLACEMENT_NAMES = {PLACEMENT_TAIL: "tail", PLACEMENT_FILE: "file", PLACEMENT_EXT
 FLAG_CLEAN = 1 << 0  # the last owner detached cleanly
 FLAG_RESET = 1 << 1  # the record was reset (new lineage); the next backup must be full
 FLAG_SUSPECT = 1 << 2  # damage was found in the record (a header copy); the next backup must be full
+FLAG_UNTRACKED = 1 << 3  # v2: the file system was written while no owner tracked it; the next backup must be full
+FULL_FLAGS = FLAG_RESET | FLAG_SUSPECT | FLAG_UNTRACKED  # each makes the next backup (to every repository) full
+
+# v2 header: what the file-system markers saved at the last detach/commit describe
+FS_UNSAVED = 0  # no markers saved (v1, or never saved): nothing to compare
+FS_EXT4 = 1
+FS_XFS = 2
+FS_NONE = 3  # checked: no ext4/xfs on the disk, so writes that bypass Baton cannot be noticed
+FS_KIND_NAMES = {FS_UNSAVED: "unsaved", FS_EXT4: "ext4", FS_XFS: "xfs", FS_NONE: "none"}
+FS_MARKERS_SIZE = 40
 
 REGION_NODE = 1
 REGION_FROZEN = 2
+REGION_REPO = 3  # v2: one repository's owed set and last backup
 
 HEADER_COPIES = 2
 EXTMAP_START = 2  # blocks 2, 3: extent map copies (file placement; zeros otherwise)
@@ -169,7 +182,20 @@ HEADER = struct.Struct(
     "H"  # nextents          file placement: extents of the record file (0 for tail/external)
     "I"  # extents_crc       crc32c of the packed extent list (EXTENT records) found at init
 )
+HEADER_V2 = struct.Struct(
+    "<"
+    "H"  # nrepos          v2: repository regions (regions nslots+1 .. nslots+nrepos)
+    "B"  # fs_kind         v2: FS_UNSAVED | FS_EXT4 | FS_XFS | FS_NONE: what fs_markers describe
+    "B"  # reserved        zero
+    "40s"  # fs_markers    v2: the file system's own write/mount markers at the last detach or commit
+    "Q"  # markers_ns      v2: wall clock when fs_markers were saved
+)
 HEADER_CRC = struct.Struct("<I")
+
+
+def header_length(version: int) -> int:
+    """Bytes a header of ``version`` covers (struct + crc): 286 for v1, 338 for v2."""
+    return HEADER.size + (HEADER_V2.size if version >= 2 else 0) + HEADER_CRC.size
 
 
 @dataclass(frozen=True)
@@ -198,6 +224,10 @@ class RecordHeader:
     nextents: int = 0
     extents_crc: int = 0
     version: int = FORMAT_VERSION
+    nrepos: int = 0  # v2
+    fs_kind: int = FS_UNSAVED  # v2
+    fs_markers: bytes = b""  # v2: FS_MARKERS_SIZE bytes (shorter is zero-padded)
+    markers_ns: int = 0  # v2
 
     @property
     def nchunks(self) -> int:
@@ -208,7 +238,9 @@ class RecordHeader:
         return bool(self.flags & FLAG_CLEAN)
 
     def pack(self) -> bytes:
-        length = HEADER.size + HEADER_CRC.size
+        if self.version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"cannot write a version {self.version} header")
+        length = header_length(self.version)
         body = HEADER.pack(
             HEADER_MAGIC, self.version, length, self.copy, self.placement, self.nslots, self.seq,
             self.chunk_size, self.flags, _uuid_bytes(self.disk_uuid), _uuid_bytes(self.fs_uuid),
@@ -217,6 +249,11 @@ class RecordHeader:
             self.epoch, _enc_name(self.owner), self.created_ns, self.updated_ns, self.backup_seq,
             _enc_name(self.hw_id, 48), self.nextents, self.extents_crc,
         )
+        if self.version >= 2:
+            if len(self.fs_markers) > FS_MARKERS_SIZE:
+                raise ValueError(f"file-system markers are {len(self.fs_markers)} bytes, at most {FS_MARKERS_SIZE}")
+            markers = self.fs_markers if self.fs_kind in (FS_EXT4, FS_XFS) else b""
+            body += HEADER_V2.pack(self.nrepos, self.fs_kind, 0, markers, self.markers_ns)
         out = body + HEADER_CRC.pack(crc32c(body))
         return out + bytes(BLOCK - len(out))
 
@@ -227,8 +264,8 @@ class RecordHeader:
         what = "record header" if copy is None else f"record header copy {copy}"
         version = _check_common(what, data, HEADER_MAGIC, HEADER.size + HEADER_CRC.size)
         (length,) = struct.unpack_from("<H", data, 10)
-        if length != HEADER.size + HEADER_CRC.size:
-            raise FormatError(what, f"length {length}, expected {HEADER.size + HEADER_CRC.size}")
+        if length != header_length(version) or len(data) < length:
+            raise FormatError(what, f"length {length}, expected {header_length(version)} for version {version}")
         (stored,) = HEADER_CRC.unpack_from(data, length - HEADER_CRC.size)
         _check_crc(what, memoryview(data)[: length - HEADER_CRC.size], stored)
         f = HEADER.unpack_from(data, 0)
@@ -243,13 +280,20 @@ class RecordHeader:
             raise FormatError(what, f"unknown placement {placement}")
         if chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
             raise FormatError(what, f"chunk size {chunk_size} is not a power of two in 4 KiB..4 MiB")
+        v2: dict[str, Any] = {}
+        if version >= 2:
+            nrepos, fs_kind, _, markers, markers_ns = HEADER_V2.unpack_from(data, HEADER.size)
+            if fs_kind not in FS_KIND_NAMES:
+                raise FormatError(what, f"unknown file-system marker kind {fs_kind}")
+            v2 = {"nrepos": nrepos, "fs_kind": fs_kind, "fs_markers": markers if fs_kind in (FS_EXT4, FS_XFS) else b"",
+                  "markers_ns": markers_ns}
         return cls(
             placement=placement, nslots=nslots, chunk_size=chunk_size, disk_uuid=_uuid_str(disk_uuid),
             lineage=_uuid_str(lineage), disk_size=disk_size, data_size=data_size, record_offset=rec_off,
             record_size=rec_size, pages_per_slot=pps, seq=seq, copy=hcopy, flags=flags,
             fs_uuid=_uuid_str(fs_uuid), last_backup="" if last_backup == bytes(16) else last_backup.hex(),
             epoch=epoch, owner=_name(owner), created_ns=created, updated_ns=updated, backup_seq=bseq,
-            hw_id=_name(hw_id), nextents=next, extents_crc=ext_crc, version=version,
+            hw_id=_name(hw_id), nextents=next, extents_crc=ext_crc, version=version, **v2,
         )
 
 
@@ -274,6 +318,20 @@ SLOT = struct.Struct(
     "16s"  # backup_id   frozen region: the backup that froze it
     "I"  # npages       pages in this region (== header.pages_per_slot)
 )
+SLOT_V2 = struct.Struct(
+    "<"
+    "16s"  # repo_id     v2, repository regions: the repository's id (its config repo_id), zeros if free
+    "16s"  # last_backup v2, repository regions: that repository's last snapshot (or checkpoint) from this record
+    "16s"  # lineage     v2, repository regions: the record lineage that snapshot followed
+    "Q"  # used_seq      v2, repository regions: header seq when last used (least recently used is evicted)
+    "I"  # repo_flags    v2, repository regions: FLAG_RESET | FLAG_SUSPECT | FLAG_UNTRACKED owed to this repository
+    "4x"  # reserved     zero
+)
+
+
+def slot_fixed_size(version: int) -> int:
+    """Bytes of a slot header before its page map: 144 for v1, 208 for v2."""
+    return SLOT.size + (SLOT_V2.size if version >= 2 else 0)
 
 
 @dataclass(frozen=True)
@@ -289,41 +347,62 @@ class SlotHeader:
     node: str = ""
     backup_id: str = ""
     page_map: bytes = b""  # bit p set = page p holds bits of this generation
+    version: int = FORMAT_VERSION
+    repo_id: str = ""  # v2 repository regions: 32 hex chars, "" if the region is free
+    last_backup: str = ""  # v2 repository regions: 32 hex chars or ""
+    lineage: str = ""  # v2 repository regions
+    used_seq: int = 0  # v2 repository regions
+    repo_flags: int = 0  # v2 repository regions
 
     def pack(self) -> bytes:
         pm_len = (self.npages + 7) // 8
         pm = self.page_map.ljust(pm_len, b"\0")[:pm_len]
-        length = SLOT.size + pm_len + 4
+        fixed = slot_fixed_size(self.version)
+        length = fixed + pm_len + 4
         if length > BLOCK:
             raise ValueError(f"{self.npages} pages do not fit a slot header block")
         body = SLOT.pack(
-            SLOT_MAGIC, FORMAT_VERSION, length, self.region, self.kind, self.copy, self.seq, self.generation,
+            SLOT_MAGIC, self.version, length, self.region, self.kind, self.copy, self.seq, self.generation,
             self.epoch, _uuid_bytes(self.disk_uuid), _enc_name(self.node),
             bytes.fromhex(self.backup_id) if self.backup_id else bytes(16), self.npages,
-        ) + pm
+        )
+        if self.version >= 2:
+            body += SLOT_V2.pack(bytes.fromhex(self.repo_id) if self.repo_id else bytes(16),
+                                 bytes.fromhex(self.last_backup) if self.last_backup else bytes(16),
+                                 _uuid_bytes(self.lineage), self.used_seq, self.repo_flags)
+        body += pm
         out = body + struct.pack("<I", crc32c(body))
         return out + bytes(BLOCK - len(out))
 
     @classmethod
     def unpack(cls, data: bytes, *, region: int, copy: int, disk_uuid: str) -> SlotHeader:
         what = f"slot header (region {region} copy {copy})"
-        _check_common(what, data, SLOT_MAGIC, SLOT.size + 4)
+        version = _check_common(what, data, SLOT_MAGIC, SLOT.size + 4)
+        fixed = slot_fixed_size(version)
         (length,) = struct.unpack_from("<H", data, 10)
-        if not SLOT.size + 4 <= length <= BLOCK:
+        if not fixed + 4 <= length <= BLOCK:
             raise FormatError(what, f"length {length} out of range")
         (stored,) = struct.unpack_from("<I", data, length - 4)
         _check_crc(what, memoryview(data)[: length - 4], stored)
         (_, _, _, reg, kind, hcopy, seq, gen, epoch, duuid, node, bid, npages) = SLOT.unpack_from(data, 0)
-        if length != SLOT.size + (npages + 7) // 8 + 4:
+        if length != fixed + (npages + 7) // 8 + 4:
             raise FormatError(what, f"length {length} does not match {npages} pages")
+        if kind not in (REGION_NODE, REGION_FROZEN, REGION_REPO) or (kind == REGION_REPO and version < 2):
+            raise FormatError(what, f"unknown region kind {kind} in a version {version} slot header")
         if reg != region or hcopy != copy:
             raise FormatError(what, f"expected region {region} copy {copy}, found region {reg} copy {hcopy}")
         if _uuid_str(duuid) != disk_uuid:
             raise FormatError(what, f"belongs to disk {_uuid_str(duuid)}, expected {disk_uuid}")
+        v2: dict[str, Any] = {}
+        if version >= 2:
+            rid, last, lin, used, rflags = SLOT_V2.unpack_from(data, SLOT.size)
+            v2 = {"repo_id": "" if rid == bytes(16) else rid.hex(),
+                  "last_backup": "" if last == bytes(16) else last.hex(), "lineage": _uuid_str(lin),
+                  "used_seq": used, "repo_flags": rflags}
         return cls(
             region=reg, kind=kind, disk_uuid=disk_uuid, npages=npages, seq=seq, copy=hcopy, generation=gen,
             epoch=epoch, node=_name(node), backup_id="" if bid == bytes(16) else bid.hex(),
-            page_map=bytes(data[SLOT.size : SLOT.size + (npages + 7) // 8]),
+            page_map=bytes(data[fixed : fixed + (npages + 7) // 8]), version=version, **v2,
         )
 
 
@@ -362,12 +441,13 @@ def _sector_crc(payload: bytes | memoryview, seq: int, ident: bytes) -> int:
     return crc32c(bytes(payload) + struct.pack("<Q", seq) + ident)
 
 
-def pack_page(*, region: int, page: int, copy: int, seq: int, epoch: int, disk_uuid: str, bits: bytes) -> bytes:
-    """One 4 KiB copy of a bitmap page."""
+def pack_page(*, region: int, page: int, copy: int, seq: int, epoch: int, disk_uuid: str, bits: bytes,
+              version: int = FORMAT_VERSION) -> bytes:
+    """One 4 KiB copy of a bitmap page (the layout is the same in v1 and v2; ``version`` is the record's)."""
     if len(bits) != PAGE_BYTES:
         raise ValueError(f"page bits must be {PAGE_BYTES} bytes, got {len(bits)}")
     ident = _IDENT.pack(region, page, copy, _uuid_bytes(disk_uuid)[:8])
-    payload = PAGE.pack(PAGE_MAGIC, FORMAT_VERSION, PAGE_HEADER_SIZE, region, page, copy, epoch) + bits
+    payload = PAGE.pack(PAGE_MAGIC, version, PAGE_HEADER_SIZE, region, page, copy, epoch) + bits
     out = bytearray()
     for i in range(SECTORS_PER_PAGE):
         p = payload[i * SECTOR_PAYLOAD : (i + 1) * SECTOR_PAYLOAD]
@@ -486,6 +566,7 @@ class HistoryEntry:
     digest: str  # hex
     epoch: int
     slot: int = 0
+    version: int = FORMAT_VERSION  # the record's version (the entry's layout is the same in v1 and v2)
 
     @property
     def duration_s(self) -> float:
@@ -496,7 +577,7 @@ class HistoryEntry:
         result = {v: k for k, v in RESULTS.items()}[self.result]
         reason = self.reason.encode("utf-8")[:96]
         body = HISTORY.pack(
-            HISTORY_MAGIC, FORMAT_VERSION, HISTORY_ENTRY_SIZE, self.slot, self.seq,
+            HISTORY_MAGIC, self.version, HISTORY_ENTRY_SIZE, self.slot, self.seq,
             bytes.fromhex(self.snapshot_id) if self.snapshot_id else bytes(16), _uuid_bytes(self.lineage),
             _enc_name(self.node), self.start_ns, self.end_ns, self.chunks_read, self.bytes_read,
             self.chunks_stored, self.bytes_stored, self.bytes_deduped, mode, result, reason,
@@ -508,7 +589,7 @@ class HistoryEntry:
     @classmethod
     def unpack(cls, data: bytes, *, slot: int) -> HistoryEntry:
         what = f"history entry {slot}"
-        _check_common(what, data, HISTORY_MAGIC, HISTORY_ENTRY_SIZE)
+        version = _check_common(what, data, HISTORY_MAGIC, HISTORY_ENTRY_SIZE)
         (stored,) = struct.unpack_from("<I", data, HISTORY_ENTRY_SIZE - 4)
         _check_crc(what, memoryview(data)[: HISTORY_ENTRY_SIZE - 4], stored)
         f = HISTORY.unpack_from(data, 0)
@@ -519,7 +600,7 @@ class HistoryEntry:
             seq=seq, snapshot_id="" if sid == bytes(16) else sid.hex(), lineage=_uuid_str(lin), node=_name(node),
             start_ns=s, end_ns=e, chunks_read=cr, bytes_read=br, chunks_stored=cs, bytes_stored=bs,
             bytes_deduped=bd, mode=MODES.get(mode, "?"), result=RESULTS.get(result, "?"), reason=_name(reason),
-            digest=digest.hex(), epoch=ep, slot=hslot,
+            digest=digest.hex(), epoch=ep, slot=hslot, version=version,
         )
 
 
@@ -575,7 +656,7 @@ class RecordDiskSuper:
         if n > RDISK_MAX_SLOTS:
             raise ValueError(f"at most {RDISK_MAX_SLOTS} slots fit a record disk")
         length = RDISK.size + n * RDISK_ENTRY.size + 4
-        body = RDISK.pack(RDISK_MAGIC, FORMAT_VERSION, length, self.copy, self.seq,
+        body = RDISK.pack(RDISK_MAGIC, STRUCT_V1, length, self.copy, self.seq,
                           _uuid_bytes(self.rdisk_uuid), self.slot_size, n)
         body += b"".join(
             RDISK_ENTRY.pack(int(s.in_use), _uuid_bytes(s.disk_uuid), s.disk_size, _uuid_bytes(s.fs_uuid),
@@ -614,6 +695,7 @@ class RecordDiskSuper:
 class Geometry:
     nslots: int
     pages_per_slot: int
+    nrepos: int = 0  # v2: repository regions, after the frozen region
 
     @property
     def region_blocks(self) -> int:
@@ -621,11 +703,20 @@ class Geometry:
 
     @property
     def nregions(self) -> int:
-        return self.nslots + 1  # node slots, then the frozen set
+        return self.nslots + 1 + self.nrepos  # node slots, the frozen set, then repository regions
 
     @property
     def frozen_region(self) -> int:
         return self.nslots
+
+    @property
+    def repo_regions(self) -> range:
+        return range(self.nslots + 1, self.nslots + 1 + self.nrepos)
+
+    def region_kind(self, region: int) -> int:
+        if region < self.nslots:
+            return REGION_NODE
+        return REGION_FROZEN if region == self.nslots else REGION_REPO
 
     @property
     def total_blocks(self) -> int:
@@ -653,13 +744,13 @@ def pages_for(nchunks: int) -> int:
     return max(1, (nchunks + PAGE_BITS - 1) // PAGE_BITS)
 
 
-def geometry_for(data_size: int, chunk_size: int, nslots: int) -> Geometry:
+def geometry_for(data_size: int, chunk_size: int, nslots: int, nrepos: int = 0) -> Geometry:
     nchunks = (data_size + chunk_size - 1) // chunk_size
-    return Geometry(nslots=nslots, pages_per_slot=pages_for(nchunks))
+    return Geometry(nslots=nslots, pages_per_slot=pages_for(nchunks), nrepos=nrepos)
 
 
-def max_pages_per_slot() -> int:
-    return (BLOCK - SLOT.size - 4) * 8
+def max_pages_per_slot(version: int = FORMAT_VERSION) -> int:
+    return (BLOCK - slot_fixed_size(version) - 4) * 8
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -690,7 +781,7 @@ class Anchor:
     copy: int = 0
 
     def pack(self) -> bytes:
-        body = ANCHOR.pack(ANCHOR_MAGIC, FORMAT_VERSION, self.copy, _uuid_bytes(self.disk_uuid), self.disk_size,
+        body = ANCHOR.pack(ANCHOR_MAGIC, STRUCT_V1, self.copy, _uuid_bytes(self.disk_uuid), self.disk_size,
                            self.record_offset, self.record_size, 0)[:-4]
         return (body + struct.pack("<I", crc32c(body))).ljust(BLOCK, b"\0")
 
@@ -727,7 +818,7 @@ EXTMAP_MAX = (BLOCK - EXTMAP.size - 4) // EXTENT.size
 def pack_extmap(extents: tuple[Extent, ...], *, copy: int, disk_uuid: str) -> bytes:
     if len(extents) > EXTMAP_MAX:
         raise ValueError(f"{len(extents)} extents exceed the {EXTMAP_MAX} an extent map holds")
-    body = EXTMAP.pack(EXTMAP_MAGIC, FORMAT_VERSION, copy, len(extents), _uuid_bytes(disk_uuid))
+    body = EXTMAP.pack(EXTMAP_MAGIC, STRUCT_V1, copy, len(extents), _uuid_bytes(disk_uuid))
     body += b"".join(EXTENT.pack(e.logical, e.physical, e.length) for e in extents)
     return (body + struct.pack("<I", crc32c(body))).ljust(BLOCK, b"\0")
 
@@ -744,3 +835,65 @@ def unpack_extmap(data: bytes, *, copy: int) -> tuple[str, tuple[Extent, ...]]:
         raise FormatError(what, f"the block says it is copy {hcopy}")
     ext = tuple(Extent(*EXTENT.unpack_from(data, EXTMAP.size + i * EXTENT.size)) for i in range(n))
     return _uuid_str(duuid), ext
+
+
+# --------------------------------------------------------------------------------------------------------------
+# File-system markers (v2): what the file system on the data disk changes on every mount and write, read from its
+# own superblock. Saved in the record header at detach and at every backup commit; compared at the next attach of
+# a cleanly detached record, so a mount of the raw disk (not /dev/baton/NAME) while nobody tracked it is noticed.
+
+FS_PROBE_BYTES = BLOCK  # the ext2/3/4 superblock is at byte 1024, the xfs one at byte 0: both in the first block
+EXT_SB_OFFSET = 1024
+EXT_MAGIC = 0xEF53
+XFS_MAGIC = b"XFSB"
+EXT_MARKERS = struct.Struct(
+    "<"
+    "I"  # s_mtime           last mount time (low 32 bits)
+    "I"  # s_wtime           last superblock write time (low 32 bits)
+    "H"  # s_mnt_count       mounts since the last fsck
+    "Q"  # s_kbytes_written  lifetime KiB written
+    "B"  # s_mtime_hi
+    "B"  # s_wtime_hi
+    "16s"  # s_uuid
+)
+XFS_MARKERS = struct.Struct(
+    "<"
+    "Q"  # sb_lsn       log sequence number of the last superblock write (v5 superblocks; 0 for v4)
+    "Q"  # sb_icount    allocated inodes
+    "Q"  # sb_ifree     free inodes
+    "Q"  # sb_fdblocks  free data blocks
+    "8s"  # sb_uuid     first 8 bytes
+)
+
+
+def parse_fs_markers(block: bytes) -> tuple[int, bytes]:
+    """(FS_EXT4 | FS_XFS | FS_NONE, markers) from the first FS_PROBE_BYTES of a data area. Pure; never raises
+    for foreign data (no ext/xfs superblock is FS_NONE). An unmount rewrites these fields on both file
+    systems (ext4: s_wtime, s_kbytes_written; a mount bumps s_mnt_count and s_mtime. xfs: sb_lsn moves on every
+    mount/unmount cycle, and the counters move with allocations)."""
+    if len(block) < FS_PROBE_BYTES:
+        raise ValueError(f"need {FS_PROBE_BYTES} bytes, got {len(block)}")
+    if block[:4] == XFS_MAGIC:
+        (versionnum,) = struct.unpack_from(">H", block, 100)
+        lsn = struct.unpack_from(">Q", block, 240)[0] if versionnum & 0xF == 5 else 0
+        icount, ifree, fdblocks = struct.unpack_from(">QQQ", block, 128)
+        return FS_XFS, XFS_MARKERS.pack(lsn, icount, ifree, fdblocks, block[32:40]).ljust(FS_MARKERS_SIZE, b"\0")
+    sb = block[EXT_SB_OFFSET : EXT_SB_OFFSET + 1024]
+    if struct.unpack_from("<H", sb, 0x38)[0] == EXT_MAGIC:
+        mtime, wtime, mnt_count = struct.unpack_from("<IIH", sb, 0x2C)
+        (kbytes,) = struct.unpack_from("<Q", sb, 0x178)
+        return FS_EXT4, EXT_MARKERS.pack(mtime, wtime, mnt_count, kbytes, sb[0x275], sb[0x274],
+                                         sb[0x68:0x78]).ljust(FS_MARKERS_SIZE, b"\0")
+    return FS_NONE, b""
+
+
+def describe_fs_markers(kind: int, markers: bytes) -> dict[str, int | str]:
+    """The markers as named fields (for status and for the reason of a full backup)."""
+    if kind == FS_EXT4 and len(markers) >= EXT_MARKERS.size:
+        mt, wt, mc, kb, mth, wth, _ = EXT_MARKERS.unpack_from(markers, 0)
+        return {"fs": "ext4", "s_mtime": mth << 32 | mt, "s_wtime": wth << 32 | wt, "s_mnt_count": mc,
+                "s_kbytes_written": kb}
+    if kind == FS_XFS and len(markers) >= XFS_MARKERS.size:
+        lsn, ic, fr, fd, _ = XFS_MARKERS.unpack_from(markers, 0)
+        return {"fs": "xfs", "sb_lsn": lsn, "sb_icount": ic, "sb_ifree": fr, "sb_fdblocks": fd}
+    return {"fs": FS_KIND_NAMES.get(kind, "?")}

@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from baton.errors import RecordError
-from baton.format.record import FLAG_CLEAN, FLAG_RESET
+from baton.format.record import FLAG_CLEAN, FLAG_RESET, FLAG_UNTRACKED
 
 
 def after_restore(target: str, manifest: Any) -> dict[str, Any] | None:
@@ -33,7 +33,8 @@ def after_restore(target: str, manifest: Any) -> dict[str, Any] | None:
         new = replace(
             h, lineage=manifest.lineage if same else str(uuid.uuid4()),
             last_backup=manifest.snapshot_id if same else "", epoch=h.epoch + 1, owner="",
-            flags=(h.flags | FLAG_CLEAN) & ~FLAG_RESET | (0 if same else FLAG_RESET),
+            flags=(h.flags | FLAG_CLEAN) & ~(FLAG_RESET | FLAG_UNTRACKED) | (0 if same else FLAG_RESET),
+            **loc.record.marker_fields(),  # the restore wrote the disk: its file system's markers as left now
         )
         format_record(loc.record.area, new, keep_history=True)
         return {"record": str(loc.spec), "continues_from": manifest.snapshot_id if same else None,

@@ -33,6 +33,12 @@ from baton.format.record import (
     FLAG_CLEAN,
     FLAG_RESET,
     FLAG_SUSPECT,
+    FLAG_UNTRACKED,
+    FS_EXT4,
+    FS_KIND_NAMES,
+    FS_NONE,
+    FS_UNSAVED,
+    FS_XFS,
     HISTORY_ENTRIES,
     HISTORY_ENTRY_SIZE,
     PAGE_BITS,
@@ -41,7 +47,6 @@ from baton.format.record import (
     REGION_FROZEN,
     REGION_NODE,
     SECTOR,
-    SLOT,
     BadMagic,
     BadVersion,
     FormatError,
@@ -49,10 +54,14 @@ from baton.format.record import (
     HistoryEntry,
     RecordHeader,
     SlotHeader,
+    describe_fs_markers,
     pack_page,
     parse_page,
     sector_bit_range,
+    slot_fixed_size,
 )
+
+FsProbe = Callable[[], tuple[int, bytes]]  # reads the data disk's file-system markers: (FS_* kind, markers)
 
 
 def popcount(b: bytes | bytearray) -> int:
@@ -119,8 +128,13 @@ class Record:
     def __init__(self, area: BlockDev, header: RecordHeader, *, clock: Callable[[], int] = time.time_ns) -> None:
         self.area = area
         self.header = header
-        self.geo = Geometry(header.nslots, header.pages_per_slot)
+        self.geo = Geometry(header.nslots, header.pages_per_slot, header.nrepos)
         self.clock = clock
+        # Reads the data disk's file-system markers (set by the placement that opened the disk; None: unknown,
+        # e.g. a record opened on its own in tests). Used by v2 records only (docs/format.md "File-system
+        # markers").
+        self.fs_probe: FsProbe | None = None
+        self.fs_check: dict[str, Any] = {}  # what the last attach's marker comparison found
         self.stats = RecordStats()
         self.regions: list[_Region] = []
         self.notes: list[str] = []  # what was found damaged or repaired, for status and backup reasons
@@ -198,12 +212,12 @@ class Record:
                 continue
             if best is None or s.seq > best.seq:
                 best = s
-        one_sector = SLOT.size + (self.geo.pages_per_slot + 7) // 8 + 4 <= SECTOR
+        one_sector = slot_fixed_size(h.version) + (self.geo.pages_per_slot + 7) // 8 + 4 <= SECTOR
         if best is not None and errs and one_sector and not any("found a blank block" in e for e in errs):
             # A one-sector structure cannot be torn: the damaged copy may have been the newer one.
             self.notes.append(f"region {r}: {'; '.join(errs)}; the next backup will be full")
             self.suspect = True
-        kind = REGION_FROZEN if r == self.geo.frozen_region else REGION_NODE
+        kind = self.geo.region_kind(r)
         npages = self.geo.pages_per_slot
         if best is None:
             # Unknown contents: the whole region counts as dirty (never under-report), and says so.
@@ -211,7 +225,7 @@ class Record:
             full = bytes([0xFF]) * ((npages + 7) // 8)
             reg = _Region(r, SlotHeader(region=r, kind=kind, disk_uuid=h.disk_uuid, npages=npages, seq=0,
                                         copy=1, generation=int.from_bytes(os.urandom(4), "little") >> 1 or 1,
-                                        page_map=full),
+                                        page_map=full, version=h.version),
                           [0] * npages, [-1] * npages, corrupt_header=True)
             return reg
         return _Region(r, best, [0] * npages, [-1] * npages)
@@ -288,9 +302,10 @@ class Record:
             bits[start:] = bytes(len(bits) - start)
 
     def dirty_bits(self) -> bytearray:
-        """Union of every region: the chunks a backup must read now (frozen set included)."""
+        """Union of every node slot and the frozen set: the chunks changed since the last backup (to any
+        repository). A backup to repository R reads this plus R's owed set (:meth:`repo_dirty_bits`)."""
         out = bytearray(self.geo.pages_per_slot * PAGE_BYTES)
-        for reg in self.regions:
+        for reg in self.regions[: self.geo.frozen_region + 1]:
             if any(reg.hdr.page_map) or reg.corrupt_header:
                 or_into(out, self._load_bits(reg))
         return out
@@ -341,13 +356,16 @@ class Record:
                     "bytes_read": last.bytes_read, "bytes_stored": last.bytes_stored} if last else {})
             ) if h.last_backup or last else None,
             "slots": [
-                {"region": r.index, "kind": "frozen" if r.index == self.geo.frozen_region else "node",
+                {"region": r.index, "kind": {REGION_NODE: "node", REGION_FROZEN: "frozen"}.get(
+                    self.geo.region_kind(r.index), "repo"),
                  "node": r.hdr.node or None, "generation": r.hdr.generation, "epoch": r.hdr.epoch,
                  "pages_in_use": popcount(r.hdr.page_map)}
                 for r in self.regions
             ],
             "problems": list(self.notes),
             "format_version": h.version,
+            "written_while_not_attached": bool(h.flags & FLAG_UNTRACKED),
+            "bypass_check": self.compare_markers(),
         }
 
     # ---------------------------------------------------------------------------------------------- writing
@@ -375,7 +393,7 @@ class Record:
             # other copy is never blank. A torn later write then leaves intact sectors of two known versions
             # (recognisably torn), never blank sectors that would look like damage.
             spare = pack_page(region=reg.index, page=p, copy=1, seq=gen, epoch=self.header.epoch,
-                              disk_uuid=self.header.disk_uuid, bits=page_bits)
+                              disk_uuid=self.header.disk_uuid, bits=page_bits, version=self.header.version)
             self.area.pwrite(self.geo.page_block(reg.index, p, 1) * BLOCK, spare)
             self.stats.metadata_writes += 1
             reg.page_copy[p] = 1
@@ -383,7 +401,7 @@ class Record:
         copy = 1 - reg.page_copy[p]
         counter = reg.page_seq[p] + 1
         block = pack_page(region=reg.index, page=p, copy=copy, seq=gen | counter, epoch=self.header.epoch,
-                          disk_uuid=self.header.disk_uuid, bits=page_bits)
+                          disk_uuid=self.header.disk_uuid, bits=page_bits, version=self.header.version)
         self.area.pwrite(self.geo.page_block(reg.index, p, copy) * BLOCK, block)
         self.stats.metadata_writes += 1
         reg.page_seq[p] = counter
@@ -467,12 +485,84 @@ class Record:
 
     # ---------------------------------------------------------------------------------------------- ownership
 
+    # ------------------------------------------------------------------------------ file-system markers (v2)
+
+    def read_markers(self) -> tuple[int, bytes] | None:
+        """The data disk's file-system markers now, or None when this record cannot keep them (v1, no probe)
+        or they cannot be read (noted)."""
+        if self.header.version < 2 or self.fs_probe is None:
+            return None
+        try:
+            return self.fs_probe()
+        except (OSError, ValueError, RecordError) as e:
+            self.notes.append(f"could not read the file-system markers: {e}")
+            return None
+
+    def marker_fields(self) -> dict[str, Any]:
+        """Header fields saving the current markers (empty when there are none to save)."""
+        cur = self.read_markers()
+        if cur is None:
+            return {}
+        return {"fs_kind": cur[0], "fs_markers": cur[1], "markers_ns": self.clock()}
+
+    def compare_markers(self) -> dict[str, Any]:
+        """Were the markers saved at the last clean detach (or commit) changed since? No writes. Keys:
+        ``checkable`` (an ext4/xfs is there, so bypassing writes can be noticed), ``fs``, ``changed`` (True,
+        False, or None when not compared) and ``why`` (a sentence for status and backup reasons)."""
+        h = self.header
+        if h.version < 2:
+            return {"checkable": False, "fs": None, "changed": None,
+                    "why": "record format v1 keeps no file-system markers; writes that bypass Baton cannot be "
+                    "noticed (re-initialise the record to get format v2)"}
+        cur = self.read_markers()
+        fs = FS_KIND_NAMES.get(cur[0]) if cur is not None else None
+        checkable = cur is not None and cur[0] in (FS_EXT4, FS_XFS)
+        out: dict[str, Any] = {"checkable": checkable, "fs": fs if checkable else None, "changed": None,
+                               "saved_ns": h.markers_ns or None}
+        if cur is None:
+            out["why"] = "the data disk's file-system markers could not be read"
+        elif not checkable and h.fs_kind in (FS_NONE, FS_UNSAVED):
+            out["why"] = ("no ext4 or xfs on the disk: writes that bypass Baton (to the raw disk instead of "
+                          "/dev/baton/NAME) cannot be noticed")
+        elif h.fs_kind == FS_UNSAVED:
+            out["why"] = "no markers saved yet (they are saved at detach and at every backup commit)"
+        elif not h.clean:
+            out["why"] = ("not compared: the record is attached, or its last owner did not detach (its writes "
+                          "went through Baton and changed the markers)")
+        else:
+            changed = (cur[0], cur[1]) != (h.fs_kind, h.fs_markers)
+            out["changed"] = changed
+            if changed:
+                before = describe_fs_markers(h.fs_kind, h.fs_markers)
+                now = describe_fs_markers(cur[0], cur[1])
+                diff = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v)
+                out["why"] = f"written while not attached: the file system changed since the last detach ({diff})"
+            else:
+                out["why"] = f"{fs} markers unchanged since the last detach"
+        return out
+
+    def save_markers(self) -> None:
+        """Store the current markers in the header (init, restore; the record is not attached)."""
+        with self._cond:
+            f = self.marker_fields()
+            if f:
+                self._write_header(replace(self.header, **f))
+                self._sync()
+
+    # ---------------------------------------------------------------------------------------------- attach
+
     def attach(self, node: str) -> None:
         """Take the record over for ``node``: epoch+1 durable, then OR every slot and the frozen set of an
-        interrupted backup into this node's slot, then clear the others. Returns with the record attached."""
+        interrupted backup into this node's slot, then clear the others. Returns with the record attached.
+        A v2 record detached cleanly is first checked for writes that bypassed Baton (file-system markers
+        changed since the detach): if so, FLAG_UNTRACKED is set in the same durable header write."""
         with self._lock:
             h = self.header
             flags = (h.flags & ~FLAG_CLEAN) | (FLAG_SUSPECT if self.suspect or self.notes else 0)
+            self.fs_check = self.compare_markers()
+            if self.fs_check["changed"]:
+                flags |= FLAG_UNTRACKED
+                self.notes.append(self.fs_check["why"])
             self._write_header(replace(h, epoch=h.epoch + 1, owner=node, flags=flags))
             self._sync()
             # Choose our slot: ours by name, else a free one, else region 0 (its bits are kept and merged).
@@ -514,7 +604,7 @@ class Record:
                 self._cond.wait()
             self._guard()
             self.check_fence()
-            self._write_header(replace(self.header, flags=self.header.flags | FLAG_CLEAN))
+            self._write_header(replace(self.header, flags=self.header.flags | FLAG_CLEAN, **self.marker_fields()))
             self._sync()
             self.attached = False
 
@@ -661,10 +751,12 @@ class Record:
             self.check_fence()
             seq = self.header.backup_seq + 1
             slot = (seq - 1) % HISTORY_ENTRIES
-            entry = replace(entry, seq=seq, slot=slot, epoch=self.header.epoch, lineage=self.header.lineage)
+            entry = replace(entry, seq=seq, slot=slot, epoch=self.header.epoch, lineage=self.header.lineage,
+                            version=self.header.version)
             self.area.pwrite(self.geo.history_offset(slot), entry.pack())
             self._write_header(replace(self.header, last_backup=entry.snapshot_id, backup_seq=seq,
-                                       flags=self.header.flags & ~(FLAG_RESET | FLAG_SUSPECT)))
+                                       flags=self.header.flags & ~(FLAG_RESET | FLAG_SUSPECT | FLAG_UNTRACKED),
+                                       **self.marker_fields()))
             self._sync()
             self._clear_region(self.regions[self.geo.frozen_region], backup_id="")
             self._sync()
@@ -688,7 +780,9 @@ class Record:
 def format_record(area: BlockDev, header: RecordHeader, *, keep_history: bool = False) -> Record:
     """Write a fresh record (both header copies, every region's slot headers, an empty history ring) and sync.
     ``header`` must have its geometry fields set; seq/lineage are filled in here when empty."""
-    geo = Geometry(header.nslots, header.pages_per_slot)
+    geo = Geometry(header.nslots, header.pages_per_slot, header.nrepos)
+    if header.nrepos and header.version < 2:
+        raise ValueError("repository regions need record format v2")
     if geo.size > header.record_size:
         raise ValueError(f"record needs {geo.size} bytes, area has {header.record_size}")
     now = time.time_ns()
@@ -701,10 +795,11 @@ def format_record(area: BlockDev, header: RecordHeader, *, keep_history: bool = 
     if not keep_history:
         area.pwrite(geo.history_offset(0), bytes(HISTORY_ENTRIES * HISTORY_ENTRY_SIZE))
     for r in range(geo.nregions):
-        kind = REGION_FROZEN if r == geo.frozen_region else REGION_NODE
+        kind = geo.region_kind(r)
         for copy in (0, 1):
             s = SlotHeader(region=r, kind=kind, disk_uuid=h.disk_uuid, npages=geo.pages_per_slot, seq=copy,
-                           copy=copy, generation=start_gen, page_map=bytes((geo.pages_per_slot + 7) // 8))
+                           copy=copy, generation=start_gen, page_map=bytes((geo.pages_per_slot + 7) // 8),
+                           version=h.version)
             area.pwrite(geo.slot_header_block(r, copy) * BLOCK, s.pack())
     # Header copies last: a crash while formatting leaves no valid header, so nothing half-made is trusted.
     area.sync()

@@ -20,12 +20,11 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from baton import host
 from baton.device import BlockDev, DirectDev, SubDev, device_size, is_block_device
 from baton.errors import (
-    DeviceBusy,
     DeviceError,
     RecordCorrupt,
     RecordError,
@@ -41,6 +40,8 @@ from baton.format.record import (
     EXTMAP_MAX,
     EXTMAP_START,
     FLAG_RESET,
+    FORMAT_VERSION,
+    FS_PROBE_BYTES,
     MAX_CHUNK,
     MIN_CHUNK,
     PLACEMENT_EXTERNAL,
@@ -59,12 +60,14 @@ from baton.format.record import (
     geometry_for,
     max_pages_per_slot,
     pack_extmap,
+    parse_fs_markers,
     unpack_extmap,
 )
 from baton.record.area import ExtentDev
 from baton.record.core import Record, format_record
 
 DEFAULT_SLOTS = 4
+DEFAULT_REPOS = 4  # v2 repository regions: repositories a disk stays incremental into, each on its own
 SUPPORTED_FS = ("ext4", "xfs")
 DEFAULT_RDISK_SLOT_SIZE = 64 << 20
 
@@ -121,50 +124,13 @@ def hw_id(path: str) -> str:
 
 
 def holders(path: str) -> list[str]:
-    """Who has ``path`` open or mounted, as readable phrases (empty if nobody)."""
-    real = os.path.realpath(path)
-    out: list[str] = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            src, mnt = line.split()[:2]
-            if src == real or (src.startswith("/dev/") and os.path.realpath(src) == real):
-                out.append(f"mounted at {mnt}")
-    if not is_block_device(real):
-        # Loop devices backed by this file, from sysfs (losetup -j can hang on a loop whose backing is dead).
-        for bf in Path("/sys/block").glob("loop*/loop/backing_file"):
-            with contextlib.suppress(OSError):
-                if bf.read_text().strip() == real:
-                    out.append(f"attached as /dev/{bf.parent.parent.name}")
-    else:
-        name = os.path.basename(real)
-        hdir = Path(f"/sys/class/block/{name}/holders")
-        if hdir.is_dir():
-            out += [f"held by {h}" for h in os.listdir(hdir)]
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        fddir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fddir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"{fddir}/{fd}") == real:
-                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                    out.append(f"open by pid {pid} ({comm})")
-                    break
-            except OSError:
-                continue
-    return out
+    """Who uses ``path`` on this node, as readable phrases (empty if nobody): ``baton.host.users``."""
+    return [str(u) for u in host.users(path)]
 
 
-def check_not_in_use(path: str) -> None:
-    h = holders(path)
-    if h:
-        raise DeviceBusy(f"{path} is in use: {', '.join(h)}",
-                         hint="detach or unmount it first; Baton never formats a disk that is in use")
+def check_not_in_use(path: str, action: str = "init") -> None:
+    """DeviceBusy if ``path`` is in use on this node by any path (``baton.host.check_not_in_use``)."""
+    host.check_not_in_use(path, action)
 
 
 def parse_size(text: str) -> int:
@@ -213,9 +179,32 @@ def _open_dev(path: str, writable: bool) -> DirectDev:
         raise DeviceError(f"cannot open {path}: {e.strerror}") from e
 
 
+def _with_fs_probe(loc: Located) -> Located:
+    """Let the record read the data disk's file-system markers (v2): the superblocks at the start of the data
+    area, read raw (O_DIRECT) through the already open data disk (tail, file) or a read-only open (external)."""
+    dev = loc.devs[0] if loc.spec.placement in ("tail", "file") and loc.devs else None
+    disk = loc.disk
+
+    def probe() -> tuple[int, bytes]:
+        if dev is not None:
+            return parse_fs_markers(dev.pread(0, FS_PROBE_BYTES))
+        d = _open_dev(disk, False)
+        try:
+            return parse_fs_markers(d.pread(0, FS_PROBE_BYTES))
+        finally:
+            d.close()
+
+    loc.record.fs_probe = probe
+    return loc
+
+
 def locate(disk: str, spec: RecordSpec | str | None = None, *, writable: bool = True) -> Located:
     """Find and load the record of ``disk``. Without a spec: the tail anchor, then a file record in ext4/xfs.
     A record on a record disk needs ``external:RECORD_DISK``. Raises RecordNotFound with what was tried."""
+    return _with_fs_probe(_locate(disk, spec, writable=writable))
+
+
+def _locate(disk: str, spec: RecordSpec | str | None = None, *, writable: bool = True) -> Located:
     if isinstance(spec, str) or spec is None:
         spec = RecordSpec.parse(spec) if isinstance(spec, str) else None
     if not os.path.exists(disk):
@@ -498,16 +487,17 @@ def init_record_disk(path: str, *, slots: int, slot_size: int = DEFAULT_RDISK_SL
         dev.close()
 
 
-def _geometry_or_fail(data_size: int, chunk: int, nslots: int) -> Any:
-    geo = geometry_for(data_size, chunk, nslots)
-    if geo.pages_per_slot > max_pages_per_slot():
+def _geometry_or_fail(data_size: int, chunk: int, lay: _Layout) -> Any:
+    geo = geometry_for(data_size, chunk, lay.nslots, lay.nrepos)
+    if geo.pages_per_slot > max_pages_per_slot(lay.version):
         raise DeviceError(f"a {data_size}-byte disk at {chunk}-byte chunks needs more bitmap pages than a record "
                           "slot can map", hint="use a larger --chunk-size")
     return geo
 
 
 def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT_CHUNK,
-              nslots: int = DEFAULT_SLOTS, force: bool = False, reset: bool = False) -> Located:
+              nslots: int = DEFAULT_SLOTS, force: bool = False, reset: bool = False, nrepos: int = DEFAULT_REPOS,
+              version: int = FORMAT_VERSION) -> Located:
     """Create (or with ``reset``, re-create in place with a new lineage) the record of ``disk``.
 
     Default placement: ``file`` when blkid finds ext4/xfs, ``tail`` when it finds nothing. Any other file
@@ -517,6 +507,12 @@ def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT
     check_chunk_size(chunk_size)
     if not 2 <= nslots <= 64:
         raise UsageError("--slots must be 2..64")
+    if version not in (1, 2):
+        raise UsageError(f"record format version {version}: this Baton writes versions 1 and 2")
+    if version == 1:
+        nrepos = 0
+    elif not 1 <= nrepos <= 64:
+        raise UsageError("--repos must be 1..64")
     if not os.path.exists(disk):
         raise DeviceError(f"{disk}: no such file or device")
     check_not_in_use(disk)
@@ -559,11 +555,24 @@ def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT
         # disk. A new id is minted only when none of them names one.
         disk_uuid = surviving_disk_uuid(disk, spec, fs) or str(uuid.uuid4())
     flags = FLAG_RESET if (reset or force) else 0
+    lay = _Layout(nslots, nrepos, version)
     if spec.placement == "tail":
-        return _init_tail(disk, fs, spec, chunk_size, nslots, disk_uuid, flags, force)
-    if spec.placement == "file":
-        return _init_file(disk, fs, chunk_size, nslots, disk_uuid, flags)
-    return _init_external(disk, fs, spec, chunk_size, nslots, disk_uuid, flags, force or reset)
+        loc = _init_tail(disk, fs, spec, chunk_size, lay, disk_uuid, flags, force)
+    elif spec.placement == "file":
+        loc = _init_file(disk, fs, chunk_size, lay, disk_uuid, flags)
+    else:
+        loc = _init_external(disk, fs, spec, chunk_size, lay, disk_uuid, flags, force or reset)
+    # The file system's markers as init leaves them (file placement: after fileprep's mount), so the first
+    # attach can tell whether the disk was written while nobody tracked it.
+    _with_fs_probe(loc).record.save_markers()
+    return loc
+
+
+@dataclass(frozen=True)
+class _Layout:
+    nslots: int
+    nrepos: int
+    version: int
 
 
 def surviving_disk_uuid(disk: str, spec: RecordSpec, fs: FsInfo) -> str:
@@ -612,20 +621,21 @@ def surviving_disk_uuid(disk: str, spec: RecordSpec, fs: FsInfo) -> str:
     return ""
 
 
-def _base_header(placement: int, *, chunk: int, nslots: int, disk_uuid: str, fs: FsInfo, disk_size: int,
+def _base_header(placement: int, *, chunk: int, lay: _Layout, disk_uuid: str, fs: FsInfo, disk_size: int,
                  data_size: int, rec_off: int, rec_size: int, pps: int, flags: int, hw: str = "") -> RecordHeader:
-    return RecordHeader(placement=placement, nslots=nslots, chunk_size=chunk, disk_uuid=disk_uuid, lineage="",
+    return RecordHeader(placement=placement, nslots=lay.nslots, chunk_size=chunk, disk_uuid=disk_uuid, lineage="",
                         disk_size=disk_size, data_size=data_size, record_offset=rec_off, record_size=rec_size,
-                        pages_per_slot=pps, fs_uuid=fs.uuid, flags=flags, hw_id=hw)
+                        pages_per_slot=pps, fs_uuid=fs.uuid, flags=flags, hw_id=hw, version=lay.version,
+                        nrepos=lay.nrepos)
 
 
-def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: int, disk_uuid: str, flags: int,
+def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _Layout, disk_uuid: str, flags: int,
                force: bool) -> Located:
     if fs.type and not force:
         raise DeviceError(f"{disk} holds a {fs.type} file system; a tail record would overwrite its end",
                           hint="use --record file (ext4/xfs) or --record external:RECORD_DISK; --force overrides")
     size = device_size(disk)
-    geo = _geometry_or_fail(size, chunk, nslots)
+    geo = _geometry_or_fail(size, chunk, lay)
     avail = size - ANCHOR_BLOCKS * BLOCK - geo.size
     data_size = avail // chunk * chunk
     if data_size < max(chunk, 1 << 20):
@@ -635,7 +645,7 @@ def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: int,
     dev = _open_dev(disk, True)
     try:
         area = SubDev(dev, data_size, rec_size)
-        hdr = _base_header(PLACEMENT_TAIL, chunk=chunk, nslots=nslots, disk_uuid=disk_uuid, fs=fs, disk_size=size,
+        hdr = _base_header(PLACEMENT_TAIL, chunk=chunk, lay=lay, disk_uuid=disk_uuid, fs=fs, disk_size=size,
                            data_size=data_size, rec_off=data_size, rec_size=rec_size, pps=geo.pages_per_slot,
                            flags=flags)
         rec = format_record(area, hdr)
@@ -649,14 +659,14 @@ def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: int,
         raise
 
 
-def _init_file(disk: str, fs: FsInfo, chunk: int, nslots: int, disk_uuid: str, flags: int) -> Located:
+def _init_file(disk: str, fs: FsInfo, chunk: int, lay: _Layout, disk_uuid: str, flags: int) -> Located:
     if fs.type not in SUPPORTED_FS:
         raise DeviceError(
             f"{disk}: file placement needs ext4 or xfs, blkid found {fs.type or 'no file system'}",
             hint="use --record tail (raw disks) or --record external:RECORD_DISK",
         )
     size = device_size(disk)
-    geo = _geometry_or_fail(size, chunk, nslots)
+    geo = _geometry_or_fail(size, chunk, lay)
     rec_size = (geo.size + (1 << 20) - 1) // (1 << 20) * (1 << 20)
     r = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "baton.record.fileprep", disk,
@@ -680,7 +690,7 @@ def _init_file(disk: str, fs: FsInfo, chunk: int, nslots: int, disk_uuid: str, f
     dev = _open_dev(disk, True)
     try:
         area = ExtentDev(dev, ext)
-        hdr = _base_header(PLACEMENT_FILE, chunk=chunk, nslots=nslots, disk_uuid=disk_uuid, fs=fs, disk_size=size,
+        hdr = _base_header(PLACEMENT_FILE, chunk=chunk, lay=lay, disk_uuid=disk_uuid, fs=fs, disk_size=size,
                            data_size=size, rec_off=ext[0].physical, rec_size=rec_size, pps=geo.pages_per_slot,
                            flags=flags)
         hdr = replace(hdr, nextents=len(ext), extents_crc=extents_crc(ext))
@@ -693,7 +703,7 @@ def _init_file(disk: str, fs: FsInfo, chunk: int, nslots: int, disk_uuid: str, f
         raise
 
 
-def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: int, disk_uuid: str, flags: int,
+def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _Layout, disk_uuid: str, flags: int,
                    replace_existing: bool) -> Located:
     size = device_size(disk)
     hw = hw_id(disk)
@@ -716,7 +726,7 @@ def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: 
             raise UsageError(f"record disk {spec.record_disk} has slots 0..{len(sup.slots) - 1}")
         elif sup.slots[idx].in_use and not replace_existing:
             raise DeviceError(f"slot {idx} of {spec.record_disk} is in use", hint="pass --force to overwrite it")
-        geo = _geometry_or_fail(size, chunk, nslots)
+        geo = _geometry_or_fail(size, chunk, lay)
         if geo.size > sup.slot_size:
             raise RecordFull(f"a record for {disk} needs {geo.size} bytes; slots of {spec.record_disk} have "
                              f"{sup.slot_size}", hint="use a larger --chunk-size or a record disk with larger slots")
@@ -725,7 +735,7 @@ def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, nslots: 
         # The slot's record is formatted before the table names it: a crash in between leaves a free slot.
         base = RDISK_DATA_START + idx * sup.slot_size
         area = SubDev(rdev, base, sup.slot_size)
-        hdr = _base_header(PLACEMENT_EXTERNAL, chunk=chunk, nslots=nslots, disk_uuid=disk_uuid, fs=fs,
+        hdr = _base_header(PLACEMENT_EXTERNAL, chunk=chunk, lay=lay, disk_uuid=disk_uuid, fs=fs,
                            disk_size=size, data_size=size, rec_off=base, rec_size=sup.slot_size,
                            pps=geo.pages_per_slot, flags=flags, hw=hw)
         rec = format_record(area, hdr)

@@ -58,7 +58,7 @@ def main() -> int:
             area = SubDev(dev, data_size, rec_size)
             hdr = RecordHeader(placement=PLACEMENT_TAIL, nslots=NSLOTS, chunk_size=CHUNK, disk_uuid=DISK_UUID,
                                lineage=LINEAGE, disk_size=DISK_SIZE, data_size=data_size, record_offset=data_size,
-                               record_size=rec_size, pages_per_slot=geo.pages_per_slot, created_ns=T0)
+                               record_size=rec_size, pages_per_slot=geo.pages_per_slot, created_ns=T0, version=1)
             format_record(area, hdr)
             for copy in range(ANCHOR_BLOCKS):
                 a = Anchor(disk_uuid=DISK_UUID, disk_size=DISK_SIZE, record_offset=data_size,
