@@ -351,9 +351,10 @@ class Walk:
             if p.poll() is None:
                 p.kill()
                 p.wait(BOUND)
-        self.state = "dead"
-        if offline:
-            self.owner = node
+        if offline:  # the killed process had attached the record; one that finished detached it again
+            self.owner, self.state = node, "detached" if p.returncode == 0 else "dead"
+        else:
+            self.state = "dead"
         what = f"{'the backup process' if offline else 'the daemon'} (pid {victim})"
         at = f"after {delay:.2f} s" if when == "delay" else "at its first checkpoint"
         self.say(f"backup {where} into {repo}{' --full' if full else ''}, kill -9 {what} {at}: exit "
@@ -544,5 +545,29 @@ def test_full_backup_stopped_after_a_checkpoint_then_next_backup_restores_right(
         print(f"{stop}: next backup {res['mode']} ({res['reason']}), read {res['chunks_read']} chunks, parent "
               f"{res['parent']}")
         walk.restore(Snap(res["snapshot"], "R1", 0, 0, f"{res['mode']} backup after a stopped full"))
+    finally:
+        walk.teardown()
+
+
+def test_offline_backup_on_a_node_whose_old_daemon_died_after_the_disk_moved_on(tmp_path: Path) -> None:
+    """Found by the walk (seed 4, 100 steps): n2's daemon is killed, n3 takes the disk over and detaches it
+    cleanly; an offline backup of the detached disk on n2, where n2's dead attachment (epoch 1) was never
+    cleaned up, must run: the record (clean, epoch 2) says nobody owns the disk, so n2's stale state file must
+    not make the CLI claim that n2 "still owns" it."""
+    need_fuse_loop()
+    walk = Walk(tmp_path, random.Random(SEED))
+    try:
+        walk.setup()
+        n2, n3 = walk.envs["n2"], walk.envs["n3"]
+        n2.attach(walk.disk, "n2", walk.name)
+        pid = n2.daemon_pid(walk.name)
+        kill_pid(pid)
+        walk.wait_dead(pid)
+        assert n3.attach(walk.disk, "n3", walk.name)["epoch"] == 2
+        n3.baton("detach", walk.name)
+        r = n2.baton("backup", str(walk.disk), "--node", "n2", "--repo", walk.repos["R1"], "--json", rc=None)
+        assert r.returncode == 0, f"offline backup of a cleanly detached disk on n2: rc {r.returncode}\n{r.stdout}"
+        res = json.loads(r.stdout)
+        walk.restore(Snap(res["snapshot"], "R1", 0, 0, "offline backup on a node with a dead attachment"))
     finally:
         walk.teardown()
