@@ -8,8 +8,10 @@ Order of events (docs/design.md "Backup"):
 2. Freeze (the tracker drains writes, the record moves the owner's set into the frozen set, copy-before-write
    is armed). Writes go on, and are recorded in the owner's slot.
 3. Read the chunks (frozen set, or all for a full) in runs, put them into the repository writer. Every
-   ``batch_chunks`` chunks: the writer checkpoints (packs, index, partial manifest durable), then the record
-   points ``last_backup`` at it and clears that batch's frozen bits.
+   ``batch_chunks`` chunks: the writer checkpoints (packs, index, partial manifest durable); for an
+   incremental, the record then points ``last_backup`` at it and clears that batch's frozen bits. A full
+   backup never moves the record before its commit: its checkpoints do not cover the chunks it has not read
+   yet, which the record does not mark (issue 9, defect 1).
 4. Commit the manifest (published last), then the record's history + ``last_backup``, then the frozen set is
    cleared. On any error: the writer aborts and the frozen set merges back into the owner's slot.
 """
@@ -129,7 +131,14 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
                 progress(done, total)
             if len(batch) >= batch_chunks:
                 m = w.checkpoint()
-                rec.checkpoint(m.snapshot_id, [c for c in batch if frozen[c >> 3] >> (c & 7) & 1])
+                if plan.mode == "incremental":
+                    # The checkpoint is the parent plus every chunk stored so far: a complete index of the
+                    # disk, so the record may continue from it and forget this batch.
+                    rec.checkpoint(m.snapshot_id, [c for c in batch if frozen[c >> 3] >> (c & 7) & 1])
+                # A full backup's checkpoint only covers the chunks read so far (its base is empty), and the
+                # chunks it has not reached are not marked in the record: continuing from it would restore
+                # them as zeros. Its data is durable (a retry deduplicates it), but the record keeps pointing
+                # at the previous snapshot and keeps every frozen bit until the commit.
                 batch = []
                 if fault:
                     fault("after-batch")

@@ -758,6 +758,10 @@ class Record:
                                        flags=self.header.flags & ~(FLAG_RESET | FLAG_SUSPECT | FLAG_UNTRACKED),
                                        **self.marker_fields()))
             self._sync()
+            # The damage that made this record suspect is behind a committed backup now (a full one:
+            # plan_backup chose it because of the damage); the next backup may be incremental again.
+            self.suspect = False
+            self.notes.clear()
             self._clear_region(self.regions[self.geo.frozen_region], backup_id="")
             self._sync()
 

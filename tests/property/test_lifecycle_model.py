@@ -1,0 +1,432 @@
+"""The whole-lifecycle model (issue 9, tier 1): record x tracker x backup engine x repository, in one process.
+
+This is the oracle for DESIGN.md's invariants 1 and 2. A Hypothesis state machine drives one shared disk
+through writes, kills of the owner at every named point (idle, in the middle of a write's mark, and during
+full and incremental backups: after the freeze, after each checkpoint, during an upload, before and after
+the commit), takeovers by other nodes, clean detaches with offline backups, ``--full`` backups, restores,
+forget + prune, backups that alternate between two repositories, repository faults (ENOSPC, a lost index, a
+corrupt pack) and record damage (a header copy, a bitmap page).
+
+* The shadow disk is the oracle. Every backup that returns (the CLI would exit 0) is restored at once and
+  must equal the shadow at its freeze point, byte for byte; earlier ones are restored again at random (after
+  forget/prune, faults and takeovers). A restore may fail only with a typed error when the repository was
+  damaged on purpose; it may never return wrong bytes.
+* "A kill" is a process kill plus a power loss of the record device: every later record write fails, the
+  storage the dying process uses refuses every call, the volatile cache of the record device is dropped,
+  kept or torn (seeded), and the Record/Tracker/Repository objects are abandoned, cleaning up nothing.
+* Data writes are acknowledged only after FUA (the data device never loses an acknowledged write), so the
+  shadow is exact.
+
+The seed is printed (``--hypothesis-seed`` = BATON_SEED in CI; see scripts/run-tests.sh). CI runs
+BATON_LIFECYCLE_EXAMPLES x 50 steps (default 200 x 50 = 10,000 steps).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import note as _hnote
+from hypothesis import settings
+from hypothesis.errors import InvalidArgument
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+from baton.backup import run_backup
+from baton.errors import BatonError, RepoCorrupt, RepoError
+from baton.format.record import BLOCK, PLACEMENT_TAIL, FormatError, RecordHeader, geometry_for
+from baton.record.core import Record, format_record
+from baton.repo import Repository
+from baton.repo.maintenance import forget, prune
+from baton.restore import restore
+from baton.storage import ObjectInfo, Store, open_base_store
+from baton.testing.crashdev import CrashDevice, PowerLoss
+from baton.testing.faulty_storage import Fault, FaultyStore
+from baton.tracker.core import Tracker
+
+CHUNK = 4096
+NCHUNKS = 40
+DATA = NCHUNKS * CHUNK
+NODES = ("n1", "n2", "n3")
+BATCH = 4  # chunks per checkpoint: a full backup of this disk stores ten checkpoints
+KILL_POINTS = ("after-freeze", "after-batch", "upload", "before-commit", "after-commit")
+
+
+def note(msg: str) -> None:
+    """Hypothesis' note inside the machine; print when a fixed sequence is replayed outside it."""
+    try:
+        _hnote(msg)
+    except InvalidArgument:
+        print(msg)
+
+
+class Killed(BaseException):
+    """The owner's process died at a named point (never caught by the engine's error handling)."""
+
+
+class KillableStore:
+    """The storage as the dying process sees it: once ``dead`` every call fails (nothing more reaches the
+    store). Wraps a FaultyStore so repository faults can be injected by rule."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.capabilities = inner.capabilities
+        self.dead = False
+        self.puts_left: int | None = None  # kill the process at the put after this many more
+
+    def _check(self, verb: str) -> None:
+        if self.dead:
+            raise OSError(5, "process killed")
+        if verb == "put" and self.puts_left is not None:
+            if self.puts_left <= 0:
+                self.dead = True
+                raise OSError(5, "process killed during an upload")
+            self.puts_left -= 1
+
+    def put(self, key: str, data: bytes) -> None:
+        self._check("put")
+        self.inner.put(key, data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        self._check("put")
+        return self.inner.put_if_absent(key, data)
+
+    def get(self, key: str) -> bytes:
+        self._check("get")
+        return self.inner.get(key)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        self._check("get")
+        return self.inner.get_range(key, start, length)
+
+    def stat(self, key: str) -> ObjectInfo:
+        self._check("stat")
+        return self.inner.stat(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self._check("list")
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self._check("delete")
+        self.inner.delete(key)
+
+    def statistics(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    @initialize(seed=st.integers(0, 2**32 - 1))
+    def setup(self, seed: int) -> None:
+        note(f"lifecycle seed {seed}")
+        self.rng = random.Random(seed)
+        geo = geometry_for(DATA, CHUNK, 3)
+        self.rdev = CrashDevice(geo.size, seed=seed)
+        self.ddev = CrashDevice(DATA, seed=seed + 1)
+        self.disk_uuid = str(uuid.uuid4())
+        hdr = RecordHeader(placement=PLACEMENT_TAIL, nslots=3, chunk_size=CHUNK, disk_uuid=self.disk_uuid,
+                           lineage="", disk_size=DATA + geo.size, data_size=DATA, record_offset=DATA,
+                           record_size=geo.size, pages_per_slot=geo.pages_per_slot)
+        format_record(self.rdev, hdr)
+        # The disk holds data before Baton sees it (its first backup is full); a few chunks stay zero.
+        self.shadow = bytearray(self.rng.randbytes(DATA))
+        for c in self.rng.sample(range(NCHUNKS), 4):
+            self.shadow[c * CHUNK : (c + 1) * CHUNK] = bytes(CHUNK)
+        self.ddev.durable[:] = self.shadow
+        self.urls = [f"memory://lifecycle-{uuid.uuid4().hex}" for _ in range(2)]
+        self.bases = [open_base_store(u) for u in self.urls]
+        self.faults: list[list[Fault]] = [[], []]
+        for i, u in enumerate(self.urls):
+            Repository.init(u, store=self.bases[i], pack_target=64 * 1024)
+        self.damaged = [False, False]  # a pack was corrupted on purpose: restores may fail (typed), never lie
+        self.rec: Record | None = None
+        self.tracker: Tracker | None = None
+        self.state = "detached"  # detached | attached | dead
+        self.node = ""
+        self.good: list[tuple[int, str, bytes, str]] = []  # (repo, snapshot, image at freeze, mode)
+        self.forgotten: set[str] = set()
+        self.tmp = tempfile.mkdtemp(prefix="baton-lifecycle-")
+        self.steps = 0
+
+    def teardown(self) -> None:
+        if hasattr(self, "tmp"):
+            for f in os.listdir(self.tmp):
+                os.unlink(os.path.join(self.tmp, f))
+            os.rmdir(self.tmp)
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _repo(self, i: int) -> tuple[Repository, KillableStore]:
+        store = KillableStore(FaultyStore(self.bases[i], self.faults[i], seed=self.rng.randrange(1 << 30)))
+        return Repository.open(self.urls[i], store=store), store
+
+    def _take(self, node: str) -> None:
+        rec = Record.load(self.rdev)
+        rec.attach(node)
+        self.rec = rec
+        self.tracker = Tracker(rec, self.ddev, size=DATA, spill_dir=self.tmp)
+        self.node = node
+        self.state = "attached"
+
+    def _write_some(self, n: int) -> None:
+        assert self.tracker is not None
+        for _ in range(n):
+            off = self.rng.randrange(0, DATA - 512) // 512 * 512
+            ln = min(DATA - off, self.rng.choice([512, 4096, 6144, 3 * CHUNK]))
+            data = self.rng.randbytes(ln)
+            self.tracker.write(off, data, fua=True)
+            self.shadow[off : off + ln] = data
+
+    def _die(self, mode: str) -> None:
+        """The owner's process is gone: record device loses power, nothing is cleaned up."""
+        self.rdev.crash(mode)
+        self.rec = None
+        self.tracker = None
+        self.state = "dead"
+
+    def _check_restore(self, repo_i: int, snap: str, image: bytes, why: str) -> None:
+        repo, _ = self._repo(repo_i)
+        out = os.path.join(self.tmp, "restored.img")
+        try:
+            m = repo.read_manifest(snap)
+            restore(repo, m, out)
+            with open(out, "rb") as f:
+                got = f.read()
+        except (RepoCorrupt, RepoError) as e:
+            if self.damaged[repo_i]:
+                note(f"restore of {snap[:8]} failed on a damaged repository, as allowed: {e}")
+                return
+            raise AssertionError(f"{why}: snapshot {snap[:12]} of repo {repo_i} does not restore: {e}") from e
+        finally:
+            if os.path.exists(out):
+                os.unlink(out)
+        if got != image:
+            bad = sorted({i // CHUNK for i in range(DATA) if got[i] != image[i]})
+            raise AssertionError(f"{why}: snapshot {snap[:12]} of repo {repo_i} restores wrong data in chunks "
+                                 f"{bad[:20]} (of {NCHUNKS})")
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    @precondition(lambda self: self.state == "attached")
+    @rule(n=st.integers(1, 4))
+    def write(self, n: int) -> None:
+        self._write_some(n)
+
+    @precondition(lambda self: self.state == "attached")
+    @rule(after=st.integers(0, 5), mode=st.sampled_from(["drop", "keep", "tear"]))
+    def kill_during_write(self, after: int, mode: str) -> None:
+        """Power fails ``after`` record I/Os into a write's mark: that write was never acknowledged."""
+        assert self.tracker is not None
+        off = self.rng.randrange(0, NCHUNKS) * CHUNK
+        data = self.rng.randbytes(CHUNK)
+        self.rdev.power_fail_after = after
+        try:
+            self.tracker.write(off, data, fua=True)
+            self.shadow[off : off + CHUNK] = data  # acknowledged before the power failed
+        except (PowerLoss, BatonError, OSError):
+            # Not acknowledged. Its data never reached the disk (mark comes first), so the shadow stands.
+            assert bytes(self.ddev.pread(off, CHUNK)) == bytes(self.shadow[off : off + CHUNK])
+        self._die(mode)
+
+    @precondition(lambda self: self.state == "attached")
+    @rule(mode=st.sampled_from(["drop", "keep", "tear"]))
+    def kill(self, mode: str) -> None:
+        self._die(mode)
+
+    @precondition(lambda self: self.state in ("dead", "detached"))
+    @rule(node=st.sampled_from(NODES))
+    def takeover(self, node: str) -> None:
+        self._take(node)
+
+    @precondition(lambda self: self.state == "attached")
+    @rule()
+    def detach(self) -> None:
+        assert self.rec is not None
+        self.rec.detach()
+        self.rec = None
+        self.tracker = None
+        self.state = "detached"
+
+    @precondition(lambda self: self.state in ("attached", "detached"))
+    @rule(repo_i=st.integers(0, 1), full=st.booleans(), kill_at=st.sampled_from((None, None, *KILL_POINTS)),
+          nth=st.integers(0, 6), writes=st.integers(0, 3), mode=st.sampled_from(["drop", "keep", "tear"]))
+    def backup(self, repo_i: int, full: bool, kill_at: str | None, nth: int, writes: int, mode: str) -> None:
+        """A backup in the owner's daemon (attached) or offline (a detached disk, on a node of its own).
+        Writes go on between its batches. ``kill_at`` kills the process at the ``nth`` occurrence of a point
+        (or the last one reached)."""
+        offline = self.state == "detached"
+        if offline:
+            self._take(self.rng.choice(NODES))
+        assert self.tracker is not None
+        repo, store = self._repo(repo_i)
+        frozen_image = bytes(self.shadow)
+        seen = {p: 0 for p in KILL_POINTS}
+        if kill_at == "upload":
+            store.puts_left = nth
+
+        def fault(point: str) -> None:
+            if point == "after-freeze":
+                nonlocal frozen_image
+                frozen_image = bytes(self.shadow)
+            if kill_at == point:
+                if seen[point] >= nth or point != "after-batch":
+                    self._kill_hooks(store)
+                    raise Killed(point)
+                seen[point] += 1
+            if point == "after-batch" and writes and not offline:
+                self._write_some(writes)
+
+        note(f"backup repo={repo_i} full={full} kill_at={kill_at}#{nth} offline={offline} node={self.node}")
+        try:
+            res = run_backup(self.tracker, repo, node=self.node, full=full, batch_chunks=BATCH, fault=fault)
+        except Killed:
+            self._die(mode)
+            return
+        except OSError:
+            if store.dead:  # killed during an upload
+                self._die(mode)
+                return
+            raise
+        except BatonError as e:
+            note(f"backup failed cleanly: {type(e).__name__}: {e}")
+            if offline:
+                self._end_offline()
+            return
+        note(f"backup ok: {res['mode']} ({res['reason']}) read {res['chunks_read']} chunks -> {res['snapshot'][:8]}")
+        self.good.append((repo_i, res["snapshot"], frozen_image, res["mode"]))
+        self._check_restore(repo_i, res["snapshot"], frozen_image, f"backup {res['mode']} just made")
+        if offline:
+            self._end_offline()
+
+    def _kill_hooks(self, store: KillableStore) -> None:
+        """From the kill point on, the dying process writes nothing anywhere."""
+        store.dead = True
+        self.rdev.power_fail_after = 0
+
+    def _end_offline(self) -> None:
+        assert self.rec is not None
+        self.rec.detach()
+        self.rec = None
+        self.tracker = None
+        self.state = "detached"
+
+    @precondition(lambda self: bool(self.good))
+    @rule(pick=st.integers(0, 1 << 16))
+    def restore_old(self, pick: int) -> None:
+        live = [g for g in self.good if g[1] not in self.forgotten]
+        if not live:
+            return
+        repo_i, snap, image, mode = live[pick % len(live)]
+        self._check_restore(repo_i, snap, image, f"earlier {mode} snapshot")
+
+    @precondition(lambda self: bool(self.good))
+    @rule(pick=st.integers(0, 1 << 16))
+    def forget_and_prune(self, pick: int) -> None:
+        live = [g for g in self.good if g[1] not in self.forgotten]
+        if not live:
+            return
+        repo_i, snap, _, _ = live[pick % len(live)]
+        repo, _ = self._repo(repo_i)
+        forget(repo, [snap])
+        self.forgotten.add(snap)
+        repo, _ = self._repo(repo_i)
+        prune(repo, grace=0.0, max_unused=0.0)
+
+    @rule(repo_i=st.integers(0, 1), after=st.integers(0, 3))
+    def repo_full(self, repo_i: int, after: int) -> None:
+        """The next pack upload to this repository fails with ENOSPC."""
+        self.faults[repo_i].append(Fault("put", "packs/", "enospc", after=after, times=1))
+
+    @rule(repo_i=st.integers(0, 1))
+    def lose_index(self, repo_i: int) -> None:
+        base = self.bases[repo_i]
+        for o in list(base.list("index/")):
+            base.delete(o.key)
+
+    @rule(repo_i=st.integers(0, 1), pick=st.integers(0, 1 << 16))
+    def corrupt_pack(self, repo_i: int, pick: int) -> None:
+        base = self.bases[repo_i]
+        packs = [o for o in base.list("packs/") if o.size > 200]
+        if not packs:
+            return
+        o = packs[pick % len(packs)]
+        raw = bytearray(base.get(o.key))
+        pos = 100 + pick % (len(raw) - 100)
+        raw[pos] ^= 0x5A
+        base.put(o.key, bytes(raw))
+        self.damaged[repo_i] = True
+
+    @precondition(lambda self: self.state != "attached")
+    @rule(copy=st.integers(0, 1))
+    def damage_header_copy(self, copy: int) -> None:
+        """One header copy goes bad (both at once needs `init --reset`, covered by the record's own tests)."""
+        other = 1 - copy
+        try:
+            RecordHeader.unpack(bytes(self.rdev.pread(other * BLOCK, BLOCK)), copy=other)
+        except FormatError:
+            return
+        pos = copy * BLOCK + 64
+        self.rdev.durable[pos : pos + 8] = b"\xde\xad\xbe\xef" * 2
+
+    @precondition(lambda self: self.state != "attached")
+    @rule(region=st.integers(0, 3), copy=st.integers(0, 1), sector=st.integers(0, 7))
+    def damage_page(self, region: int, copy: int, sector: int) -> None:
+        rec = Record.load(self.rdev)
+        blk = rec.geo.page_block(region, 0, copy)
+        pos = blk * BLOCK + sector * 512 + 40
+        self.rdev.durable[pos : pos + 4] = b"\x00\xff\x00\xff"
+
+
+LifecycleMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("BATON_LIFECYCLE_EXAMPLES", "60")), stateful_step_count=50, deadline=None,
+)
+TestLifecycle = LifecycleMachine.TestCase
+
+
+def run_steps(*steps: tuple[str, dict[str, Any]], seed: int = 1) -> LifecycleMachine:
+    """Replay a fixed sequence of steps (regression tests for sequences the machine found)."""
+    m = LifecycleMachine()
+    m.setup(seed=seed)
+    try:
+        for name, kw in steps:
+            getattr(m, name)(**kw)
+    finally:
+        m.teardown()
+    return m
+
+
+@pytest.mark.parametrize("kill_at", ["after-batch", "upload"])
+def test_killed_full_backup_then_takeover_is_not_silently_incomplete(kill_at: str) -> None:
+    """Defect 1 of issue 9 (found by the machine): a full backup killed after its first checkpoint pointed the
+    record at a partial snapshot whose base is empty, while the chunks the full backup had not reached were
+    not marked; after a takeover the next "incremental" restored them as zeros."""
+    run_steps(
+        ("takeover", {"node": "n1"}),
+        ("write", {"n": 4}),
+        ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"}),
+        ("write", {"n": 2}),
+        ("backup", {"repo_i": 0, "full": True, "kill_at": kill_at, "nth": 0, "writes": 0, "mode": "keep"}),
+        ("takeover", {"node": "n2"}),
+        ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"}),
+    )
+
+
+def test_one_damaged_header_copy_costs_one_full_backup_not_all() -> None:
+    """Defect 5 of issue 9: the suspect state of a damaged header copy was never cleared by a successful
+    commit, so every later backup of the same attachment was full."""
+    m = run_steps(
+        ("damage_header_copy", {"copy": 0}),
+        ("takeover", {"node": "n1"}),
+        ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"}),
+        ("write", {"n": 2}),
+        ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"}),
+    )
+    assert [g[3] for g in m.good] == ["full", "incremental"]
