@@ -280,7 +280,7 @@ def test_attach_of_a_file_with_a_loop_device_over_it_is_refused(env: Env) -> Non
     before = digest(disk)
     with loop(disk) as dev:
         r = env.baton("attach", str(disk), "--node", "n1", "--name", env.name(), rc=BUSY)
-        assert f"loop device {dev}" in r.stderr, r.stderr
+        assert f"attached as {dev} (a loop device" in r.stderr, r.stderr
     assert digest(disk) == before
 
 

@@ -127,7 +127,7 @@ class _Scan:
                                       seen, came_from=ident.dev)
         for lo, back in self.loops():
             if back == ident and lo.rdev != came_from:
-                out.append(Use(LOOP, f"loop device {lo.device} backs it", what=lo.device, via=via))
+                out.append(Use(LOOP, f"attached as {lo.device} (a loop device over it)", what=lo.device, via=via))
                 out += self.users(Identity.block(lo.rdev), lo.device, seen, came_from=None)
         out += self._openers({ident}, via)
         for st, role, a in self.attached():
