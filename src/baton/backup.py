@@ -46,27 +46,39 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
     """Decide incremental vs full, with the reason (Invariant 4: trust is explicit)."""
     rec = tracker.record
     h = rec.header
+    repo_id = repo.config.repo_id.hex()
+    rec.use_repo(repo_id)  # v2: this backup's chunks are owed to the record's other repositories
+    state = rec.repo_state(repo_id)
+    flags = state["flags"] if state is not None else h.flags
+    last_backup = state["last_backup"] if state is not None else h.last_backup
     if full:
         return Plan("full", "requested (--full)", None)
-    if h.flags & FLAG_RESET:
+    if rec.geo.nrepos and state is None:
+        has_any = bool(repo.snapshots(disk.disk_uuid, include_partial=True))
+        if not has_any:
+            return Plan("full", "no previous snapshot", None)
+        return Plan("full", f"the record does not track repository {repo_id[:12]} (it tracks the "
+                    f"{rec.geo.nrepos} most recently used; a repository unused the longest is dropped when "
+                    "another one arrives)", None)
+    if flags & FLAG_RESET:
         return Plan("full", "record reset: its change history starts now", None)
-    if h.flags & FLAG_UNTRACKED:
+    if flags & FLAG_UNTRACKED:
         why = next((n for n in rec.notes if n.startswith("written while not attached")), "")
         return Plan("full", (why or "written while not attached: the file system on the disk changed while no "
                              "Baton owner tracked it")[:200], None)
-    if h.flags & FLAG_SUSPECT or rec.suspect:
+    if flags & FLAG_SUSPECT or rec.suspect:
         problems = "; ".join(rec.notes[:2]) or "damage was found in the record"
         return Plan("full", f"record corrupt: {problems}"[:200], None)
-    if not h.last_backup:
+    if not last_backup:
         has_any = bool(repo.snapshots(disk.disk_uuid, include_partial=True))
         return Plan("full", "record has no previous backup" if has_any else "no previous snapshot", None)
     try:
-        parent = repo.read_manifest(h.last_backup)
+        parent = repo.read_manifest(last_backup)
     except Exception:
         latest = repo.latest(disk.disk_uuid)
         if latest is None:
             return Plan("full", "no previous snapshot", None)
-        return Plan("full", f"lineage mismatch: the record continues snapshot {h.last_backup[:12]}, which this "
+        return Plan("full", f"lineage mismatch: the record continues snapshot {last_backup[:12]}, which this "
                     "repository does not have", None)
     if parent.lineage != h.lineage:
         return Plan("full", f"lineage mismatch: snapshot {parent.snapshot_id[:12]} followed record lineage "

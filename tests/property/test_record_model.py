@@ -1,5 +1,11 @@
 """Model-based test of the change record (Hypothesis RuleBasedStateMachine).
 
+The record is format v2 with two repository regions, and backups go to one of three repositories (so the least
+recently used one is dropped now and then). Besides the global model, each repository has its own set of the
+chunks acknowledged since its last committed backup; after every step, for each repository the record tracks
+with a last backup, a fresh reader's node slots + frozen set + that repository's owed set must cover it (never
+under-report, per repository). A backup to a repository the record does not track is full (it reads everything).
+
 Steps: write(chunks) through mark(), crash (drop / keep / tear the volatile cache, optionally in the middle of a
 record operation), takeover(node), backup start (freeze), batch stored (checkpoint), backup commit, backup abort,
 and corrupting a bitmap page. The model is a plain set of the chunks whose writes were acknowledged since the
@@ -26,6 +32,7 @@ CHUNK = 4096
 NCHUNKS = 2 * PAGE_BITS + 500  # three bitmap pages per region
 DATA = NCHUNKS * CHUNK
 NODES = ["a", "b", "c"]
+REPOS = ["aa" * 16, "bb" * 16, "cc" * 16]
 
 chunk_lists = st.lists(st.integers(0, NCHUNKS - 1), min_size=1, max_size=6)
 
@@ -34,11 +41,11 @@ class RecordMachine(RuleBasedStateMachine):
     @initialize(seed=st.integers(0, 2**32 - 1))
     def setup(self, seed: int) -> None:
         note(f"crash-device seed {seed}")
-        geo = geometry_for(DATA, CHUNK, 3)
+        geo = geometry_for(DATA, CHUNK, 3, 2)
         self.dev = CrashDevice(geo.size, seed=seed)
         hdr = RecordHeader(placement=PLACEMENT_TAIL, nslots=3, chunk_size=CHUNK, disk_uuid=str(uuid.uuid4()),
                            lineage="", disk_size=DATA + geo.size, data_size=DATA, record_offset=DATA,
-                           record_size=geo.size, pages_per_slot=geo.pages_per_slot)
+                           record_size=geo.size, pages_per_slot=geo.pages_per_slot, nrepos=2)
         format_record(self.dev, hdr)
         self.rec: Record | None = Record.load(self.dev)
         self.rec.attach("a")
@@ -48,6 +55,9 @@ class RecordMachine(RuleBasedStateMachine):
         self.frozen: set[int] | None = None  # model of the frozen set while a backup runs
         self.after_freeze: set[int] = set()  # acknowledged during the running backup
         self.n = 0
+        self.must_repo: dict[str, set[int]] = {r: set() for r in REPOS}  # per repository: since its last backup
+        self.repo: str = ""  # repository of the running backup
+        self.tracked = False  # the running backup is incremental (its repository had a region with a backup)
 
     # -------------------------------------------------------------------------------------------- steps
 
@@ -57,6 +67,8 @@ class RecordMachine(RuleBasedStateMachine):
         assert self.rec is not None
         self.rec.mark(chunks)
         self.must.update(chunks)
+        for m in self.must_repo.values():
+            m.update(chunks)
         if self.frozen is not None:
             self.after_freeze.update(chunks)
 
@@ -74,6 +86,8 @@ class RecordMachine(RuleBasedStateMachine):
         self.dev.crash(mode)
         if acked:
             self.must.update(chunks)
+            for m in self.must_repo.values():
+                m.update(chunks)
         else:
             self.extra.update(chunks)
         self._lost_owner()
@@ -117,19 +131,31 @@ class RecordMachine(RuleBasedStateMachine):
         assert self.dev.writes == before
 
     @precondition(lambda self: self.rec is not None and self.frozen is None)
-    @rule()
-    def backup_start(self) -> None:
+    @rule(repo=st.sampled_from(REPOS))
+    def backup_start(self, repo: str) -> None:
         assert self.rec is not None
         self.n += 1
+        reg = self.rec.find_repo(repo)
+        self.tracked = reg is not None and bool(reg.hdr.last_backup)
+        self.repo = repo
+        self.rec.use_repo(repo)
         bits = self.rec.freeze(f"{self.n:032x}")
         got = set(iter_bits(bits, NCHUNKS))
         assert self.must <= got, f"freeze lost {sorted(self.must - got)[:10]}"
+        if self.tracked:  # an incremental reads only these: they must cover this repository's changes
+            lost = self.must_repo[repo] - got
+            assert not lost, f"freeze for repository {repo[:4]} lost {sorted(lost)[:10]}"
         self.frozen = got
         self.after_freeze = set()
         self.extra -= got - self.extra  # no-op; keeps the bound explicit
         self.extra_before_freeze = set(self.extra)
 
-    @precondition(lambda self: self.rec is not None and self.frozen)
+    def _durable(self, sid: str) -> bool:
+        """The running backup's repository region names ``sid`` on the durable image."""
+        reg = Record.load(self.dev).find_repo(self.repo)
+        return reg is not None and reg.hdr.last_backup == sid
+
+    @precondition(lambda self: self.rec is not None and self.frozen and self.tracked)
     @rule(data=st.data(), fail_after=st.one_of(st.none(), st.integers(0, 4)),
           mode=st.sampled_from(["drop", "keep", "tear"]))
     def batch_stored(self, data: st.DataObject, fail_after: int | None, mode: str) -> None:
@@ -143,14 +169,16 @@ class RecordMachine(RuleBasedStateMachine):
         except PowerLoss:
             self.dev.crash(mode)
             # The checkpoint counts once its last_backup pointer is durable; clearing bits is only cleanup.
-            if Record.read_header(self.dev).last_backup == sid:
+            if self._durable(sid):
                 self.must -= set(batch) - self.after_freeze
+                self.must_repo[self.repo] -= set(batch) - self.after_freeze
             self.extra |= set(batch)  # interrupted mid-way: its bits may or may not have been cleared
             self._lost_owner()
             return
         self.dev.power_fail_after = None
         self.frozen -= set(batch)
         self.must -= set(batch) - self.after_freeze
+        self.must_repo[self.repo] -= set(batch) - self.after_freeze
 
     @precondition(lambda self: self.rec is not None and self.frozen is not None)
     @rule(fail_after=st.one_of(st.none(), st.integers(0, 4)), mode=st.sampled_from(["drop", "keep", "tear"]))
@@ -166,13 +194,15 @@ class RecordMachine(RuleBasedStateMachine):
         except PowerLoss:
             self.dev.crash(mode)
             # Committed once the header naming the snapshot is durable; clearing the frozen set is cleanup.
-            if Record.read_header(self.dev).last_backup == entry.snapshot_id:
+            if self._durable(entry.snapshot_id):
                 self.must -= self.frozen - self.after_freeze
+                self.must_repo[self.repo] &= self.after_freeze  # it read (full) or covered (incremental) the rest
             self.extra |= self.frozen  # interrupted mid-way: the frozen set may not have been cleared yet
             self._lost_owner()
             return
         self.dev.power_fail_after = None
         self.must -= self.frozen - self.after_freeze
+        self.must_repo[self.repo] &= self.after_freeze
         self.frozen = None
         self.after_freeze = set()
 
@@ -214,6 +244,13 @@ class RecordMachine(RuleBasedStateMachine):
         allowed = self.must | self.extra | (self.frozen or set()) | self.after_freeze
         beyond = got - allowed
         assert not beyond, f"over-reported chunks with no cause: {sorted(beyond)[:20]}"
+        for repo in REPOS:
+            reg = reader.find_repo(repo)
+            if reg is None or not reg.hdr.last_backup:
+                continue  # its next backup is full
+            have = set(iter_bits(reader.repo_dirty_bits(repo), NCHUNKS))
+            lost = self.must_repo[repo] - have
+            assert not lost, f"under-reported for repository {repo[:4]}: {sorted(lost)[:20]}"
 
 
 RecordMachine.TestCase.settings = settings(

@@ -7,6 +7,7 @@ import click
 from baton.cli import emit
 from baton.record.placement import (
     DEFAULT_RDISK_SLOT_SIZE,
+    DEFAULT_REPOS,
     DEFAULT_SLOTS,
     describe,
     init_disk,
@@ -24,6 +25,9 @@ from baton.record.placement import (
               help="Tracking granularity and repository chunk size: a power of two from 4K to 4M.")
 @click.option("--node-slots", default=DEFAULT_SLOTS, show_default=True,
               help="Per-node slots in the record (nodes beyond this reuse free slots).")
+@click.option("--repos", "nrepos", default=DEFAULT_REPOS, show_default=True,
+              help="Repositories the record keeps incremental at once (each has a region; a further one takes "
+                   "over the least recently used, whose next backup is then full).")
 @click.option("--reset", is_flag=True,
               help="Re-create the record in place with a new lineage (after 'both header copies damaged'). "
                    "The data is untouched; the next backup is full with reason 'record reset'.")
@@ -33,7 +37,7 @@ from baton.record.placement import (
 @click.option("--slot-size", default=str(DEFAULT_RDISK_SLOT_SIZE >> 20) + "M", show_default=True,
               help="With --record-disk: bytes per slot (bounds the size of the data disks it can serve).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def command(disk: str, record: str | None, chunk_size: str, node_slots: int, reset: bool, force: bool,
+def command(disk: str, record: str | None, chunk_size: str, node_slots: int, nrepos: int, reset: bool, force: bool,
             record_disk: bool, slots: int, slot_size: str, as_json: bool) -> None:
     """Create the change record for a shared DISK (a block device or an image file).
 
@@ -59,7 +63,7 @@ def command(disk: str, record: str | None, chunk_size: str, node_slots: int, res
         emit(out, as_json, f"formatted record disk {disk}: {slots} slots of {parse_size(slot_size) >> 20} MiB")
         return
     loc = init_disk(disk, record=record, chunk_size=parse_size(chunk_size), nslots=node_slots, force=force,
-                    reset=reset)
+                    reset=reset, nrepos=nrepos)
     try:
         st = describe(loc)
     finally:

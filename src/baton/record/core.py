@@ -39,6 +39,7 @@ from baton.format.record import (
     FS_NONE,
     FS_UNSAVED,
     FS_XFS,
+    FULL_FLAGS,
     HISTORY_ENTRIES,
     HISTORY_ENTRY_SIZE,
     PAGE_BITS,
@@ -135,6 +136,8 @@ class Record:
         # markers").
         self.fs_probe: FsProbe | None = None
         self.fs_check: dict[str, Any] = {}  # what the last attach's marker comparison found
+        self.backup_repo: _Region | None = None  # v2: the repository region of the running backup
+        self.evicted: str = ""  # v2: the repository whose region the last allocation took over
         self.stats = RecordStats()
         self.regions: list[_Region] = []
         self.notes: list[str] = []  # what was found damaged or repaired, for status and backup reasons
@@ -365,6 +368,15 @@ class Record:
             "problems": list(self.notes),
             "format_version": h.version,
             "written_while_not_attached": bool(h.flags & FLAG_UNTRACKED),
+            "repos": [
+                {"region": r.index, "repo_id": r.hdr.repo_id or None, "last_backup": r.hdr.last_backup or None,
+                 "lineage": r.hdr.lineage or None, "used_seq": r.hdr.used_seq,
+                 "owed_chunks": popcount(self._load_bits(r)) if r.hdr.repo_id else 0,
+                 "full_pending": [n for f, n in ((FLAG_RESET, "reset"), (FLAG_SUSPECT, "suspect"),
+                                                 (FLAG_UNTRACKED, "untracked")) if r.hdr.repo_flags & f],
+                 "unreadable": r.corrupt_header}
+                for r in self.repo_regions()
+            ],
             "bypass_check": self.compare_markers(),
         }
 
@@ -571,7 +583,9 @@ class Record:
             if mine is None:
                 mine = next((r for r in nodes if not any(r.hdr.page_map) and not r.corrupt_header), nodes[0])
             merged = bytearray(self._load_bits(mine))
-            others = [r for r in self.regions if r is not mine and (any(r.hdr.page_map) or r.corrupt_header)]
+            # Repository regions (v2) are per repository, not per node: a takeover leaves them as they are.
+            others = [r for r in self.regions[: self.geo.frozen_region + 1]
+                      if r is not mine and (any(r.hdr.page_map) or r.corrupt_header)]
             for r in others:
                 or_into(merged, self._load_bits(r))
             self._persist_region(mine, merged, node=node)
@@ -680,6 +694,92 @@ class Record:
             self._cond.wait()
         self._guard()
 
+    # ------------------------------------------------------------------------------ repository regions (v2)
+
+    def repo_regions(self) -> list[_Region]:
+        return [self.regions[i] for i in self.geo.repo_regions]
+
+    def find_repo(self, repo_id: str) -> _Region | None:
+        """The region tracking repository ``repo_id`` (32 hex), or None (v1, unknown, or evicted)."""
+        return next((r for r in self.repo_regions() if not r.corrupt_header and r.hdr.repo_id == repo_id), None)
+
+    def repo_state(self, repo_id: str) -> dict[str, Any] | None:
+        """What the record knows about repository ``repo_id``: ``last_backup``, ``lineage``, ``flags`` (the
+        header's full-backup flags plus those owed to this repository). None when the record has no region for it.
+        A v2 record with no region in use yet (fresh, or rewritten by a restore) continues from the header's
+        ``last_backup`` for every repository: no backup has cleared a bit since."""
+        h = self.header
+        if not self.geo.nrepos:
+            return None
+        reg = self.find_repo(repo_id)
+        if reg is None:
+            if h.last_backup and not any(r.hdr.repo_id or r.corrupt_header for r in self.repo_regions()):
+                return {"last_backup": h.last_backup, "lineage": h.lineage, "flags": h.flags, "region": None}
+            return None
+        return {"last_backup": reg.hdr.last_backup, "lineage": reg.hdr.lineage,
+                "flags": h.flags | reg.hdr.repo_flags, "region": reg.index}
+
+    def repo_dirty_bits(self, repo_id: str) -> bytearray:
+        """The chunks a backup to ``repo_id`` must read: node slots, the frozen set and the repository's owed set.
+        For a repository the record does not track this is every chunk (its next backup is full)."""
+        out = self.dirty_bits()
+        if not self.geo.nrepos:
+            return out
+        reg = self.find_repo(repo_id)
+        if reg is None:
+            return bytearray(b"\xff" * len(out)) if self.repo_state(repo_id) is None else out
+        or_into(out, self._load_bits(reg))
+        self._trim(out)
+        return out
+
+    def use_repo(self, repo_id: str | None) -> None:
+        """The next backup (freeze .. commit/abort) goes to repository ``repo_id`` (32 hex). No I/O here; the
+        region is taken at the freeze. v1 records and ``None`` keep the single-repository behaviour."""
+        self._next_repo = repo_id if self.geo.nrepos else None
+
+    def _take_repo_region(self, repo_id: str) -> _Region:
+        """The region of ``repo_id``, allocating one durably if needed: a free region, else one whose header is
+        unreadable, else the least recently used (its repository's next backup is then full, and says so).
+        Caller holds the lock, attached."""
+        reg = self.find_repo(repo_id)
+        if reg is not None:
+            return reg
+        regs = self.repo_regions()
+        free = [r for r in regs if not r.hdr.repo_id and not r.corrupt_header]
+        broken = [r for r in regs if r.corrupt_header]
+        reg = free[0] if free else broken[0] if broken else min(regs, key=lambda r: r.hdr.used_seq)
+        self.evicted = reg.hdr.repo_id if not free and not broken else ""
+        if self.evicted:
+            self.notes.append(f"repository {self.evicted[:12]} was dropped from the record (least recently used) "
+                              f"to track repository {repo_id[:12]}; its next backup is full")
+        # Empty owed set, no last backup: this repository's first backup from here is full.
+        self._clear_region(reg, repo_id=repo_id, last_backup="", lineage="", used_seq=self.header.seq,
+                           repo_flags=0)
+        self._sync()
+        return reg
+
+    def _owe(self, chunks_bits: bytes | bytearray, skip: _Region | None, flags: int = 0) -> None:
+        """OR ``chunks_bits`` into the owed set of every tracked repository region but ``skip``, and add
+        ``flags`` to their owed full-backup flags. Durable on return (write, then the caller may clear)."""
+        targets = [r for r in self.repo_regions() if r is not skip and r.hdr.repo_id and not r.corrupt_header]
+        if not targets:
+            return
+        pages = {p for p in range(self.geo.pages_per_slot)
+                 if any(chunks_bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES])}
+        staged = []
+        for q in targets:
+            qb = bytearray(self._load_bits(q))
+            or_into(qb, chunks_bits)
+            new_flags = q.hdr.repo_flags | flags
+            if pages or new_flags != q.hdr.repo_flags:
+                self._persist_region(q, qb, pages, **({"repo_flags": new_flags}
+                                                      if new_flags != q.hdr.repo_flags else {}))
+                staged.append((q, qb))
+        if staged:
+            self._sync()
+            for q, qb in staged:
+                q.bits = qb
+
     # ---------------------------------------------------------------------------------------------- backups
 
     def freeze(self, backup_id: str) -> bytearray:
@@ -692,6 +792,8 @@ class Record:
             mine = self._mine()
             frozen = self.regions[self.geo.frozen_region]
             assert mine.bits is not None and frozen.bits is not None
+            repo_id = getattr(self, "_next_repo", None)
+            self.backup_repo = self._take_repo_region(repo_id) if repo_id else None
             fbits = bytearray(frozen.bits)
             or_into(fbits, mine.bits)
             self._persist_region(frozen, fbits, backup_id=backup_id)
@@ -699,7 +801,12 @@ class Record:
             frozen.bits = fbits
             self._clear_region(mine)
             self._sync()
-            return bytearray(fbits)
+            out = bytearray(fbits)
+            if self.backup_repo is not None:
+                # The chunks owed to this repository (stored into others since its last backup) are read too.
+                or_into(out, self._load_bits(self.backup_repo))
+                self._trim(out)
+            return out
 
     def frozen_bits(self) -> bytearray:
         with self._lock:
@@ -713,18 +820,37 @@ class Record:
         with self._cond:
             self._exclusive()
             self.check_fence()
-            self._write_header(replace(self.header, last_backup=snapshot_id))
-            self._sync()
+            chunks = list(chunks)
             frozen = self.regions[self.geo.frozen_region]
             assert frozen.bits is not None
+            rr = self.backup_repo
+            if rr is not None:
+                # v2: the frozen chunks of the batch leave the record, so every other repository must owe them
+                # first (durable); then this repository's region points at the checkpoint (durable).
+                leaving = bytearray(len(frozen.bits))
+                set_bits(leaving, (c for c in chunks if frozen.bits[c >> 3] >> (c & 7) & 1))
+                self._owe(leaving, rr)
+                self._write_slot_header(rr, last_backup=snapshot_id, lineage=self.header.lineage,
+                                        used_seq=self.header.seq)
+            else:
+                self._write_header(replace(self.header, last_backup=snapshot_id))
+            self._sync()
             fbits = bytearray(frozen.bits)
             pages = set()
             for c in chunks:
                 fbits[c >> 3] &= ~(1 << (c & 7)) & 0xFF
                 pages.add(c // PAGE_BITS)
             self._persist_region(frozen, fbits, pages)
+            rbits = None
+            if rr is not None:
+                rbits = bytearray(self._load_bits(rr))
+                for c in chunks:
+                    rbits[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+                self._persist_region(rr, rbits, pages)
             self._sync()
             frozen.bits = fbits
+            if rr is not None:
+                rr.bits = rbits
 
     def abort_backup(self) -> None:
         """Merge the frozen set back into the owner's slot (durable), then clear it."""
@@ -742,6 +868,7 @@ class Record:
                 mine.bits = merged
             self._clear_region(frozen, backup_id="")
             self._sync()
+            self.backup_repo = None  # its owed set is untouched: the next backup to it reads it again
 
     def commit_backup(self, entry: HistoryEntry) -> None:
         """The snapshot is committed in the repository: history entry + ``last_backup`` (durable), then the frozen
@@ -749,6 +876,17 @@ class Record:
         with self._cond:
             self._exclusive()
             self.check_fence()
+            rr = self.backup_repo
+            frozen = self.regions[self.geo.frozen_region]
+            if rr is not None:
+                # v2, write then clear: every other repository owes the frozen chunks, and the header's
+                # full-backup flags (durable) -> this repository's region names the snapshot (durable) -> the
+                # header clears the flags -> the frozen set and this repository's owed set are cleared.
+                assert frozen.bits is not None
+                self._owe(frozen.bits, rr, self.header.flags & FULL_FLAGS)
+                self._write_slot_header(rr, last_backup=entry.snapshot_id, lineage=self.header.lineage,
+                                        used_seq=self.header.seq, repo_flags=0)
+                self._sync()
             seq = self.header.backup_seq + 1
             slot = (seq - 1) % HISTORY_ENTRIES
             entry = replace(entry, seq=seq, slot=slot, epoch=self.header.epoch, lineage=self.header.lineage,
@@ -762,8 +900,11 @@ class Record:
             # plan_backup chose it because of the damage); the next backup may be incremental again.
             self.suspect = False
             self.notes.clear()
-            self._clear_region(self.regions[self.geo.frozen_region], backup_id="")
+            self._clear_region(frozen, backup_id="")
+            if rr is not None:
+                self._clear_region(rr)  # generation + 1: its owed set is empty; repo_id and last_backup stay
             self._sync()
+            self.backup_repo = None
 
     def statistics(self) -> dict[str, int]:
         s = self.stats
