@@ -23,11 +23,18 @@ formats in [format.md](format.md); cluster set-up in [operations.md](operations.
 ## Conventions
 
 * Data goes to stdout; progress, messages and errors go to stderr. A progress bar appears only when stderr is
-  a terminal. Every command has `--json`; with it, errors are also printed to stdout as
-  `{"error": CLASS, "message": ..., "hint": ..., "exit_code": N}`.
-* Exit codes: 0 ok, 1 error, 2 usage, 3 device (wrong, too small, in use), 4 record (missing, corrupt,
-  unsupported version, another disk's, no free slot), 5 fenced, 6 not the owner, 7 repository (missing,
-  corrupt, locked, full, key, storage), 8 daemon not reachable, 9 verify found damage.
+  a terminal. Every command has `--json`; with it, every error (a usage error too) is also printed to stdout
+  as one object, `{"error": CLASS, "message": ..., "hint": ..., "exit_code": N}`.
+* Exit codes: 0 ok, 1 error, 2 usage (also an unsupported repository URL scheme), 3 device (wrong, too
+  small, in use), 4 record (missing, corrupt, unsupported version, another disk's, no free slot), 5 fenced,
+  6 not the owner (also: NAME is not attached on this node), 7 repository (missing, corrupt, locked, full,
+  key, storage, a `--repo` that is a file), 8 daemon (not reachable; for `backup`, this node's daemon of the
+  disk died or was fenced), 9 verify found damage.
+* Run directory: while NAME is attached, `RUN_DIR/NAME` holds its daemon's `daemon.json`, `control.sock` and
+  `daemon.log`. `detach` removes it, also when it cleans up after a killed or fenced daemon, and then prints
+  the last lines of that daemon's log (JSON: `log_tail`). A daemon that refuses an attach with a stated error
+  removes it too (`attach` prints that error, which is all its log held); a daemon that dies before it
+  answers leaves `daemon.log` there, and `attach`'s error names it.
 * Environment: `BATON_RUN_DIR` (default `/run/baton`), `BATON_DEV_DIR` (default `/dev/baton`), `BATON_NODE`
   (default for `--node`), `BATON_REPO` (default for `--repo` of `backup`), `BATON_KEY_FILE`,
   `BATON_SPILL_DIR` (copy-before-write spill files, default `/var/tmp`), and for S3 repositories

@@ -147,7 +147,8 @@ def test_agent_watch_attaches_and_serves_metrics(tmp_path: Path) -> None:
 
         base = wait_for("the watch to notice the detach", probes_after_detach)
         wait_for("three more probes", lambda: probes_after_detach() >= base + 3)
-        assert json.loads(baton(env, "status", name, "--json").stdout)["state"] == "stopped"
+        r = baton(env, "status", name, "--json", check=False)  # not attached here: exit 6, NotAttached
+        assert r.returncode == 6 and json.loads(r.stdout)["error"] == "NotAttached", r.stdout + r.stderr
         assert not dev.exists()
         assert metrics(port)[("baton_attached", name)] == 0
 

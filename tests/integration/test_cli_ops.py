@@ -137,13 +137,25 @@ def test_backup_of_a_killed_owner_fails_loudly(env: Env) -> None:
     # status tells the same story, with exit 0 (the question was answered)
     st = json.loads(env.baton("status", name, "--json").stdout)
     assert st["state"] == "failed" and st["failure"] == "died", st
-    assert "died" in st["problem"] and f"baton detach {name}" in st["problem"], st
+    assert "died" in st["problem"] and f"baton detach {name}" in st["hint"], st
     human = env.baton("status", name).stdout
     assert "died" in human and "killed" in human, human
+    by_disk = json.loads(env.baton("status", str(disk), "--json").stdout)  # the disk path says the same
+    assert by_disk["failure"] == "died" and by_disk["name"] == name and by_disk["problem"] == st["problem"], by_disk
+    assert by_disk["owner"] == "hB-n1" and by_disk["clean"] is False, by_disk
     # once cleaned up, this node is not the owner: the timer is quiet again, a plain backup says why
     env.baton("detach", name)
     r = env.baton("backup", name, "--repo", str(env.repo), "--if-owner")
     assert r.stdout == "" and r.stderr == "", r
+    # ... but the record on the disk still names this node as its owner, and nothing tracks the disk
+    r = env.baton("backup", str(disk), "--repo", str(env.repo), "--if-owner", "--node", "hB-n1", rc=DAEMON)
+    assert "no Baton daemon serves it" in r.stderr and "baton attach" in r.stderr, r.stderr
+    # another node of the cluster is truly not the owner: its timer skips, and says so under --json
+    r = env.baton("backup", str(disk), "--repo", str(env.repo), "--if-owner", "--node", "hB-n9")
+    assert r.stdout == "" and r.stderr == "", r
+    out = json.loads(env.baton("backup", str(disk), "--repo", str(env.repo), "--if-owner", "--node", "hB-n9",
+                               "--json").stdout)
+    assert out["skipped"] is True and out["node"] == "hB-n9" and "attached on node hB-n1" in out["reason"], out
 
 
 # --------------------------------------------------------------------------------------------- defect 9
@@ -188,7 +200,8 @@ def test_detach_leaves_no_run_directory(env: Env) -> None:
     name, pid = env.attach(disk)
     kill9(pid)
     r = env.baton("detach", name)
-    assert "was not running; cleaned up" in r.stdout, r.stdout
+    assert "was not running (its daemon died); cleaned up" in r.stdout, r.stdout
+    assert "its log ended with:" in r.stderr and f"attached {disk}" in r.stderr, r.stderr
     assert not (env.run / name).exists(), list((env.run / name).iterdir())
     assert not (env.dev / name).exists()
 
@@ -211,3 +224,31 @@ def test_failed_attach_leaves_no_run_directory(env: Env) -> None:
     assert "baton init" in r.stderr, r.stderr
     assert not (env.run / name).exists(), list((env.run / name).iterdir())
     assert not (env.dev / name).exists()
+
+
+def test_dead_attachment_after_the_disk_moved_on(env: Env) -> None:
+    """This node's daemon died, then another node took the disk over and detached it cleanly: the stale
+    attachment here no longer makes this node the owner. `status` says where the disk went; a backup by the
+    disk path runs offline (the record is clean); by NAME, or as a timer (--if-owner), it still fails loudly
+    until `baton detach NAME` cleans the stale attachment up."""
+    env.baton("repo", "init", str(env.repo))
+    disk = env.disk()
+    name, pid = env.attach(disk)
+    kill9(pid)
+    loc = locate(str(disk), None, writable=True)  # another node takes the disk over, then detaches it
+    try:
+        loc.record.attach("hB-n2")
+        loc.record.detach()
+    finally:
+        loc.close()
+    st = json.loads(env.baton("status", name, "--json").stdout)
+    assert st["failure"] == "died" and st["owner_now"] is False, st
+    assert "moved on" in st["problem"] and "hB-n2" in st["problem"], st
+    r = env.baton("backup", name, "--repo", str(env.repo), rc=DAEMON)
+    assert "moved on" in r.stderr and f"baton detach {name}" in r.stderr, r.stderr
+    r = env.baton("backup", str(disk), "--repo", str(env.repo), "--if-owner", "--node", "hB-n1", rc=DAEMON)
+    assert "moved on" in r.stderr, r.stderr
+    out = json.loads(env.baton("backup", str(disk), "--repo", str(env.repo), "--node", "hB-n1", "--json").stdout)
+    assert out["mode"] == "full" and out["snapshot"], out
+    env.baton("detach", name)
+    assert not (env.run / name).exists()

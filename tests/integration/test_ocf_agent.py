@@ -103,8 +103,11 @@ class Env:
     def status(self) -> dict[str, object]:
         cp = subprocess.run([str(BATON), "status", self.name, "--json"], env=self.env, capture_output=True,
                             text=True, timeout=60)
-        assert cp.returncode == 0, cp.stderr
         data: dict[str, object] = json.loads(cp.stdout)
+        if cp.returncode == 6:  # not attached on this node (NotAttached): what the agent reads as "stopped"
+            assert data["error"] == "NotAttached", data
+            return {"state": "stopped"}
+        assert cp.returncode == 0, cp.stderr
         return data
 
 

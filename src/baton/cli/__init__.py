@@ -6,10 +6,12 @@ they are imported lazily so ``baton --help`` and the hot commands start fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -76,9 +78,32 @@ def cli() -> None:
       baton backup sdb --repo /backup/repo     # incremental after the first, on whichever node owns it
       baton restore SNAP --repo /backup/repo --to /dev/sdc
 
-    Exit codes: 0 ok, 1 error, 2 usage, 3 device, 4 record, 5 fenced, 6 not owner, 7 repository,
-    8 daemon, 9 verify failed. Data goes to stdout, progress and messages to stderr; every command has --json.
+    Exit codes: 0 ok, 1 error, 2 usage, 3 device, 4 record, 5 fenced, 6 not owner (or not attached here),
+    7 repository, 8 daemon (not reachable, died or fenced), 9 verify failed. Data goes to stdout, progress and
+    messages to stderr; every command has --json, and under --json every error (usage errors too) also prints
+    one JSON object on stdout: {"error", "message", "hint", "exit_code"}.
     """
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar, drawn on stderr (never into the data on stdout) when stderr is a terminal and the
+    output is not JSON; otherwise None. The one progress bar of every command."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=True) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update
 
 
 def emit(data: Any, as_json: bool, human: str | None = None) -> None:

@@ -21,11 +21,11 @@ def command(repo_url: str, grace: str, max_unused: str, dry_run: bool, key_file:
             as_json: bool) -> None:
     """Delete data that no snapshot references, and repack mostly-unused packs.
 
-    \b
     Takes the repository's exclusive lock: it fails (exit 7, "locked") while a backup, restore, verify or
     forget runs, and they fail the same way while prune runs; retry later. Packs and pages younger than --grace
-    are always kept, so data written by a backup whose lock went stale survives. A referenced chunk missing from the index stops prune before it deletes
-    anything (run `baton verify`). Live chunks are checked before they are copied into new packs.
+    are always kept, so data written by a backup whose lock went stale survives. A referenced chunk missing
+    from the index stops prune before it deletes anything (run `baton verify`). Live chunks are checked before
+    they are copied into new packs. With --dry-run nothing changes and every message says "would".
     """
     from baton.repo.maintenance import parse_duration, parse_percent, prune
 

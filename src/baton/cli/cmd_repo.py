@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from baton.cli import emit
+from baton.cli import progress_bar as progress_bar  # re-exported: the repository commands import it from here
 from baton.repo import Repository
 
 KEY_FILE_HELP = ("File holding the repository key (64 hex digits, mode 0600). Also read from the "
@@ -38,26 +37,6 @@ def open_repo(url: str, key_file: str | None) -> Repository:
 
     check_url(url)
     return Repository.open(url, key_file=key_file)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on stderr when it is a terminal and output is not JSON; otherwise None."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                  transient=True) as prog:
-        task = prog.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            prog.update(task, completed=done, total=total)
-
-        yield update
 
 
 @click.group("repo")

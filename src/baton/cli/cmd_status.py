@@ -15,7 +15,11 @@ def _human(st: dict[str, Any]) -> str:
     if "name" in st:
         lines.append(f"{st['name']}: {st.get('state', '?')}"
                      + (f" (pid {st['pid']}, {st['frontend']}, {st.get('device') or st.get('socket')})"
-                        if st.get("state") == "running" else ""))
+                        if st.get("state") == "running" else "")
+                     + (f" ({st['failure']})" if st.get("failure") else ""))
+        if st.get("failure"):
+            lines.append(f"problem: {st['problem']}")
+            lines.append(f"  hint: {st['hint']}")
     if "placement" in st:
         lines.append(f"disk {st.get('disk', '?')}  record {st.get('record', st['placement'])}  "
                      f"chunk {st['chunk_size'] // 1024} KiB  tracked {st['data_size']} bytes")
@@ -30,7 +34,7 @@ def _human(st: dict[str, Any]) -> str:
             lines.append("last backup: none")
         if st.get("backup_in_progress"):
             lines.append(f"backup in progress (frozen set held for {st['backup_in_progress']})")
-        for p in st.get("problems", []):
+        for p in st.get("problems", []):  # the record's problems (the daemon's, if any, is printed above)
             lines.append(f"problem: {p}")
     if "writes" in st:
         lines.append(f"writes {st['writes']}  first-touch marks {st.get('first_touch', 0)}  "
@@ -49,9 +53,14 @@ def command(target: str, record: str | None, as_json: bool) -> None:
     (and on one attached elsewhere). Keys: placement, chunk_size (bytes), owner, epoch, clean, dirty_chunks,
     dirty_bytes, lineage, last_backup, backup_in_progress, slots, problems.
 
-    For an attached NAME it adds the live daemon: state (running | stopped | failed), pid, node, frontend,
-    device (FUSE) or socket (NBD), writes, first_touch, metadata_syncs, bytes_in, bytes_out. The exit status
-    is 0 whenever the question could be answered.
+    For an attached NAME it adds the live daemon: state (running | failed), pid, node, frontend, device (FUSE)
+    or socket (NBD), writes, first_touch, metadata_syncs, bytes_in, bytes_out. A failed attachment adds
+    failure ("died": killed or crashed; "fenced": another node took the disk over, with fenced_by,
+    epoch_mine, epoch_on_disk and fenced_at), problem and hint; a DISK attached here whose daemon failed shows
+    its record plus the same keys.
+
+    The exit status is 0 whenever the question could be answered (a failed attachment included); a NAME that
+    is not attached on this node exits 6.
     """
     import baton.cluster.attach as att
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from baton.cli import emit
-from baton.cli.cmd_repo import json_option, key_option, open_repo, progress_bar, repo_option
+from baton.cli import emit, progress_bar
+from baton.cli.cmd_repo import json_option, key_option, open_repo, repo_option
 from baton.errors import VerifyFailed, exit_code
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from baton import errors
 from baton.device import DirectDev, SubDev
-from baton.errors import BatonError, DaemonError, DeviceBusy, DeviceError, Fenced, UsageError
+from baton.errors import BatonError, DaemonError, DeviceBusy, DeviceError, Fenced, NotAttached, UsageError
 from baton.format.record import PLACEMENT_TAIL
 from baton.host import OPEN, check_not_in_use
 from baton.host.attachments import attachments as attachments  # the one state-file reader, re-exported
@@ -64,7 +64,6 @@ def _check_name(name: str) -> None:
 
 
 _pid_alive = pid_alive
-
 
 
 # ------------------------------------------------------------------------------------------------ control client
@@ -107,7 +106,69 @@ def request(name: str, op: dict[str, Any], *, timeout: float | None = 30.0,
 # ------------------------------------------------------------------------------------------------ CLI side
 
 
+_RUN_FILES = ("daemon.json", "daemon.tmp", "control.sock", "daemon.log")
+
+
+def log_tail(name: str, lines: int = 10) -> list[str]:
+    """The last ``lines`` lines of RUN_DIR/NAME/daemon.log ([] when there is none)."""
+    try:
+        with open(run_dir() / name / "daemon.log", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+def _remove_run_dir(name: str) -> list[str]:
+    """Remove RUN_DIR/NAME once nothing serves NAME any more (after a detach, a clean-up, a failed attach).
+
+    Conservative, never recursive: it unlinks only the daemon's own files (daemon.json, control.sock,
+    daemon.log) and rmdirs the empty FUSE mount point, and leaves everything in place while the frontend's
+    state.json still names something to clean up (a loop device, a mount), while a live daemon's state file
+    names another pid, or while another process holds the frontend's lock. The lock file is unlinked only while
+    this process holds its flock, so no one can hold it at that moment. Returns what it removed.
+    """
+    import fcntl
+
+    d = run_dir() / name
+    if not d.is_dir() or (d / "state.json").exists():
+        return []
+    st = read_state(name)
+    pid = int((st or {}).get("pid", 0))
+    if pid and pid != os.getpid() and _pid_alive(pid):
+        return []
+    lock, fd = d / "lock", -1
+    try:
+        if lock.exists():
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []
+        for n in _RUN_FILES:
+            (d / n).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (d / "fuse").rmdir()  # EBUSY while something is still mounted there: then d stays, and says why
+        if fd >= 0:
+            lock.unlink(missing_ok=True)
+        d.rmdir()
+    except OSError as e:
+        log.warning("%s: cannot remove %s: %s", name, d, e.strerror or e)
+        return []
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return [f"removed {d}"]
+
+
 def _cleanup_stale(name: str, st: dict[str, Any]) -> list[str]:
+    """Remove what NAME's dead daemon left behind (FUSE mount, loop device, link, socket, RUN_DIR/NAME).
+
+    The last lines of the dead daemon's log are kept in the returned list ("log: ..."), since its directory
+    goes; raises DeviceBusy (keeping everything) while a file system on its device is still mounted.
+    """
     done: list[str] = []
     # A killed daemon can linger for a moment as a dying/zombie process; give init time to reap it.
     pid = int(st.get("pid", 0))
@@ -118,11 +179,16 @@ def _cleanup_stale(name: str, st: dict[str, Any]) -> list[str]:
         from baton.frontends.fuse import cleanup_stale
 
         done += cleanup_stale(name, run_dir(), dev_dir())
+    tail = log_tail(name)
     for p in (control_path(name), state_path(name), Path(str(st.get("socket") or ""))):
         if str(p) and p.exists() and not p.is_dir():
             with contextlib.suppress(OSError):
                 p.unlink()
                 done.append(f"removed {p}")
+    removed = _remove_run_dir(name)
+    done += removed
+    if removed:
+        done += [f"log: {ln}" for ln in tail]
     return done
 
 
@@ -199,28 +265,102 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str = "fu
     return res
 
 
+def _wait_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def detach(name: str) -> dict[str, Any]:
+    """Detach NAME (see `baton detach`); a dead or fenced daemon's leftovers are cleaned up instead, and the
+    result then has ``was_running: False``, ``cleaned_up`` and ``log_tail`` (how the daemon's log ended)."""
     st = read_state(name)
     if st is None:
         raise DaemonError(f"{name} is not attached on this node")
-    if not _pid_alive(int(st["pid"])):
-        done = _cleanup_stale(name, st)
-        return {"name": name, "detached": True, "was_running": False, "cleaned_up": done}
-    res: dict[str, Any] = request(name, {"op": "detach"}, timeout=120)
     pid = int(st["pid"])
-    deadline = time.monotonic() + 30
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    if st.get("state") == "fenced":
+        _wait_exit(pid, 30)  # a fenced daemon is on its way out: let it finish rather than ask it to detach
+    if not _pid_alive(pid):
+        tail = log_tail(name)
+        done = [d for d in _cleanup_stale(name, st) if not d.startswith("log: ")]
+        out = {"name": name, "detached": True, "was_running": False, "cleaned_up": done, "log_tail": tail}
+        gone = daemon_gone(name, st)
+        if gone is not None:
+            out["failure"] = gone["failure"]
+        return out
+    res: dict[str, Any] = request(name, {"op": "detach"}, timeout=120)
+    _wait_exit(pid, 30)
+    if not _pid_alive(pid):
+        _remove_run_dir(name)  # the daemon removes it itself; this covers a daemon that could not
     return res
 
 
+def daemon_gone(name: str, st: dict[str, Any]) -> dict[str, Any] | None:
+    """Why NAME's daemon no longer serves although its state file says this node attached the disk; None while
+    it serves. The one place that explains a dead attachment: `status`, `backup` and `detach` all use it.
+
+    Returns ``state`` ("failed"), ``failure`` ("fenced" | "died"), ``owner_now`` (whether the record on the
+    disk still names this attachment's node and epoch, i.e. this node still owns the disk and nothing tracks
+    it), ``problem`` (the sentence to show) and ``hint`` (what to do); a fenced daemon adds ``fenced_by``,
+    ``epoch_mine``, ``epoch_on_disk`` and ``fenced_at``, which it recorded in its state file before it exited.
+    A daemon that died without such a record was killed or crashed; if the disk moved on since (a takeover
+    elsewhere, then maybe a clean detach), ``owner_now`` is False and the problem says where it went.
+    """
+    pid = int(st.get("pid", 0))
+    disk = st.get("disk", "?")
+    cleanup = f"`baton detach {name}` cleans up what it left behind"
+    if st.get("state") == "fenced":
+        by = st.get("fenced_by") or "?"
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(st.get("fenced_at", 0))))
+        return {
+            "state": "failed", "failure": "fenced", "owner_now": False, "fenced_by": by,
+            "epoch_mine": st.get("epoch_mine"),
+            "epoch_on_disk": st.get("epoch_on_disk"), "fenced_at": st.get("fenced_at"),
+            "problem": f"the daemon of {name} was fenced at {at}: node {by} took {disk} over (epoch "
+                       f"{st.get('epoch_on_disk')}; this node held epoch {st.get('epoch_mine')}), so this node no "
+                       f"longer owns it and stopped serving it",
+            "hint": f"back it up on {by}, its owner now; {cleanup}",
+        }
+    if pid and _pid_alive(pid):
+        return None
+    log_file = run_dir() / name / "daemon.log"
+    try:  # has the disk moved on since? (a takeover elsewhere advances the epoch)
+        loc = locate(str(disk), st.get("record"), writable=False)
+        try:
+            h = loc.header
+        finally:
+            loc.close()
+        moved = h.epoch != st.get("epoch") or h.owner != st.get("node")
+    except (BatonError, OSError):
+        moved = False  # cannot tell: assume the worst, this node still owns it
+    if moved:
+        where = (f"node {h.owner or '?'} took it over (epoch {h.epoch})" + (" and detached it" if h.clean else ""))
+        return {
+            "state": "failed", "failure": "died", "owner_now": False,
+            "problem": f"the daemon of {name} (pid {pid}) died without detaching, and {disk} moved on since: "
+                       f"{where}; this node no longer owns it",
+            "hint": ("back it up by its disk path (nobody owns it now)" if h.clean else
+                     f"back it up on {h.owner or 'its owner'}") + f"; {cleanup}",
+        }
+    return {
+        "state": "failed", "failure": "died", "owner_now": True,
+        "problem": f"the daemon of {name} (pid {pid}) died without detaching (killed, or crashed: see "
+                   f"{log_file}); this node still owns {disk} but nothing tracks its writes now",
+        "hint": f"re-attach it (let Pacemaker restart the resource, or `baton attach {disk} --node "
+                f"{st.get('node', 'NODE')} --name {name}`); {cleanup}",
+    }
+
+
 def name_status(name: str) -> dict[str, Any]:
+    """The live status of NAME's daemon, or its state file plus :func:`daemon_gone` when it is dead or fenced.
+    Raises NotAttached when this node has no attachment of that name."""
     st = read_state(name)
     if st is None:
-        return {"name": name, "state": "stopped"}
-    if not _pid_alive(int(st["pid"])):
-        return st | {"state": "failed", "problem": "the daemon is not running (killed?); `baton attach` or "
-                     "`baton detach` cleans up"}
+        raise NotAttached(f"{name} is not attached on this node",
+                          hint="`baton status DISK` reads a disk's record from any node")
+    gone = daemon_gone(name, st)
+    if gone is not None:
+        return st | gone
     live: dict[str, Any] = request(name, {"op": "status"}, timeout=30)
     return live
 
@@ -228,13 +368,18 @@ def name_status(name: str) -> dict[str, Any]:
 def disk_status(disk: str, record: str | None = None) -> dict[str, Any]:
     """Offline record status of DISK, plus the live daemon's if it is attached here."""
     real = os.path.realpath(disk)
+    extra: dict[str, Any] = {}
     for st in attachments():
-        if st.get("disk") == real and st["alive"]:
-            with contextlib.suppress(BatonError):
-                return name_status(st["name"])
+        if st.get("disk") == real:
+            gone = daemon_gone(st["name"], st)
+            if gone is None:
+                with contextlib.suppress(BatonError):
+                    return name_status(st["name"])
+            else:  # attached here, but its daemon died or was fenced: the record plus why nothing tracks it
+                extra = {k: v for k, v in st.items() if k not in ("alive", "state", "epoch")} | gone
     loc = locate(disk, record, writable=False)
     try:
-        return describe(loc)
+        return describe(loc) | extra
     finally:
         loc.close()
 
@@ -277,6 +422,7 @@ class Daemon:
         self.device: str | None = None
         self.socket: str | None = None
         self.detaching = False  # a detach stops the frontend on purpose: not a failure
+        self.fence_recorded = False
 
     # -- start-up --------------------------------------------------------------------------------------
 
@@ -328,6 +474,7 @@ class Daemon:
                     self.loc.record.heartbeat()
                 except Fenced as e:
                     log.error("fenced: %s", e)
+                    self.record_fence(e)  # first: stopping the frontend may take a while, or hang
                     self.exit_status = 5
                     with contextlib.suppress(Exception):
                         self.frontend.stop(force=True)
@@ -337,6 +484,33 @@ class Daemon:
                     log.warning("fence heartbeat: %s", e)
 
         threading.Thread(target=run, name="fence-heartbeat", daemon=True).start()
+
+    def record_fence(self, err: Fenced) -> None:
+        """Record in daemon.json, before the daemon exits, that it was fenced: by which node, at which epochs
+        (ours, and the one on disk), when. `status`, `backup` and `detach` read it (see :func:`daemon_gone`);
+        a killed daemon leaves no such record, so its absence means killed or crashed. Never raises."""
+        if self.fence_recorded:
+            return
+        self.fence_recorded = True
+        by, on_disk = "", err.on_disk
+        try:
+            assert self.loc is not None
+            rec = self.loc.record
+            cur = rec.read_header(rec.area, record_offset=rec.header.record_offset)
+            by, on_disk = cur.owner, cur.epoch
+        except Exception as e:  # the header may be unreadable now; the error still names the epochs
+            log.warning("fenced: cannot re-read the record header to name the new owner: %s", e)
+        try:
+            path = state_path(self.name)
+            st = read_state(self.name) or {"name": self.name, "pid": os.getpid(), "node": self.node,
+                                           "disk": self.disk, "frontend": self.frontend_kind}
+            st |= {"state": "fenced", "fenced_by": by or "?", "epoch_mine": err.mine, "epoch_on_disk": on_disk,
+                   "fenced_at": time.time(), "fence_message": str(err)}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(st))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.error("fenced: cannot record it in %s: %s", state_path(self.name), e)
 
     def _nbd_serve(self) -> None:
         try:
@@ -476,7 +650,8 @@ class Daemon:
             failure = getattr(self.frontend, "failure", None) or ""
             log.error("frontend stopped: %s", failure)
             if not self.exit_status:
-                self.exit_status = 5 if "fenc" in failure.lower() else 1
+                broken = self.loc.record.broken() if self.loc is not None else None
+                self.exit_status = 5 if isinstance(broken, Fenced) or "fenc" in failure.lower() else 1
             self.stop_event.set()
         else:
             self.stop_event.wait()
@@ -513,6 +688,9 @@ def serve(disk: str, *, node: str, name: str, frontend: str, record: str | None,
             with contextlib.suppress(Exception):
                 if d.frontend is not None:
                     d.frontend.stop(force=True)
+            # `baton attach` prints the error just sent, which is all this daemon's log holds, so its
+            # directory goes (unless the frontend left something to clean up, or another daemon owns it).
+            _remove_run_dir(name)
             return 1
         log.info("attached %s as %s (node %s, epoch %s, %s %s)", disk, name, node, st["epoch"], frontend,
                  st["device"] or st["socket"])
@@ -540,6 +718,12 @@ def serve(disk: str, *, node: str, name: str, frontend: str, record: str | None,
     signal.signal(signal.SIGTERM, on_term)
     d.wait_frontend()
     srv.close()
+    broken = d.loc.record.broken() if d.loc is not None else None
+    if isinstance(broken, Fenced):
+        d.exit_status = 5
+        d.record_fence(broken)
+    if d.exit_status == 0 and d.detaching:
+        _remove_run_dir(name)  # detached cleanly: the record is clean, nothing is left to inspect
     if d.exit_status:
         log.error("exiting with status %s (%s)", d.exit_status, "fenced" if d.exit_status == 5 else "failure")
         with contextlib.suppress(Exception):
