@@ -233,7 +233,7 @@ def test_restore_onto_a_file_open_by_another_process_is_refused(env: Env, snapsh
     with holder(hard) as pid:
         for target in (img, hard):
             r = env.baton("restore", snap, "--repo", str(repo), "--to", str(target), rc=BUSY)
-            assert f"open by pid {pid}" in r.stderr, r.stderr
+            assert f"opened by pid {pid}" in r.stderr, r.stderr
     assert digest(img) == before
     # Nobody holds it any more: the same restore is accepted.
     env.baton("restore", snap, "--repo", str(repo), "--to", str(img))
@@ -246,7 +246,7 @@ def test_restore_onto_a_loop_device_over_a_file_open_elsewhere_is_refused(
     with loop(img) as dev, holder(img) as pid:
         before = digest(img)
         r = env.baton("restore", snap, "--repo", str(repo), "--to", dev, rc=BUSY)
-        assert f"open by pid {pid}" in r.stderr, r.stderr
+        assert f"opened by pid {pid}" in r.stderr, r.stderr
         assert digest(img) == before
 
 

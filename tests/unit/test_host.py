@@ -96,7 +96,7 @@ def test_open_file_found_through_a_hard_link_and_a_symlink(tmp_path: Path, holde
     for p in (f, hard, sym):
         us = host.users(str(p))
         assert [(u.kind, u.pid) for u in us] == [(host.OPEN, pid)], us
-        assert f"open by pid {pid} (python" in str(us[0])
+        assert f"opened by pid {pid} (python" in str(us[0])
     with pytest.raises(DeviceBusy) as ei:
         host.check_not_in_use(str(sym), "restore")
     assert f"pid {pid}" in str(ei.value) and "restore refused" in str(ei.value)

@@ -29,6 +29,7 @@ from typing import Any
 from baton.device import DirectDev, SubDev
 from baton.errors import BatonError, DeviceError, RecordError
 from baton.format.record import BLOCK, EXTMAP_START, FormatError, RecordHeader
+from baton.host.mounts import parse_mountinfo
 from baton.record.area import ExtentDev
 from baton.record.placement import locate
 
@@ -241,19 +242,6 @@ def device_numbers(path: str) -> tuple[int, int] | None:
     return os.major(st.st_rdev), os.minor(st.st_rdev)
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def relevant_mounts(disk: str, mountinfo: str) -> frozenset[str]:
     """The lines of a /proc/self/mountinfo text that concern ``disk``: mounts of the device itself (by source
     path or major:minor), and for an image file the mounts of the file system that holds it (the longest
@@ -263,16 +251,11 @@ def relevant_mounts(disk: str, mountinfo: str) -> frozenset[str]:
     image = numbers is None and not real.startswith("/dev/")  # an image file (or a path not there yet)
     mine: set[str] = set()
     holders: list[tuple[int, str]] = []
-    for line in mountinfo.splitlines():
-        parts = line.split()
-        if len(parts) < 10 or "-" not in parts:
-            continue
-        sep = parts.index("-")
-        majmin, mnt, source = parts[2], _unescape(parts[4]), _unescape(parts[sep + 2])
-        if source == real or (numbers is not None and majmin == f"{numbers[0]}:{numbers[1]}"):
-            mine.add(line)
-        elif image and (real == mnt or real.startswith(mnt.rstrip("/") + "/")):
-            holders.append((len(mnt), line))
+    for e in parse_mountinfo(mountinfo):
+        if e.source == real or (numbers is not None and e.dev == numbers):
+            mine.add(e.line)
+        elif image and (real == e.mountpoint or real.startswith(e.mountpoint.rstrip("/") + "/")):
+            holders.append((len(e.mountpoint), e.line))
     if holders:
         longest = max(n for n, _ in holders)
         mine.update(line for n, line in holders if n == longest)

@@ -1,12 +1,12 @@
-"""Loop devices and "who is using this block device" checks, for the FUSE frontend.
+"""Loop devices for the FUSE frontend, and its view of "who is using this loop device".
 
 Loop devices are a machine-wide resource shared with other software, so this module only ever touches a device
 it was told about (by name), never "all loop devices". Everything here is Linux-only and needs root.
 
-Who-is-using checks look in every mount namespace on the machine (a container or a systemd unit with private
-mounts can keep a file system mounted, and so the device busy, after it was unmounted in ours), in
-``/sys/block/loopN/holders`` (device-mapper, md) and in every process's open file descriptors. Opening the
-device with ``O_EXCL`` is the kernel's own answer for mounts and holders, and catches what the scans may miss.
+Who uses a device is answered by ``baton.host`` (the one in-use check: mounts in every mount namespace,
+holders, open file descriptors by identity, loop devices and Baton attachments); :func:`users` adds the kernel's
+own answer, an ``O_EXCL`` open, which fails while the device is mounted or claimed, and catches what the scans
+may miss. Mount tables come from ``baton.host.mounts`` (re-exported here for the frontend).
 """
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ import ctypes
 import errno
 import fcntl
 import os
-import stat
 import struct
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from baton import host
 from baton.errors import DeviceBusy, DeviceError
+from baton.host.fds import comm
+
+# The one mountinfo parser and mount lookup, re-exported for the frontend.
+from baton.host.mounts import MountEntry as MountEntry
+from baton.host.mounts import mounted_at as mounted_at
+from baton.host.mounts import parse_mountinfo as parse_mountinfo
 
 _BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): device size in bytes
 _MNT_DETACH = 2  # umount2 flag: lazy unmount
@@ -59,11 +64,12 @@ class Users:
     mounts: list[MountUse] = field(default_factory=list)
     holders: list[str] = field(default_factory=list)  # kernel holders: dm-0, md127, ...
     openers: list[int] = field(default_factory=list)  # pids with an open fd on the device
+    others: list[str] = field(default_factory=list)  # anything else baton.host found: "attached as /dev/loop9 ..."
     exclusive_busy: bool = False  # O_EXCL open failed with EBUSY (mounted or claimed)
 
     @property
     def busy(self) -> bool:
-        return bool(self.mounts or self.holders or self.openers or self.exclusive_busy)
+        return bool(self.mounts or self.holders or self.openers or self.others or self.exclusive_busy)
 
     def describe(self) -> str:
         """A one-line human description naming who holds the device."""
@@ -72,17 +78,11 @@ class Users:
             where = "" if m.ns_pid == os.getpid() else f" (mount namespace of pid {m.ns_pid})"
             parts.append(f"mounted at {m.mountpoint}{where}")
         parts += [f"held by {h}" for h in self.holders]
-        parts += [f"opened by pid {p} ({_comm(p)})" for p in self.openers]
+        parts += [f"opened by pid {p} ({comm(p)})" for p in self.openers]
+        parts += self.others
         if not parts and self.exclusive_busy:
             parts.append("claimed exclusively by the kernel (a mount in a namespace we cannot see, or a holder)")
         return f"{self.device}: " + ", ".join(parts) if parts else f"{self.device}: not in use"
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "?"
 
 
 def _run(args: list[str]) -> str:
@@ -148,144 +148,40 @@ def size_of(dev: str) -> int:
         os.close(fd)
 
 
-def rdev_of(dev: str) -> tuple[int, int]:
-    st = os.stat(dev)
-    if not stat.S_ISBLK(st.st_mode):
-        raise DeviceError(f"{dev} is not a block device")
-    return os.major(st.st_rdev), os.minor(st.st_rdev)
+# ---- who uses a loop device ------------------------------------------------------------------------------
 
 
-# ---- mount tables ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/PID/mountinfo (the fields we use)."""
-
-    dev: tuple[int, int]  # major:minor of the mounted file system
-    mountpoint: str  # unescaped
-    fstype: str
-    source: str
-
-
-def _unescape(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(s):
-        code = s[i + 1 : i + 4]
-        if s[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Parse mountinfo text (see proc(5)); malformed lines are skipped."""
-    entries: list[MountEntry] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        f = left.split()
-        r = right.split()
-        if len(f) < 5 or len(r) < 2:
-            continue
-        maj, _, mnr = f[2].partition(":")
-        try:
-            dev = (int(maj), int(mnr))
-        except ValueError:
-            continue
-        entries.append(MountEntry(dev=dev, mountpoint=_unescape(f[4]), fstype=r[0], source=_unescape(r[1])))
-    return entries
-
-
-def mount_namespaces() -> dict[str, int]:
-    """One representative pid per mount namespace on the machine, ours first."""
-    seen: dict[str, int] = {}
-    try:
-        seen[os.readlink("/proc/self/ns/mnt")] = os.getpid()
-    except OSError:
-        pass
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            ns = os.readlink(f"/proc/{entry.name}/ns/mnt")
-        except OSError:
-            continue  # exited, or a kernel thread
-        seen.setdefault(ns, int(entry.name))
-    return seen
-
-
-def find_mounts(dev: tuple[int, int]) -> list[MountUse]:
-    """Every mount of the file system with device number ``dev``, in every mount namespace."""
-    found: list[MountUse] = []
-    for pid in mount_namespaces().values():
-        try:
-            text = Path(f"/proc/{pid}/mountinfo").read_text()
-        except OSError:
-            continue
-        found += [MountUse(e.mountpoint, pid) for e in parse_mountinfo(text) if e.dev == dev]
-    return found
-
-
-def find_openers(dev: str) -> list[int]:
-    """Pids holding ``dev`` open, found by reading fd links (readlink only: a stat could hang on a dead FUSE
-    file). Our own process is included if it holds the device open."""
-    want = str(Path(dev))
-    pids: list[int] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{entry.name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{entry.name}/fd/{fd}") == want:
-                    pids.append(int(entry.name))
-                    break
-            except OSError:
-                continue
-    return pids
-
-
-def users(dev: str) -> Users:
-    """Who uses ``dev`` right now: mounts in any namespace, kernel holders, processes with it open."""
-    rdev = rdev_of(dev)
-    name = Path(dev).name
-    try:
-        holders = sorted(os.listdir(f"/sys/block/{name}/holders"))
-    except OSError:
-        holders = []
-    excl = False
+def _claimed(dev: str) -> bool:
+    """Whether an ``O_EXCL`` open of ``dev`` fails with EBUSY: the kernel has it mounted or claimed."""
     try:
         fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
         os.close(fd)
     except OSError as exc:
         if exc.errno != errno.EBUSY:
             raise DeviceError(f"cannot open {dev}: {exc.strerror}") from exc
-        excl = True
-    return Users(device=dev, mounts=find_mounts(rdev), holders=holders, openers=find_openers(dev),
-                 exclusive_busy=excl)
+        return True
+    return False
+
+
+def users(dev: str) -> Users:
+    """Who uses ``dev`` right now (``baton.host.users``; our own process is not counted), plus whether the
+    kernel has it claimed."""
+    found = host.users(dev)
+    return Users(device=dev, mounts=[MountUse(u.what, u.pid) for u in found if u.kind == host.MOUNT and not u.via],
+                 holders=[u.what for u in found if u.kind == host.HOLDER and not u.via],
+                 openers=sorted({u.pid for u in found if u.kind == host.OPEN and not u.via}),
+                 others=[str(u) for u in found if u.via or u.kind in (host.LOOP, host.ATTACHED)],
+                 exclusive_busy=_claimed(dev))
 
 
 def refuse_if_busy(dev: str, what: str) -> None:
-    """Raise DeviceBusy naming who holds ``dev``, if anyone does. ``what`` says what was refused."""
-    u = users(dev)
-    for _ in range(5):
-        # udev's blkid probe opens a device for a moment after changes; do not blame it for being there.
-        if not u.busy or u.mounts or u.holders or u.exclusive_busy:
-            break
-        time.sleep(0.2)
-        u = users(dev)
-    if u.busy:
-        raise DeviceBusy(f"{what} refused: {u.describe()}",
-                         hint="unmount it / stop the processes using it, then retry")
+    """Raise DeviceBusy naming who holds ``dev``, if anyone does (``baton.host.check_not_in_use``, then the
+    kernel's ``O_EXCL`` answer). ``what`` says what was refused."""
+    host.check_not_in_use(dev, what)
+    if _claimed(dev):
+        raise DeviceBusy(f"{dev} is in use ({what} refused): claimed exclusively by the kernel (a mount in a "
+                         "namespace we cannot see, or a holder)", hint="unmount it / remove what is stacked on it, "
+                         "then retry")
 
 
 # ---- unmounting ---------------------------------------------------------------------------------------
@@ -301,13 +197,3 @@ def umount(path: Path, *, lazy: bool = False) -> None:
     if _libc.umount2(os.fsencode(str(path)), _MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"umount {path}: {os.strerror(err)}")
-
-
-def mounted_at(path: Path) -> MountEntry | None:
-    """The mount whose mount point is exactly ``path`` in our namespace (the last one, if stacked)."""
-    want = os.path.realpath(path)
-    hit: MountEntry | None = None
-    for e in parse_mountinfo(Path("/proc/self/mountinfo").read_text()):
-        if e.mountpoint == want:
-            hit = e
-    return hit

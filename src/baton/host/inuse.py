@@ -40,7 +40,7 @@ class Use:
     """One user of a disk. ``str()`` is the phrase a message shows: "mounted at /srv (via /dev/loop3)"."""
 
     kind: str  # MOUNT | LOOP | HOLDER | OPEN | ATTACHED
-    detail: str  # what, without the via part: "mounted at /srv", "open by pid 42 (qemu)"
+    detail: str  # what, without the via part: "mounted at /srv", "opened by pid 42 (qemu)"
     pid: int = 0  # OPEN, ATTACHED: the process; MOUNT: a process in that mount namespace
     what: str = ""  # MOUNT: the mount point; LOOP: the loop device; HOLDER: its name; ATTACHED: the NAME
     via: str = ""  # the device or file through which it reaches the disk, when not the disk itself
@@ -155,7 +155,7 @@ class _Scan:
         out: list[Use] = []
         pids = sorted({f.pid for f in self.open_files() if f.identity in idents})
         for pid in pids:
-            out.append(Use(OPEN, f"open by pid {pid} ({fds.comm(pid)})", pid=pid, via=via,
+            out.append(Use(OPEN, f"opened by pid {pid} ({fds.comm(pid)})", pid=pid, via=via,
                            baton_daemon=fds.is_baton_daemon(pid)))
         return out
 
