@@ -295,6 +295,18 @@ def test_init_of_an_attached_disk_through_a_hard_link_is_refused(env: Env) -> No
     assert env.json("status", name)["state"] == "running"
 
 
+def test_detach_while_the_device_is_open_is_refused(env: Env) -> None:
+    _, name, pid = attached_disk(env, "dt")
+    link = env.dev_dir / name
+    with holder(link) as opener:
+        r = env.baton("detach", name, rc=BUSY)
+        assert f"opened by pid {opener}" in r.stderr and "refused" in r.stderr, r.stderr
+        st = env.json("status", name)
+        assert (st["state"], st["pid"]) == ("running", pid)
+    env.baton("detach", name)
+    assert not os.path.lexists(link)
+
+
 # --------------------------------------------------------------------------------------------- defect 8
 
 
