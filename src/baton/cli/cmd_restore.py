@@ -23,7 +23,12 @@ def command(snapshot: str, repo_url: str, target: str, allow_partial: bool, key_
     \b
     TARGET is a regular file (created or truncated; all-zero chunks are left as holes, so the file is
     sparse) or a block device at least as large as the disk (zero chunks are written as zeros).
-    A mounted, loop-attached or otherwise busy target is refused (exit 3) before anything is written.
+    A target in use on this node is refused (exit 3) before anything is written, whatever path names
+    it (a hard link, a symlink, a loop device over it): attached by Baton, mounted, behind a loop
+    device, held by device-mapper or open by a process. A missing TARGET under /dev or Baton's device
+    directory is refused (a device that is not there, e.g. /dev/baton/NAME of a disk not attached),
+    never created as a file. If the restore fails, a file it created is removed; a TARGET that existed
+    is left with undefined content.
 
     Every chunk is decrypted, decompressed and re-hashed against its id; a damaged chunk stops the restore
     (exit 7) and is named. The result reports the bytes written and the BLAKE3-256 digest of the whole
