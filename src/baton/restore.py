@@ -39,11 +39,12 @@ import blake3
 from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate, device_size
 from baton.errors import BatonError, DeviceBusy, DeviceError, RepoCorrupt, RepoError
 from baton.host import check_not_in_use
-from baton.host.attachments import dev_dir
+from baton.host.attachments import dev_dir, read_state
 from baton.host.mounts import fstype_of_dev
 from baton.record.placement import has_tail_record
 from baton.repo import ZERO_ID, Manifest, Repository
 from baton.repo.repository import coalesce
+from baton.util import pid_alive
 
 BATCH = 256                 # chunks per batch (16 MiB of disk at 64 KiB chunks)
 PREFETCH_BATCHES = 2        # batches being fetched while one is written
@@ -87,10 +88,27 @@ def _refuse_new_device_path(path: str) -> None:
                                    "device, or a regular file outside /dev")
 
 
+def _refuse_dead_device_link(path: str) -> None:
+    """BATON_DEV_DIR/NAME of an attachment whose daemon is not running (killed, fenced) points at a loop device
+    over a dead FUSE file: every write to it fails, or worse, succeeds into a page cache that is never
+    written anywhere."""
+    ddir = os.path.realpath(dev_dir())
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) != ddir or not os.path.lexists(path):
+        return
+    name = os.path.basename(path)
+    st = read_state(name)
+    if st is None or not pid_alive(int(st.get("pid") or 0)):
+        raise DeviceError(f"restore target {path} is the device of {name}, which is not attached: its daemon is "
+                          "not running (killed or fenced)",
+                          hint=f"run `baton detach {name}` to clean up, then attach the disk again and restore to "
+                               f"{path}, or restore to the disk itself")
+
+
 def check_target(path: str, disk_size: int) -> str:
     """What ``path`` is, if it may be overwritten with a disk of ``disk_size`` bytes: "new" (a file to create),
     "file" or "block"; else raise DeviceBusy (in use on this node, by any path: see ``baton.host``) or
     DeviceError."""
+    _refuse_dead_device_link(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -257,7 +275,11 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
                     done += length
                 if progress is not None:
                     progress(done, disk.size)
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise DeviceError(f"restore target {target_path}: flushing the written data failed: "
+                                  f"{e.strerror}", hint="check the device (dmesg), then restore again") from e
         finally:
             for _b, futs in pending:
                 for f in futs:
