@@ -11,11 +11,11 @@ tier covers writes racing a backup). A write in flight when its daemon died may 
 owner reads its range back, every 512-byte sector must hold the old or the new data, and the shadow takes what
 is there. After each takeover the whole data area must equal the shadow (no acknowledged write lost).
 
-Beyond data: the next backup into the repository of the last successful backup must be incremental, across kill
--9 takeovers and detach/offline, unless a backup was killed since (its checkpoint may legitimately change the
-parent) or that snapshot was forgotten; an incremental whose parent is the last successful snapshot reads at
-least the chunks written since it and at most those plus the ranges of writes in flight at kills. A full says
-why. Backing up into the other repository is full for now (issue 9 defect 12): allowed, not checked.
+Beyond data: the next backup into a repository that has a successful backup must be incremental, across kill
+-9 takeovers, detach/offline and backups into the other repository (issue 9 defect 12), unless a backup into it
+was killed since (its checkpoint may legitimately change the parent) or its last snapshot was forgotten; an
+incremental whose parent is the last successful snapshot (of either repository) reads at least the chunks
+written since it and at most those plus the ranges of writes in flight at kills. A full says why.
 
 Replay: BATON_SEED (default 20261124) and BATON_LIFECYCLE_STEPS (default 60). The seed and every step are printed
 (`pytest -s` shows them live; a failure message repeats the steps).
@@ -96,7 +96,9 @@ class Walk:
         self.ops: list[tuple[str, int, Any]] = []  # ("w", seed, count) | ("p", offset, bytes)
         self.snaps: dict[str, Snap] = {}  # restorable: exited 0 (or complete after a kill), not forgotten
         self.last_ok: Snap | None = None  # the last snapshot whose commit we know of
-        self.expect_incr: str | None = None  # the repo whose next backup must be incremental
+        # Per repository: its last snapshot, if the next backup into it must be incremental (it has one, not
+        # forgotten, and no backup into it was killed since: a checkpoint may change the parent).
+        self.expect_incr: dict[str, Snap] = {}
         self.dirty_since: set[int] = set()  # chunks written since last_ok
         self.inflight_since: set[int] = set()  # chunks of writes in flight at kills since last_ok
         self.killed_backup_since = False
@@ -303,10 +305,10 @@ class Walk:
                 raise self.fail("a full backup without a reason")
             if res["chunks_read"] != self.nchunks:
                 raise self.fail(f"a full backup read {res['chunks_read']} of {self.nchunks} chunks")
-        if self.expect_incr == repo and not full and mode != "incremental":
-            raise self.fail(f"expected an incremental into {repo} (its last backup "
-                            f"{self.last_ok.sid[:12] if self.last_ok else '?'} is the record's last, no backup "
-                            f"killed since), got {mode} ({reason})")
+        if repo in self.expect_incr and not full and mode != "incremental":
+            raise self.fail(f"expected an incremental into {repo} (its last snapshot "
+                            f"{self.expect_incr[repo].sid[:12]}, no backup into it killed since), got {mode} "
+                            f"({reason})")
         if mode == "incremental" and self.last_ok is not None and res["parent"] == self.last_ok.sid:
             lo, hi = len(self.dirty_since), len(self.dirty_since | self.inflight_since)
             if not lo <= res["chunks_read"] <= hi:
@@ -317,7 +319,7 @@ class Walk:
         snap = Snap(sid, repo, len(self.ops), self.step_no, how)
         self.snaps[sid] = snap
         self.last_ok = snap
-        self.expect_incr = repo
+        self.expect_incr[repo] = snap
         self.dirty_since, self.inflight_since = set(), set()
         self.killed_backup_since = False
         self.restore(snap)
@@ -370,7 +372,7 @@ class Walk:
             raise self.fail(f"a backup whose daemon died exited {p.returncode} without saying why")
         self.count(f"backup-killed-{'offline' if offline else 'online'}-{when}")
         self.killed_backup_since = True
-        self.expect_incr = None
+        self.expect_incr.pop(repo, None)
         # Anything it left that claims to be complete must be a correct snapshot too.
         new = self.snapshot_ids(repo) - before
         listed = json.loads(self.env().baton("snapshots", "--repo", self.repos[repo], "--all", "--json",
@@ -427,8 +429,8 @@ class Walk:
         env.baton("verify", "--repo", self.repos[repo], "--json", timeout=CLI_TIMEOUT)
         for v in victims:
             del self.snaps[v]
-            if self.last_ok is not None and v == self.last_ok.sid:
-                self.expect_incr = None  # its parent is gone: a full (with a reason) is right
+            if repo in self.expect_incr and v == self.expect_incr[repo].sid:
+                del self.expect_incr[repo]  # its parent is gone: a full (with a reason) is right
         self.count("forget-prune")
         return None
 
