@@ -234,7 +234,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
                     for i, cid in batch:
                         if cid == ZERO_ID:
                             continue
-                        entry = index.get(cid)
+                        entry = index.get(cid) or repo.find(cid)
                         if entry is None:
                             raise RepoCorrupt(f"chunk {i} (disk offset {i * disk.chunk_size}) of snapshot "
                                               f"{manifest.snapshot_id}: chunk {cid.hex()} is not in the index",

@@ -3,7 +3,7 @@
 Checks, in order:
 
 1. every chunk-index file, manifest and index page decodes and passes its checksum/authentication;
-2. every chunk a snapshot references is in the chunk index;
+2. every chunk a snapshot references is in the chunk index (packs no index file covers are indexed first);
 3. every pack holding a referenced chunk exists, its bytes hash to its name, and its own table (trailer)
    agrees with the index entries;
 4. every referenced chunk is read, decrypted, decompressed and re-hashed against its id.
@@ -145,9 +145,10 @@ def _verify(repo: Repository, refs: list[str], rep: VerifyReport,
 
     by_pack: dict[bytes, list[tuple[bytes, IndexEntry]]] = {}
     for cid, users in needed_by.items():
-        found = index.get(cid)
+        found = index.get(cid) or repo.find(cid)  # find() indexes packs that lost their index files
         if found is None:
-            rep.problems.append(Problem("missing-chunk", cid.hex(), "not in the chunk index", tuple(sorted(users))))
+            rep.problems.append(Problem("missing-chunk", cid.hex(), "in no pack of the repository",
+                                        tuple(sorted(users))))
             continue
         by_pack.setdefault(found.pack_id, []).append((cid, found))
     total = sum(len(v) for v in by_pack.values())

@@ -241,10 +241,27 @@ def test_prune_refuses_when_referenced_chunk_missing(repo: Repository) -> None:
     backup(repo, disk, os.urandom(4 * CS))
     for o in list(repo.store.list("index/")):
         repo.store.delete(o.key)
+    repo.store.delete(next(iter(repo.store.list("packs/"))).key)  # data really lost, not just its index
     packs = len(list(repo.store.list("packs/")))
     with pytest.raises(RepoCorrupt, match="deleted nothing"):
         prune(Repository.open(repo.url), grace=0)
     assert len(list(repo.store.list("packs/"))) == packs
+
+
+def test_prune_indexes_packs_whose_index_files_were_lost(repo: Repository) -> None:
+    """Issue 9 defect 7: lost index files are derived state; prune (like backup, restore and verify) indexes
+    the uncovered packs again instead of refusing, and deletes nothing a snapshot needs."""
+    disk = DiskIdentity("d", 4 * CS, CS)
+    img = os.urandom(4 * CS)
+    m = backup(repo, disk, img)
+    for o in list(repo.store.list("index/")):
+        repo.store.delete(o.key)
+    packs = len(list(repo.store.list("packs/")))
+    prune(Repository.open(repo.url), grace=0)
+    assert len(list(repo.store.list("packs/"))) == packs
+    fresh = Repository.open(repo.url)
+    r = fresh.snapshot_reader(m)
+    assert b"".join(r.read(i) for i in range(4)) == img
 
 
 def test_duration_and_percent_parsing() -> None:
@@ -297,7 +314,12 @@ def test_rebuild_index_from_packs(tmp_path) -> None:  # type: ignore[no-untyped-
     for o in list(repo.store.list("index/")):
         repo.store.delete(o.key)
     broken = Repository.open(url, key_file=kf)
-    assert {p.kind for p in verify(broken).problems} == {"missing-chunk"}
+    # Lost index files are derived state: verify (like restore and backup) indexes the uncovered packs again.
+    assert verify(broken).ok and broken.statistics()["packs_healed"] >= 2
+    assert len(list(repo.store.list("index/"))) >= 1
+    for o in list(repo.store.list("index/")):
+        repo.store.delete(o.key)
+    broken = Repository.open(url, key_file=kf)
     res = rebuild_index(broken)
     assert res.entries == 20 and res.packs >= 2 and not res.bad_packs
     fresh = Repository.open(url, key_file=kf)

@@ -26,10 +26,7 @@ from baton.format.repo_index import ZERO_ID, IndexEntry
 from baton.format.repo_pack import PackEntry, pack_footer, pack_head
 from baton.repo.crypto import decode_blob
 from baton.repo.model import Manifest
-from baton.repo.repository import Repository, pack_key
-
-INDEX_FILE_ENTRIES = 200_000       # entries per rewritten index file (about 17 MiB before compression)
-
+from baton.repo.repository import INDEX_FILE_ENTRIES, Repository, pack_key
 
 # ----- forget ------------------------------------------------------------------------------------------------
 
@@ -197,6 +194,10 @@ def prune(repo: Repository, *, grace: float = 3600.0, max_unused: float = 0.2, d
     lock = repo.exclusive_lock("prune", node)
     try:
         cutoff = now() - grace
+        if not dry_run:
+            # Packs no index file covers (lost index files, a backup killed mid-upload) are indexed first, so
+            # their chunks count as stored: a snapshot may reference them.
+            repo.heal_index()
         say("loading index")
         index_files = [o.key for o in repo.store.list("index/")]
         index: dict[bytes, IndexEntry] = {}
@@ -353,23 +354,14 @@ def rebuild_index(repo: Repository, *, node: str = "") -> RebuildResult:
     ones. Packs whose trailer or table fail their checks are listed in ``bad_packs`` and left alone. Takes the
     exclusive lock.
     """
-    from baton.format.repo_pack import PACK_TAIL, parse_pack_table, parse_pack_tail
-
     res = RebuildResult()
     lock = repo.exclusive_lock("rebuild-index", node)
     try:
         old = [o.key for o in repo.store.list("index/")]
         entries: list[tuple[bytes, IndexEntry]] = []
         for obj in repo.store.list("packs/"):
-            name = obj.key.rsplit("/", 1)[-1]
             try:
-                pid = bytes.fromhex(name)
-                tail = repo.store.get_range(obj.key, obj.size - PACK_TAIL.size, PACK_TAIL.size)
-                _f, _n, off, length = parse_pack_tail(tail, obj.size, obj.key)
-                table = repo.store.get_range(obj.key, off, length)
-                for pe in parse_pack_table(table, tail, obj.key, repo.keys.data_key):
-                    entries.append((pe.chunk_id, IndexEntry(pid, pe.offset, pe.stored_length, pe.raw_length,
-                                                            pe.flags)))
+                entries += repo.read_pack_table(obj)
                 res.packs += 1
             except (RepoCorrupt, ValueError) as e:
                 res.bad_packs.append(f"{obj.key}: {e}")

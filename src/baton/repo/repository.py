@@ -28,12 +28,13 @@ from baton.repo.keys import RepoConfig, RepoKeys, create_key_file, new_config, r
 from baton.repo.locks import RepoLock
 from baton.repo.model import DiskIdentity, Manifest
 from baton.repo.tree import TreeReader
-from baton.storage import RetryPolicy, Store, open_store
+from baton.storage import ObjectInfo, RetryPolicy, Store, open_store
 
 if TYPE_CHECKING:
     from baton.repo.writer import BackupWriter
 
 PACK_TARGET = 32 << 20
+INDEX_FILE_ENTRIES = 200_000  # entries per index file written by prune, rebuild-index and heal_index (~17 MiB raw)
 CONFIG_KEY = "config"
 KEY_FILE_ENV = "BATON_KEY_FILE"
 
@@ -75,6 +76,7 @@ class Repository:
         self.keys = keys
         self._index: dict[bytes, IndexEntry] | None = None
         self._index_files: set[str] = set()
+        self._indexed_packs: set[bytes] = set()  # packs that the loaded index files cover
         self._manifests: dict[str, Manifest] = {}
         self._lock = threading.RLock()
         self._stats = {"chunks_read": 0, "bytes_read": 0, "pages_read": 0, "pages_written": 0,
@@ -149,6 +151,7 @@ class Repository:
                     continue
                 for cid, entry in self.read_index_file(obj.key):
                     self._index[cid] = entry
+                    self._indexed_packs.add(entry.pack_id)
                 self._index_files.add(obj.key)
                 self._stats["index_files_loaded"] += 1
 
@@ -167,23 +170,80 @@ class Repository:
             if self._index is not None:
                 for cid, e in entries:
                     self._index[cid] = e
+            self._indexed_packs.update(e.pack_id for _c, e in entries)
             self._index_files.add(key)
         return key
+
+    def read_pack_table(self, obj: ObjectInfo) -> list[tuple[bytes, IndexEntry]]:
+        """The index entries of one pack, from the pack's own trailer and table (two ranged reads).
+        RepoCorrupt or ValueError when the pack fails its checks."""
+        from baton.format.repo_pack import PACK_TAIL, parse_pack_table, parse_pack_tail
+
+        pid = bytes.fromhex(obj.key.rsplit("/", 1)[-1])
+        tail = self.store.get_range(obj.key, obj.size - PACK_TAIL.size, PACK_TAIL.size)
+        _f, _n, off, length = parse_pack_tail(tail, obj.size, obj.key)
+        table = self.store.get_range(obj.key, off, length)
+        return [(pe.chunk_id, IndexEntry(pid, pe.offset, pe.stored_length, pe.raw_length, pe.flags))
+                for pe in parse_pack_table(table, tail, obj.key, self.keys.data_key)]
+
+    def heal_index(self) -> int:
+        """Index every pack that no index file covers, and return how many there were.
+
+        The chunk index is derived state (STYLE 9): its files can be lost, and a backup that died between a
+        pack upload and its next index file leaves a pack nobody indexed. A snapshot may reference chunks in
+        such packs (an incremental's unchanged chunks come from its parent's tree, not from the index), so
+        backups call this before they start and restore/verify on a chunk the index lacks: the pack tables
+        are read (two ranged reads a pack) and written as new index files. Index files only add, so this is
+        safe under the shared lock. Packs that fail their checks are skipped (verify names them)."""
+        index = self.chunk_index()
+        with self._lock:
+            covered = set(self._indexed_packs)
+        entries: list[tuple[bytes, IndexEntry]] = []
+        healed = 0
+        for obj in self.store.list("packs/"):
+            try:
+                pid = bytes.fromhex(obj.key.rsplit("/", 1)[-1])
+            except ValueError:
+                continue
+            if pid in covered:
+                continue
+            try:
+                found = self.read_pack_table(obj)
+            except (RepoCorrupt, ValueError, ObjectNotFound):
+                continue
+            entries += [(cid, e) for cid, e in found if cid not in index]
+            healed += 1
+            with self._lock:
+                self._indexed_packs.add(pid)
+        for i in range(0, len(entries), INDEX_FILE_ENTRIES):
+            self.write_index_file(entries[i : i + INDEX_FILE_ENTRIES])
+        with self._lock:
+            self._stats["packs_healed"] = self._stats.get("packs_healed", 0) + healed
+        return healed
+
+    def find(self, chunk_id: bytes) -> IndexEntry | None:
+        """The index entry of a chunk; on a miss, heal the index once (see :meth:`heal_index`) and look again."""
+        entry = self.chunk_index().get(chunk_id)
+        if entry is None and self.heal_index():
+            entry = self.chunk_index().get(chunk_id)
+        return entry
 
     def invalidate_index(self) -> None:
         """Drop the in-memory chunk index; the next use reloads it from the store (after prune)."""
         with self._lock:
             self._index = None
             self._index_files = set()
+            self._indexed_packs = set()
 
     def forget_index_files(self, keys: list[str]) -> None:
         with self._lock:
             self._index_files.difference_update(keys)
 
     def lookup(self, chunk_id: bytes) -> IndexEntry:
-        entry = self.chunk_index().get(chunk_id)
+        entry = self.find(chunk_id)
         if entry is None:
-            raise RepoCorrupt(f"chunk {chunk_id.hex()} is not in the chunk index (missing data)")
+            raise RepoCorrupt(f"chunk {chunk_id.hex()} is in no pack of the repository (missing data)",
+                              hint="run `baton verify` to list every damaged snapshot")
         return entry
 
     def read_blob(self, entry: IndexEntry) -> bytes:

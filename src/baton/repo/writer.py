@@ -79,6 +79,9 @@ class BackupWriter:
         self._lock = RepoLock.acquire_shared(repo.store, "backup", node, ttl=lock_ttl or DEFAULT_TTL,
                                              wait=lock_wait)
         try:
+            # Packs no index file covers (lost index files, a backup that died mid-upload) are indexed first:
+            # an incremental references its parent's chunks by id, and they must stay findable.
+            repo.heal_index()
             self._known = repo.chunk_index()
         except BaseException:
             self._lock.release()
