@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     if os.geteuid() != 0:
-        print("bench: needs root (loop devices, FUSE, drop_caches); run `sudo make bench`", file=sys.stderr)
+        print("bench: needs root (loop devices, FUSE, drop_caches); run `make bench` as root", file=sys.stderr)
         return 1
     default_out = not a.out
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / ("smoke" if a.smoke else "")

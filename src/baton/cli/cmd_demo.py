@@ -84,7 +84,7 @@ def command(workdir: str | None, size: str, change: float, seed: int, frontend: 
     from baton.record.placement import parse_size
 
     if os.geteuid() != 0:
-        raise DeviceError("the demo drives FUSE and loop devices: run it as root (sudo make demo)")
+        raise DeviceError("the demo drives FUSE and loop devices: run it as root (make demo)")
     disk_size = parse_size(size)
     chunk = 64 * 1024
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="baton-demo-", dir="/var/tmp"))

@@ -34,6 +34,17 @@ def _human(st: dict[str, Any]) -> str:
             lines.append("last backup: none")
         if st.get("backup_in_progress"):
             lines.append(f"backup in progress (frozen set held for {st['backup_in_progress']})")
+        for r in st.get("repos") or []:
+            if r.get("repo_id"):
+                pending = f"  next backup full ({', '.join(r['full_pending'])})" if r.get("full_pending") else ""
+                lines.append(f"repository {r['repo_id'][:12]}  last backup {r.get('last_backup') or '-'}  "
+                             f"owed {r.get('owed_chunks', 0)} chunks{pending}")
+        bc = st.get("bypass_check")
+        if st.get("written_while_not_attached"):
+            lines.append("written while not attached: the next backup is full")
+        elif bc:
+            lines.append(f"writes that bypass Baton: noticed ({bc['fs']} markers)" if bc.get("checkable")
+                         else bc.get("why") or "writes that bypass Baton cannot be noticed")
         for p in st.get("problems", []):  # the record's problems (the daemon's, if any, is printed above)
             lines.append(f"problem: {p}")
     if "writes" in st:
@@ -51,7 +62,9 @@ def command(target: str, record: str | None, as_json: bool) -> None:
 
     For a DISK path this reads the record without writing anything, so it works on a disk nobody has attached
     (and on one attached elsewhere). Keys: placement, chunk_size (bytes), owner, epoch, clean, dirty_chunks,
-    dirty_bytes, lineage, last_backup, backup_in_progress, slots, problems.
+    dirty_bytes, lineage, last_backup, backup_in_progress, slots, problems, format_version, repos (per tracked
+    repository: repo_id, last_backup, owed_chunks, full_pending), written_while_not_attached, and bypass_check
+    (checkable, fs, changed, why: whether writes to the raw disk, bypassing /dev/baton/NAME, can be noticed).
 
     For an attached NAME it adds the live daemon: state (running | failed), pid, node, frontend, device (FUSE)
     or socket (NBD), writes, first_touch, metadata_syncs, bytes_in, bytes_out. A failed attachment adds
