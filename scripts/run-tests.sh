@@ -12,9 +12,9 @@ echo "== tests" >&2
 # BATON_SEED to replay or explore. The record model runs BATON_MODEL_EXAMPLES x 50 steps (tens of thousands).
 export BATON_SEED=${BATON_SEED:-20261124}
 export BATON_MODEL_EXAMPLES=${BATON_MODEL_EXAMPLES:-400}
-# The whole-lifecycle model (tests/property/test_lifecycle_model.py): 400 runs of up to 50 steps, and the run
+# The whole-lifecycle model (tests/property/test_lifecycle_model.py): 500 runs of up to 50 steps, and the run
 # fails if fewer than 10,000 steps were executed.
-export BATON_LIFECYCLE_EXAMPLES=${BATON_LIFECYCLE_EXAMPLES:-400}
+export BATON_LIFECYCLE_EXAMPLES=${BATON_LIFECYCLE_EXAMPLES:-500}
 export BATON_LIFECYCLE_MIN_STEPS=${BATON_LIFECYCLE_MIN_STEPS:-10000}
 echo "== seed: BATON_SEED=$BATON_SEED (hypothesis seed too); record model examples: $BATON_MODEL_EXAMPLES; lifecycle model examples: $BATON_LIFECYCLE_EXAMPLES" >&2
 # One pytest run, so the closing line counts every tier.
