@@ -219,7 +219,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
         written = zero = done = 0
         zero_buf = bytes(disk.chunk_size)
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="baton-restore")
-        pending: deque[tuple[list[tuple[int, bytes]], list[Future[dict[bytes, bytes]]]]] = deque()
+        pending: deque[tuple[list[tuple[int, bytes]], list[tuple[Any, Future[dict[bytes, bytes]]]]]] = deque()
         try:
             batches = _batches(reader.iter_ids(), disk.chunk_count, BATCH)
             exhausted = False
@@ -240,17 +240,17 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
                                               f"{manifest.snapshot_id}: chunk {cid.hex()} is not in the index",
                                               hint="run `baton verify` to list every damaged chunk")
                         items.append((cid, entry))
-                    pending.append((batch, [pool.submit(repo.read_chunks, run) for run in coalesce(items)]))
+                    pending.append((batch, [(run, pool.submit(repo.read_chunks, run)) for run in coalesce(items)]))
                 if not pending:
                     break
                 batch, futs = pending.popleft()
                 plain: dict[bytes, bytes] = {}
-                for fut in futs:
+                for run, fut in futs:
                     try:
                         plain.update(fut.result())
                     except RepoCorrupt as e:
                         raise RepoCorrupt(f"snapshot {manifest.snapshot_id}: {e} (needed for "
-                                          f"{_chunks_naming(batch, str(e), disk.chunk_size)})",
+                                          f"{_chunks_naming(batch, run, disk.chunk_size)})",
                                           hint="run `baton verify` to list every damaged chunk") from e
                 for i, cid in batch:
                     length = reader.chunk_length(i)
@@ -282,7 +282,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
                                   f"{e.strerror}", hint="check the device (dmesg), then restore again") from e
         finally:
             for _b, futs in pending:
-                for f in futs:
+                for _run, f in futs:
                     f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
@@ -309,9 +309,11 @@ def _batches(ids: Iterator[bytes], n: int, size: int) -> Iterator[list[tuple[int
         yield batch
 
 
-def _chunks_naming(batch: list[tuple[int, bytes]], message: str, chunk_size: int) -> str:
-    """"chunk I (disk offset O)" for the chunks in ``batch`` whose id appears in ``message``."""
-    hits = [i for i, cid in batch if cid != ZERO_ID and cid.hex() in message]
+def _chunks_naming(batch: list[tuple[int, bytes]], run: list[tuple[bytes, object]], chunk_size: int) -> str:
+    """"chunk I (disk offset O)" for the chunks in ``batch`` that the failed read ``run`` was to supply (by id,
+    never by searching the error's text)."""
+    ids = {cid for cid, _ in run}
+    hits = [i for i, cid in batch if cid != ZERO_ID and cid in ids]
     return ", ".join(f"chunk {i} (disk offset {i * chunk_size})" for i in hits[:8]) or "a chunk of this batch"
 
 

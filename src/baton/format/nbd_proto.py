@@ -7,8 +7,10 @@ NBD frontend speaks are here; TLS and the experimental extended headers are not.
 Byte order: NBD is big-endian on the wire (network byte order). That is why these layouts use ``>`` where
 Baton's on-disk formats use little-endian.
 
-Failure behaviour: every ``unpack``/``parse`` raises :class:`ValueError` naming what it expected and what it
-found (wrong magic, short or overlong data, bad UTF-8, a NUL in a string). Callers map that to the protocol's
+Failure behaviour: every ``unpack``/``parse`` raises a :class:`baton.format.errors.FormatError` kind (a
+``ValueError``) naming what it expected and what it found (``BadMagic``, ``Truncated``, ``BadLength``,
+``BadValue``: wrong magic, short or overlong data, bad UTF-8, a NUL in a string). ``pack`` of values the protocol
+cannot carry raises a plain ``ValueError`` (a caller's bug). Callers map that to the protocol's
 answer: ``NBD_REP_ERR_INVALID`` during option haggling, a hard disconnect in transmission.
 """
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+
+from baton.format.errors import BadLength, BadMagic, BadValue, Truncated
 
 # --------------------------------------------------------------------------------------------------- magics
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC", first 8 bytes the server sends (INIT_PASSWD)
@@ -264,21 +268,24 @@ def encode_string(text: str) -> bytes:
 
 
 def decode_string(raw: bytes | memoryview, what: str) -> str:
-    """A protocol string from the wire. Raises ValueError (naming ``what``) for bad UTF-8, NUL or length."""
+    """A protocol string from the wire. Raises BadLength or BadValue (naming ``what``) for its length, a NUL or
+    bad UTF-8."""
     data = bytes(raw)
     if len(data) > MAX_STRING:
-        raise ValueError(f"{what}: at most {MAX_STRING} bytes expected, found {len(data)}")
+        raise BadLength(what, f"at most {MAX_STRING} bytes expected, found {len(data)}", expected=MAX_STRING,
+                        found=len(data))
     if b"\0" in data:
-        raise ValueError(f"{what}: contains a NUL byte")
+        raise BadValue(what, "contains a NUL byte")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what}: not valid UTF-8 ({e.reason})") from None
+        raise BadValue(what, f"not valid UTF-8 ({e.reason})") from None
 
 
 def _need(data: bytes | memoryview, pos: int, n: int, what: str) -> None:
     if pos + n > len(data):
-        raise ValueError(f"{what}: {n} more bytes expected at {pos}, only {len(data) - pos} present")
+        raise Truncated(what, f"{n} more bytes expected at {pos}, only {len(data) - pos} present",
+                        expected=pos + n, found=len(data))
 
 
 # -------------------------------------------------------------------------------------------- handshake
@@ -295,10 +302,12 @@ class OptionHeader:
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> OptionHeader:
         if len(raw) != OPTION_HEADER.size:
-            raise ValueError(f"option header: {OPTION_HEADER.size} bytes expected, found {len(raw)}")
+            raise BadLength("option header", f"{OPTION_HEADER.size} bytes expected, found {len(raw)}",
+                            expected=OPTION_HEADER.size, found=len(raw))
         magic, option, length = OPTION_HEADER.unpack(raw)
         if magic != IHAVEOPT:
-            raise ValueError(f"option header: magic {IHAVEOPT:#x} expected, found {magic:#x}")
+            raise BadMagic("option header", f"magic {IHAVEOPT:#x} expected, found {magic:#x}", expected=IHAVEOPT,
+                           found=magic)
         return cls(option, length)
 
 
@@ -317,10 +326,12 @@ class OptionReply:
     def unpack_header(cls, raw: bytes | memoryview) -> tuple[int, int, int]:
         """(option, reply_type, data length) of a reply header."""
         if len(raw) != OPTION_REPLY.size:
-            raise ValueError(f"option reply: {OPTION_REPLY.size} bytes expected, found {len(raw)}")
+            raise BadLength("option reply", f"{OPTION_REPLY.size} bytes expected, found {len(raw)}",
+                            expected=OPTION_REPLY.size, found=len(raw))
         magic, option, rtype, length = OPTION_REPLY.unpack(raw)
         if magic != OPT_REPLY_MAGIC:
-            raise ValueError(f"option reply: magic {OPT_REPLY_MAGIC:#x} expected, found {magic:#x}")
+            raise BadMagic("option reply", f"magic {OPT_REPLY_MAGIC:#x} expected, found {magic:#x}",
+                           expected=OPT_REPLY_MAGIC, found=magic)
         return option, rtype, length
 
 
@@ -370,7 +381,7 @@ class InfoRequest:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> InfoRequest:
-        """Parse option data; ValueError if lengths disagree with the option length."""
+        """Parse option data; Truncated or BadLength if lengths disagree with the option length."""
         _need(data, 0, 4, "INFO/GO name length")
         (nlen,) = U32.unpack_from(data, 0)
         _need(data, 4, nlen + 2, "INFO/GO name and request count")
@@ -378,7 +389,8 @@ class InfoRequest:
         (count,) = U16.unpack_from(data, 4 + nlen)
         pos = 6 + nlen
         if len(data) != pos + 2 * count:
-            raise ValueError(f"INFO/GO: {pos + 2 * count} bytes of option data expected, found {len(data)}")
+            raise BadLength("INFO/GO", f"{pos + 2 * count} bytes of option data expected, found {len(data)}",
+                            expected=pos + 2 * count, found=len(data))
         reqs = tuple(U16.unpack_from(data, pos + 2 * i)[0] for i in range(count))
         return cls(name, reqs)
 
@@ -400,7 +412,8 @@ class MetaContextRequest:
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> MetaContextRequest:
-        """Parse option data; ValueError if any length would read beyond the option data or leave bytes over."""
+        """Parse option data; Truncated or BadLength if any length would read beyond the option data or leave
+        bytes over."""
         _need(data, 0, 4, "meta context export name length")
         (nlen,) = U32.unpack_from(data, 0)
         _need(data, 4, nlen + 4, "meta context export name and query count")
@@ -415,7 +428,8 @@ class MetaContextRequest:
             queries.append(decode_string(data[pos + 4 : pos + 4 + qlen], f"query {i}"))
             pos += 4 + qlen
         if pos != len(data):
-            raise ValueError(f"meta context: {pos} bytes of option data expected, found {len(data)}")
+            raise BadLength("meta context", f"{pos} bytes of option data expected, found {len(data)}", expected=pos,
+                            found=len(data))
         return cls(name, tuple(queries))
 
 
@@ -436,10 +450,12 @@ class Request:
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> Request:
         if len(raw) != REQUEST.size:
-            raise ValueError(f"request: {REQUEST.size} bytes expected, found {len(raw)}")
+            raise BadLength("request", f"{REQUEST.size} bytes expected, found {len(raw)}", expected=REQUEST.size,
+                            found=len(raw))
         magic, flags, rtype, cookie, offset, length = REQUEST.unpack(raw)
         if magic != REQUEST_MAGIC:
-            raise ValueError(f"request: magic {REQUEST_MAGIC:#x} expected, found {magic:#x}")
+            raise BadMagic("request", f"magic {REQUEST_MAGIC:#x} expected, found {magic:#x}", expected=REQUEST_MAGIC,
+                           found=magic)
         return cls(flags, rtype, cookie, offset, length)
 
 
@@ -456,10 +472,12 @@ class SimpleReply:
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> SimpleReply:
         if len(raw) != SIMPLE_REPLY.size:
-            raise ValueError(f"simple reply: {SIMPLE_REPLY.size} bytes expected, found {len(raw)}")
+            raise BadLength("simple reply", f"{SIMPLE_REPLY.size} bytes expected, found {len(raw)}",
+                            expected=SIMPLE_REPLY.size, found=len(raw))
         magic, error, cookie = SIMPLE_REPLY.unpack(raw)
         if magic != SIMPLE_REPLY_MAGIC:
-            raise ValueError(f"simple reply: magic {SIMPLE_REPLY_MAGIC:#x} expected, found {magic:#x}")
+            raise BadMagic("simple reply", f"magic {SIMPLE_REPLY_MAGIC:#x} expected, found {magic:#x}",
+                           expected=SIMPLE_REPLY_MAGIC, found=magic)
         return cls(error, cookie)
 
 
@@ -478,10 +496,12 @@ class ChunkHeader:
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> ChunkHeader:
         if len(raw) != STRUCTURED_REPLY.size:
-            raise ValueError(f"structured reply: {STRUCTURED_REPLY.size} bytes expected, found {len(raw)}")
+            raise BadLength("structured reply", f"{STRUCTURED_REPLY.size} bytes expected, found {len(raw)}",
+                            expected=STRUCTURED_REPLY.size, found=len(raw))
         magic, flags, rtype, cookie, length = STRUCTURED_REPLY.unpack(raw)
         if magic != STRUCTURED_REPLY_MAGIC:
-            raise ValueError(f"structured reply: magic {STRUCTURED_REPLY_MAGIC:#x} expected, found {magic:#x}")
+            raise BadMagic("structured reply", f"magic {STRUCTURED_REPLY_MAGIC:#x} expected, found {magic:#x}",
+                           expected=STRUCTURED_REPLY_MAGIC, found=magic)
         return cls(flags, rtype, cookie, length)
 
 
@@ -503,9 +523,10 @@ class ErrorChunk:
         _need(payload, 0, ERROR_CHUNK.size, "error chunk")
         error, mlen = ERROR_CHUNK.unpack_from(payload, 0)
         if error == 0:
-            raise ValueError("error chunk: error 0 found, non-zero expected")
+            raise BadValue("error chunk", "error 0 found, non-zero expected", expected="non-zero", found=0)
         if len(payload) != ERROR_CHUNK.size + mlen:
-            raise ValueError(f"error chunk: {ERROR_CHUNK.size + mlen} bytes expected, found {len(payload)}")
+            raise BadLength("error chunk", f"{ERROR_CHUNK.size + mlen} bytes expected, found {len(payload)}",
+                            expected=ERROR_CHUNK.size + mlen, found=len(payload))
         return cls(error, decode_string(payload[ERROR_CHUNK.size :], "error message"))
 
 
@@ -530,9 +551,10 @@ class BlockStatusChunk:
     def unpack(cls, payload: bytes | memoryview) -> BlockStatusChunk:
         n, rest = divmod(len(payload) - 4, BLOCK_DESCRIPTOR.size)
         if len(payload) < 4 + BLOCK_DESCRIPTOR.size or rest:
-            raise ValueError(f"block status: 4 + 8*n (n >= 1) bytes expected, found {len(payload)}")
+            raise BadLength("block status", f"4 + 8*n (n >= 1) bytes expected, found {len(payload)}",
+                            expected="4 + 8*n (n >= 1)", found=len(payload))
         (ctx,) = U32.unpack_from(payload, 0)
         extents = tuple(BLOCK_DESCRIPTOR.unpack_from(payload, 4 + 8 * i) for i in range(n))
         if any(length == 0 for length, _ in extents):
-            raise ValueError("block status: zero-length descriptor")
+            raise BadValue("block status", "zero-length descriptor", expected="length > 0", found=0)
         return cls(ctx, extents)

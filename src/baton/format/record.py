@@ -16,6 +16,11 @@ from typing import Any
 
 import crc32c as _crc
 
+from baton.format.errors import BadChecksum, BadIdentity, BadLength, BadValue, Blank, OtherDiskSize, Truncated
+from baton.format.errors import BadMagic as BadMagic  # re-exported: callers that read records catch these
+from baton.format.errors import BadVersion as BadVersion
+from baton.format.errors import FormatError as FormatError
+
 BLOCK = 4096  # every record structure occupies whole 4 KiB blocks, aligned for O_DIRECT
 SECTOR = 512  # the smallest unit a torn write can leave half-old/half-new
 FORMAT_VERSION = 2  # what `baton init` writes; a v1 record keeps writing v1 structures (see docs/format.md)
@@ -69,23 +74,6 @@ REGIONS_START = HISTORY_START + HISTORY_BLOCKS  # block 12
 NODE_NAME_MAX = 64
 
 
-class FormatError(ValueError):
-    """A structure failed a check. ``what`` names the structure, ``reason`` says expected vs found."""
-
-    def __init__(self, what: str, reason: str) -> None:
-        super().__init__(f"{what}: {reason}")
-        self.what = what
-        self.reason = reason
-
-
-class BadMagic(FormatError):
-    """No structure of this kind here (blank or foreign data)."""
-
-
-class BadVersion(FormatError):
-    """A structure of an unsupported format version."""
-
-
 def crc32c(data: bytes | bytearray | memoryview) -> int:
     return int(_crc.crc32c(data))
 
@@ -111,17 +99,20 @@ def _uuid_str(b: bytes) -> str:
 
 def _check_common(what: str, data: bytes, magic: bytes, min_len: int) -> int:
     if len(data) < min_len:
-        raise FormatError(what, f"expected at least {min_len} bytes, found {len(data)}")
+        raise Truncated(what, f"expected at least {min_len} bytes, found {len(data)}", expected=min_len,
+                        found=len(data))
     if data[:8] != magic:
         if data[:8] == bytes(8):
-            raise BadMagic(what, f"expected magic {magic!r}, found a blank block")
-        raise BadMagic(what, f"expected magic {magic!r}, found {bytes(data[:8])!r}")
+            raise Blank(what, f"expected magic {magic!r}, found a blank block", expected=magic, found=bytes(8))
+        raise BadMagic(what, f"expected magic {magic!r}, found {bytes(data[:8])!r}", expected=magic,
+                       found=bytes(data[:8]))
     (version,) = struct.unpack_from("<H", data, 8)
     if version not in SUPPORTED_VERSIONS:
         raise BadVersion(
             what,
             f"format version {version} is not supported (this Baton reads versions "
             f"{SUPPORTED_VERSIONS.start}..{SUPPORTED_VERSIONS.stop - 1})",
+            expected=SUPPORTED_VERSIONS, found=version,
         )
     return int(version)
 
@@ -129,7 +120,8 @@ def _check_common(what: str, data: bytes, magic: bytes, min_len: int) -> int:
 def _check_crc(what: str, body: bytes | memoryview, stored: int) -> None:
     got = crc32c(body)
     if got != stored:
-        raise FormatError(what, f"checksum mismatch: stored crc32c {stored:#010x}, computed {got:#010x}")
+        raise BadChecksum(what, f"checksum mismatch: stored crc32c {stored:#010x}, computed {got:#010x}",
+                          expected=stored, found=got)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,7 +257,8 @@ class RecordHeader:
         version = _check_common(what, data, HEADER_MAGIC, HEADER.size + HEADER_CRC.size)
         (length,) = struct.unpack_from("<H", data, 10)
         if length != header_length(version) or len(data) < length:
-            raise FormatError(what, f"length {length}, expected {header_length(version)} for version {version}")
+            raise BadLength(what, f"length {length}, expected {header_length(version)} for version {version}",
+                            expected=header_length(version), found=length)
         (stored,) = HEADER_CRC.unpack_from(data, length - HEADER_CRC.size)
         _check_crc(what, memoryview(data)[: length - HEADER_CRC.size], stored)
         f = HEADER.unpack_from(data, 0)
@@ -273,18 +266,22 @@ class RecordHeader:
          disk_size, data_size, rec_off, rec_size, pps, epoch, owner, created, updated, bseq, hw_id, next,
          ext_crc) = f
         if copy is not None and hcopy != copy:
-            raise FormatError(what, f"expected copy {copy}, the block says it is copy {hcopy}")
+            raise BadIdentity(what, f"expected copy {copy}, the block says it is copy {hcopy}", expected=copy,
+                              found=hcopy)
         if record_offset is not None and rec_off != record_offset:
-            raise FormatError(what, f"expected record at byte {record_offset}, the block says {rec_off}")
+            raise BadIdentity(what, f"expected record at byte {record_offset}, the block says {rec_off}",
+                              expected=record_offset, found=rec_off)
         if placement not in PLACEMENT_NAMES:
-            raise FormatError(what, f"unknown placement {placement}")
+            raise BadValue(what, f"unknown placement {placement}", expected=set(PLACEMENT_NAMES), found=placement)
         if chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
-            raise FormatError(what, f"chunk size {chunk_size} is not a power of two in 4 KiB..4 MiB")
+            raise BadValue(what, f"chunk size {chunk_size} is not a power of two in 4 KiB..4 MiB",
+                           expected="a power of two in 4 KiB..4 MiB", found=chunk_size)
         v2: dict[str, Any] = {}
         if version >= 2:
             nrepos, fs_kind, _, markers, markers_ns = HEADER_V2.unpack_from(data, HEADER.size)
             if fs_kind not in FS_KIND_NAMES:
-                raise FormatError(what, f"unknown file-system marker kind {fs_kind}")
+                raise BadValue(what, f"unknown file-system marker kind {fs_kind}", expected=set(FS_KIND_NAMES),
+                               found=fs_kind)
             v2 = {"nrepos": nrepos, "fs_kind": fs_kind, "fs_markers": markers if fs_kind in (FS_EXT4, FS_XFS) else b"",
                   "markers_ns": markers_ns}
         return cls(
@@ -381,18 +378,22 @@ class SlotHeader:
         fixed = slot_fixed_size(version)
         (length,) = struct.unpack_from("<H", data, 10)
         if not fixed + 4 <= length <= BLOCK:
-            raise FormatError(what, f"length {length} out of range")
+            raise BadLength(what, f"length {length} out of range", expected=f"{fixed + 4}..{BLOCK}", found=length)
         (stored,) = struct.unpack_from("<I", data, length - 4)
         _check_crc(what, memoryview(data)[: length - 4], stored)
         (_, _, _, reg, kind, hcopy, seq, gen, epoch, duuid, node, bid, npages) = SLOT.unpack_from(data, 0)
         if length != fixed + (npages + 7) // 8 + 4:
-            raise FormatError(what, f"length {length} does not match {npages} pages")
+            raise BadLength(what, f"length {length} does not match {npages} pages",
+                            expected=fixed + (npages + 7) // 8 + 4, found=length)
         if kind not in (REGION_NODE, REGION_FROZEN, REGION_REPO) or (kind == REGION_REPO and version < 2):
-            raise FormatError(what, f"unknown region kind {kind} in a version {version} slot header")
+            raise BadValue(what, f"unknown region kind {kind} in a version {version} slot header", found=kind,
+                           expected=(REGION_NODE, REGION_FROZEN) + ((REGION_REPO,) if version >= 2 else ()))
         if reg != region or hcopy != copy:
-            raise FormatError(what, f"expected region {region} copy {copy}, found region {reg} copy {hcopy}")
+            raise BadIdentity(what, f"expected region {region} copy {copy}, found region {reg} copy {hcopy}",
+                              expected=(region, copy), found=(reg, hcopy))
         if _uuid_str(duuid) != disk_uuid:
-            raise FormatError(what, f"belongs to disk {_uuid_str(duuid)}, expected {disk_uuid}")
+            raise BadIdentity(what, f"belongs to disk {_uuid_str(duuid)}, expected {disk_uuid}", expected=disk_uuid,
+                              found=_uuid_str(duuid))
         v2: dict[str, Any] = {}
         if version >= 2:
             rid, last, lin, used, rflags = SLOT_V2.unpack_from(data, SLOT.size)
@@ -595,7 +596,7 @@ class HistoryEntry:
         f = HISTORY.unpack_from(data, 0)
         (_, _, _, hslot, seq, sid, lin, node, s, e, cr, br, cs, bs, bd, mode, result, reason, digest, ep) = f
         if hslot != slot:
-            raise FormatError(what, f"found entry for ring slot {hslot}")
+            raise BadIdentity(what, f"found entry for ring slot {hslot}", expected=slot, found=hslot)
         return cls(
             seq=seq, snapshot_id="" if sid == bytes(16) else sid.hex(), lineage=_uuid_str(lin), node=_name(node),
             start_ns=s, end_ns=e, chunks_read=cr, bytes_read=br, chunks_stored=cs, bytes_stored=bs,
@@ -672,14 +673,15 @@ class RecordDiskSuper:
         _check_common(what, data, RDISK_MAGIC, RDISK.size + 4)
         (length,) = struct.unpack_from("<H", data, 10)
         if not RDISK.size + 4 <= length <= BLOCK:
-            raise FormatError(what, f"length {length} out of range")
+            raise BadLength(what, f"length {length} out of range", expected=f"{RDISK.size + 4}..{BLOCK}", found=length)
         (stored,) = struct.unpack_from("<I", data, length - 4)
         _check_crc(what, memoryview(data)[: length - 4], stored)
         (_, _, _, hcopy, seq, ruuid, slot_size, n) = RDISK.unpack_from(data, 0)
         if hcopy != copy:
-            raise FormatError(what, f"the block says it is copy {hcopy}")
+            raise BadIdentity(what, f"the block says it is copy {hcopy}", expected=copy, found=hcopy)
         if length != RDISK.size + n * RDISK_ENTRY.size + 4:
-            raise FormatError(what, f"length {length} does not match {n} slots")
+            raise BadLength(what, f"length {length} does not match {n} slots",
+                            expected=RDISK.size + n * RDISK_ENTRY.size + 4, found=length)
         slots = []
         for i in range(n):
             in_use, duuid, dsize, fsu, hw = RDISK_ENTRY.unpack_from(data, RDISK.size + i * RDISK_ENTRY.size)
@@ -792,9 +794,10 @@ class Anchor:
         _check_crc(what, memoryview(data)[: ANCHOR.size - 4], struct.unpack_from("<I", data, ANCHOR.size - 4)[0])
         (_, _, hcopy, duuid, dsize, off, size, _) = ANCHOR.unpack_from(data, 0)
         if hcopy != copy:
-            raise FormatError(what, f"the block says it is copy {hcopy}")
+            raise BadIdentity(what, f"the block says it is copy {hcopy}", expected=copy, found=hcopy)
         if dsize != disk_size:
-            raise FormatError(what, f"written for a {dsize}-byte disk, this one has {disk_size} bytes")
+            raise OtherDiskSize(what, f"written for a {dsize}-byte disk, this one has {disk_size} bytes",
+                                expected=disk_size, found=dsize)
         return cls(disk_uuid=_uuid_str(duuid), disk_size=dsize, record_offset=off, record_size=size, copy=hcopy)
 
 
@@ -828,11 +831,11 @@ def unpack_extmap(data: bytes, *, copy: int) -> tuple[str, tuple[Extent, ...]]:
     _check_common(what, data, EXTMAP_MAGIC, EXTMAP.size + 4)
     (_, _, hcopy, n, duuid) = EXTMAP.unpack_from(data, 0)
     if n > EXTMAP_MAX:
-        raise FormatError(what, f"{n} extents exceed {EXTMAP_MAX}")
+        raise BadLength(what, f"{n} extents exceed {EXTMAP_MAX}", expected=f"<= {EXTMAP_MAX}", found=n)
     end = EXTMAP.size + n * EXTENT.size
     _check_crc(what, memoryview(data)[:end], struct.unpack_from("<I", data, end)[0])
     if hcopy != copy:
-        raise FormatError(what, f"the block says it is copy {hcopy}")
+        raise BadIdentity(what, f"the block says it is copy {hcopy}", expected=copy, found=hcopy)
     ext = tuple(Extent(*EXTENT.unpack_from(data, EXTMAP.size + i * EXTENT.size)) for i in range(n))
     return _uuid_str(duuid), ext
 

@@ -25,7 +25,15 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from baton.errors import KeyError_, RepoCorrupt
+from baton.errors import KeyError_
+from baton.format.errors import (
+    RepoBadChecksum,
+    RepoBadLength,
+    RepoBadMagic,
+    RepoBadValue,
+    RepoBadVersion,
+    RepoTruncated,
+)
 
 ENVELOPE = struct.Struct(
     "<"
@@ -78,21 +86,25 @@ def is_encrypted(data: bytes) -> bool:
 
 
 def unseal(data: bytes, magic: bytes, *, key: bytes | None = None, name: str = "object") -> bytes:
-    """The body of an envelope, checked. RepoCorrupt names ``name`` and what was expected and found;
+    """The body of an envelope, checked. A RepoFormatError kind (a RepoCorrupt) names ``name``, what was expected
+    and what was found;
     KeyError_ when the checksum holds but decryption fails (wrong key) or a key is needed and missing."""
     if len(data) < ENVELOPE.size + CHECKSUM_LEN:
-        raise RepoCorrupt(f"{name}: truncated ({len(data)} bytes, need at least {ENVELOPE.size + CHECKSUM_LEN})")
+        raise RepoTruncated(name, f"truncated ({len(data)} bytes, need at least {ENVELOPE.size + CHECKSUM_LEN})",
+                            expected=ENVELOPE.size + CHECKSUM_LEN, found=len(data))
     got_magic, version, flags, body_len = ENVELOPE.unpack_from(data)
     if got_magic != magic:
-        raise RepoCorrupt(f"{name}: bad magic {got_magic!r}, expected {magic!r}")
+        raise RepoBadMagic(name, f"bad magic {got_magic!r}, expected {magic!r}", expected=magic, found=got_magic)
     if blake3.blake3(data[:-CHECKSUM_LEN]).digest() != data[-CHECKSUM_LEN:]:
-        raise RepoCorrupt(f"{name}: checksum mismatch (the object is damaged)")
+        raise RepoBadChecksum(name, "checksum mismatch (the object is damaged)")
     if version != ENVELOPE_VERSION:
-        raise RepoCorrupt(f"{name}: envelope version {version}, this Baton reads {ENVELOPE_VERSION}")
+        raise RepoBadVersion(name, f"envelope version {version}, this Baton reads {ENVELOPE_VERSION}",
+                             expected=ENVELOPE_VERSION, found=version)
     if flags & ~ENV_KNOWN_FLAGS:
-        raise RepoCorrupt(f"{name}: unknown flags {flags:#06x}")
+        raise RepoBadValue(name, f"unknown flags {flags:#06x}", expected=ENV_KNOWN_FLAGS, found=flags)
     if ENVELOPE.size + body_len + CHECKSUM_LEN != len(data):
-        raise RepoCorrupt(f"{name}: body length {body_len} does not match object size {len(data)}")
+        raise RepoBadLength(name, f"body length {body_len} does not match object size {len(data)}",
+                            expected=len(data) - ENVELOPE.size - CHECKSUM_LEN, found=body_len)
     body = data[ENVELOPE.size:-CHECKSUM_LEN]
     if flags & ENV_AES_GCM:
         if key is None:
@@ -106,5 +118,5 @@ def unseal(data: bytes, magic: bytes, *, key: bytes | None = None, name: str = "
         try:
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_BODY)
         except zstandard.ZstdError as e:
-            raise RepoCorrupt(f"{name}: cannot decompress ({e})") from e
+            raise RepoBadValue(name, f"cannot decompress ({e})") from e
     return body

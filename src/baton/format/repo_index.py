@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from baton.errors import RepoCorrupt
+from baton.format.errors import RepoBadLength, RepoBadVersion, RepoTruncated
 
 INDEX_VERSION = 1
 INDEX_HEAD = struct.Struct(
@@ -67,12 +67,14 @@ def encode_index(entries: list[tuple[bytes, IndexEntry]]) -> bytes:
 
 def decode_index(body: bytes, name: str) -> list[tuple[bytes, IndexEntry]]:
     if len(body) < INDEX_HEAD.size:
-        raise RepoCorrupt(f"index {name}: truncated")
+        raise RepoTruncated(f"index {name}", "truncated", expected=INDEX_HEAD.size, found=len(body))
     count, version, _r = INDEX_HEAD.unpack_from(body)
     if version != INDEX_VERSION:
-        raise RepoCorrupt(f"index {name}: version {version}, this Baton reads {INDEX_VERSION}")
+        raise RepoBadVersion(f"index {name}", f"version {version}, this Baton reads {INDEX_VERSION}",
+                             expected=INDEX_VERSION, found=version)
     if len(body) != INDEX_HEAD.size + count * INDEX_ENTRY.size:
-        raise RepoCorrupt(f"index {name}: {len(body)} bytes for {count} entries")
+        raise RepoBadLength(f"index {name}", f"{len(body)} bytes for {count} entries",
+                            expected=INDEX_HEAD.size + count * INDEX_ENTRY.size, found=len(body))
     out = []
     packs: dict[bytes, bytes] = {}      # one bytes object per pack id, shared by its entries (memory)
     for cid, pid, off, slen, rlen, flags in INDEX_ENTRY.iter_unpack(body[INDEX_HEAD.size:]):
@@ -89,11 +91,13 @@ def encode_page(level: int, ids: list[bytes]) -> bytes:
 def decode_page(body: bytes, name: str) -> tuple[int, list[bytes]]:
     """(level, ids) of a page body, checked."""
     if len(body) < PAGE_HEAD.size:
-        raise RepoCorrupt(f"page {name}: truncated")
+        raise RepoTruncated(f"page {name}", "truncated", expected=PAGE_HEAD.size, found=len(body))
     level, version, _r, count = PAGE_HEAD.unpack_from(body)
     if version != PAGE_VERSION:
-        raise RepoCorrupt(f"page {name}: version {version}, this Baton reads {PAGE_VERSION}")
+        raise RepoBadVersion(f"page {name}", f"version {version}, this Baton reads {PAGE_VERSION}",
+                             expected=PAGE_VERSION, found=version)
     if not 1 <= count <= PAGE_FANOUT or len(body) != PAGE_HEAD.size + count * ID_LEN:
-        raise RepoCorrupt(f"page {name}: {len(body)} bytes for {count} ids")
+        raise RepoBadLength(f"page {name}", f"{len(body)} bytes for {count} ids", found=len(body),
+                            expected=f"{PAGE_HEAD.size} + 32 x count with count 1..{PAGE_FANOUT}")
     base = PAGE_HEAD.size
     return level, [body[base + i * ID_LEN: base + (i + 1) * ID_LEN] for i in range(count)]

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from baton.errors import KeyError_, RepoCorrupt
+from baton.errors import KeyError_
+from baton.format.errors import (
+    RepoBadChecksum,
+    RepoBadLength,
+    RepoBadMagic,
+    RepoBadValue,
+    RepoBadVersion,
+    RepoTruncated,
+)
 
 PACK_MAGIC = b"BTNPACK\0"
 PACK_TAIL_MAGIC = b"BTNPKEND"
@@ -95,14 +103,17 @@ def pack_footer(entries: list[PackEntry], table_offset: int, key: bytes | None) 
 def parse_pack_tail(tail: bytes, pack_size: int, name: str) -> tuple[int, int, int, int]:
     """(flags, entry_count, table_offset, table_length) from the last PACK_TAIL.size bytes, checked."""
     if len(tail) != PACK_TAIL.size:
-        raise RepoCorrupt(f"pack {name}: truncated trailer")
+        raise RepoTruncated(f"pack {name}", "truncated trailer", expected=PACK_TAIL.size, found=len(tail))
     magic, version, flags, count, offset, length, _crc = PACK_TAIL.unpack(tail)
     if magic != PACK_TAIL_MAGIC:
-        raise RepoCorrupt(f"pack {name}: bad trailer magic {magic!r}, expected {PACK_TAIL_MAGIC!r}")
+        raise RepoBadMagic(f"pack {name}", f"bad trailer magic {magic!r}, expected {PACK_TAIL_MAGIC!r}",
+                           expected=PACK_TAIL_MAGIC, found=magic)
     if version != PACK_VERSION:
-        raise RepoCorrupt(f"pack {name}: version {version}, this Baton reads {PACK_VERSION}")
+        raise RepoBadVersion(f"pack {name}", f"version {version}, this Baton reads {PACK_VERSION}",
+                             expected=PACK_VERSION, found=version)
     if offset < PACK_HEAD.size or offset + length + PACK_TAIL.size != pack_size:
-        raise RepoCorrupt(f"pack {name}: table at {offset}+{length} does not fit a {pack_size}-byte pack")
+        raise RepoBadLength(f"pack {name}", f"table at {offset}+{length} does not fit a {pack_size}-byte pack",
+                            expected=pack_size, found=offset + length + PACK_TAIL.size)
     return flags, count, offset, length
 
 
@@ -110,7 +121,7 @@ def parse_pack_table(table: bytes, tail: bytes, name: str, key: bytes | None) ->
     """The entries of a pack from its table bytes and trailer; checks CRC, decrypts, bounds-checks."""
     _magic, _v, flags, count, table_offset, _length, crc = PACK_TAIL.unpack(tail)
     if zlib.crc32(table) != crc:
-        raise RepoCorrupt(f"pack {name}: table CRC mismatch")
+        raise RepoBadChecksum(f"pack {name}", "table CRC mismatch", expected=crc, found=zlib.crc32(table))
     if flags & PACK_ENCRYPTED:
         if key is None:
             raise KeyError_(f"pack {name} is encrypted and no key was given", hint="pass --key-file FILE")
@@ -119,12 +130,14 @@ def parse_pack_table(table: bytes, tail: bytes, name: str, key: bytes | None) ->
         except InvalidTag as e:
             raise KeyError_(f"pack {name}: cannot decrypt its table (wrong key?)") from e
     if len(table) != count * PACK_ENTRY.size:
-        raise RepoCorrupt(f"pack {name}: table holds {len(table)} bytes for {count} entries")
+        raise RepoBadLength(f"pack {name}", f"table holds {len(table)} bytes for {count} entries",
+                            expected=count * PACK_ENTRY.size, found=len(table))
     out: list[PackEntry] = []
     for i in range(count):
         cid, off, slen, rlen, bflags = PACK_ENTRY.unpack_from(table, i * PACK_ENTRY.size)
         if off < PACK_HEAD.size or off + slen > table_offset:
-            raise RepoCorrupt(f"pack {name}: entry {i} at {off}+{slen} lies outside the blob area")
+            raise RepoBadValue(f"pack {name}", f"entry {i} at {off}+{slen} lies outside the blob area",
+                               expected=f"{PACK_HEAD.size}..{table_offset}", found=(off, off + slen))
         out.append(PackEntry(cid, off, slen, rlen, bflags))
     return out
 
@@ -132,10 +145,12 @@ def parse_pack_table(table: bytes, tail: bytes, name: str, key: bytes | None) ->
 def check_pack_head(head: bytes, name: str) -> int:
     """The pack flags from its first PACK_HEAD.size bytes, checked."""
     if len(head) < PACK_HEAD.size:
-        raise RepoCorrupt(f"pack {name}: truncated header")
+        raise RepoTruncated(f"pack {name}", "truncated header", expected=PACK_HEAD.size, found=len(head))
     magic, version, flags, _r = PACK_HEAD.unpack_from(head)
     if magic != PACK_MAGIC:
-        raise RepoCorrupt(f"pack {name}: bad magic {magic!r}, expected {PACK_MAGIC!r}")
+        raise RepoBadMagic(f"pack {name}", f"bad magic {magic!r}, expected {PACK_MAGIC!r}", expected=PACK_MAGIC,
+                           found=magic)
     if version != PACK_VERSION:
-        raise RepoCorrupt(f"pack {name}: version {version}, this Baton reads {PACK_VERSION}")
+        raise RepoBadVersion(f"pack {name}", f"version {version}, this Baton reads {PACK_VERSION}",
+                             expected=PACK_VERSION, found=version)
     return int(flags)

@@ -28,6 +28,8 @@ from typing import Any
 
 from baton.device import BlockDev
 from baton.errors import Fenced, RecordCorrupt, RecordError, RecordNotFound, RecordVersionError
+from baton.format.copies import pick_newest, split_blocks
+from baton.format.errors import BadMagic, Blank, FormatError
 from baton.format.record import (
     BLOCK,
     FLAG_CLEAN,
@@ -48,9 +50,6 @@ from baton.format.record import (
     REGION_FROZEN,
     REGION_NODE,
     SECTOR,
-    BadMagic,
-    BadVersion,
-    FormatError,
     Geometry,
     HistoryEntry,
     RecordHeader,
@@ -163,24 +162,17 @@ class Record:
                        ) -> tuple[RecordHeader, list[str]]:
         """Like read_header, also returning descriptions of a damaged (not blank) other copy. The header fits
         one sector, so a damaged copy is never a torn write: it may have been the newer one."""
-        raw = area.pread(0, 2 * BLOCK)
-        best: RecordHeader | None = None
-        errors: list[FormatError] = []
-        for copy in (0, 1):
-            try:
-                h = RecordHeader.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy,
-                                        record_offset=record_offset)
-            except FormatError as e:
-                errors.append(e)
-                continue
-            if best is None or h.seq > best.seq:
-                best = h
-        if best is not None:
-            return best, [str(e) for e in errors if not isinstance(e, BadMagic)]
-        if any(isinstance(e, BadVersion) for e in errors):
+        got = pick_newest(
+            split_blocks(area.pread(0, 2 * BLOCK), 2, BLOCK),
+            lambda copy, raw: RecordHeader.unpack(raw, copy=copy, record_offset=record_offset),
+            seq=lambda h: h.seq)
+        errors = got.problems
+        if got.best is not None:
+            return got.best, [str(e) for e in errors if not isinstance(e, BadMagic)]
+        if got.any_newer_version:
             raise RecordVersionError("; ".join(str(e) for e in errors),
                                      hint="upgrade Baton, or re-initialise the disk with `baton init --force`")
-        if all(isinstance(e, BadMagic) for e in errors):
+        if got.all_foreign:
             raise RecordNotFound("no Baton record here: " + "; ".join(str(e) for e in errors))
         raise RecordCorrupt(
             "both copies of the record header are damaged (" + "; ".join(str(e) for e in errors) + ")",
@@ -203,20 +195,14 @@ class Record:
 
     def _load_region_header(self, r: int) -> _Region:
         h = self.header
-        raw = self.area.pread(self.geo.slot_header_block(r, 0) * BLOCK, 2 * BLOCK)
-        best: SlotHeader | None = None
-        errs = []
-        for copy in (0, 1):
-            try:
-                s = SlotHeader.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], region=r, copy=copy,
-                                      disk_uuid=h.disk_uuid)
-            except FormatError as e:
-                errs.append(str(e))
-                continue
-            if best is None or s.seq > best.seq:
-                best = s
+        got = pick_newest(
+            split_blocks(self.area.pread(self.geo.slot_header_block(r, 0) * BLOCK, 2 * BLOCK), 2, BLOCK),
+            lambda copy, raw: SlotHeader.unpack(raw, region=r, copy=copy, disk_uuid=h.disk_uuid),
+            seq=lambda s: s.seq)
+        best = got.best
+        errs = [str(e) for e in got.problems]
         one_sector = slot_fixed_size(h.version) + (self.geo.pages_per_slot + 7) // 8 + 4 <= SECTOR
-        if best is not None and errs and one_sector and not any("found a blank block" in e for e in errs):
+        if best is not None and got.problems and one_sector and not any(isinstance(e, Blank) for e in got.problems):
             # A one-sector structure cannot be torn: the damaged copy may have been the newer one.
             self.notes.append(f"region {r}: {'; '.join(errs)}; the next backup will be full")
             self.suspect = True

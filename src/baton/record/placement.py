@@ -33,6 +33,8 @@ from baton.errors import (
     UsageError,
     WrongDisk,
 )
+from baton.format.copies import Picked, pick_newest, split_blocks
+from baton.format.errors import OtherDiskSize
 from baton.format.record import (
     ANCHOR_BLOCKS,
     BLOCK,
@@ -52,7 +54,6 @@ from baton.format.record import (
     RDISK_MAX_SLOTS,
     Anchor,
     Extent,
-    FormatError,
     RecordDiskSlot,
     RecordDiskSuper,
     RecordHeader,
@@ -237,23 +238,30 @@ def _locate(disk: str, spec: RecordSpec | str | None = None, *, writable: bool =
     )
 
 
+def _read_anchors(dev: BlockDev, size: int) -> Picked[Anchor]:
+    """The tail anchors at the end of a ``size``-byte device (written once: the first valid copy)."""
+    raw = dev.pread(size - ANCHOR_BLOCKS * BLOCK, ANCHOR_BLOCKS * BLOCK)
+    return pick_newest(split_blocks(raw, ANCHOR_BLOCKS, BLOCK),
+                       lambda copy, b: Anchor.unpack(b, copy=copy, disk_size=size))
+
+
+def _read_extmap(bdev: BlockDev) -> Picked[tuple[str, tuple[Extent, ...]]]:
+    """(disk UUID, extents) of the record file's extent map (written once: the first valid copy)."""
+    raw = bdev.pread(EXTMAP_START * BLOCK, 2 * BLOCK)
+    return pick_newest(split_blocks(raw, 2, BLOCK), lambda copy, b: unpack_extmap(b, copy=copy))
+
+
 def _locate_tail(disk: str, dev: DirectDev) -> Located:
     size = dev.size
     if size < (ANCHOR_BLOCKS + 1) * BLOCK:
         raise RecordNotFound("the disk is smaller than a tail anchor")
-    raw = dev.pread(size - ANCHOR_BLOCKS * BLOCK, ANCHOR_BLOCKS * BLOCK)
-    anchor = None
-    errs = []
-    for copy in range(ANCHOR_BLOCKS):
-        try:
-            anchor = Anchor.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy, disk_size=size)
-            break
-        except FormatError as e:
-            errs.append(e)
+    got = _read_anchors(dev, size)
+    anchor = got.best
     if anchor is None:
-        if all(e.reason.endswith("blank block") or "expected magic" in e.reason for e in errs):
+        errs = got.problems
+        if got.all_foreign:
             raise RecordNotFound("no tail anchor at the end of the disk")
-        if any(e.reason.startswith("written for a ") for e in errs):
+        if any(isinstance(e, OtherDiskSize) for e in errs):
             # Intact anchors of a disk of another size: a copied (or resized) disk, not damage.
             raise WrongDisk(f"the tail record at the end of {disk} belongs to another disk: "
                             + "; ".join(str(e) for e in errs),
@@ -325,17 +333,11 @@ def _locate_file(disk: str, fs: FsInfo, writable: bool) -> Located:
     try:
         boot = tuple(Extent(i * BLOCK, p, BLOCK) for i, p in enumerate(phys))
         bdev = ExtentDev(dev, boot)
-        ext: tuple[Extent, ...] | None = None
-        errs = []
-        for copy in (0, 1):
-            try:
-                _, ext = unpack_extmap(bdev.pread((EXTMAP_START + copy) * BLOCK, BLOCK), copy=copy)
-                break
-            except FormatError as e:
-                errs.append(str(e))
-        if ext is None:
-            raise RecordCorrupt(f"the record file's extent map on {disk} is unreadable: {'; '.join(errs)}",
+        got = _read_extmap(bdev)
+        if got.best is None:
+            raise RecordCorrupt(f"the record file's extent map on {disk} is unreadable: {got.describe()}",
                                 hint="re-create it with `baton init --reset --record file DISK`")
+        _, ext = got.best
         area = ExtentDev(dev, ext)
         rec = Record.load(area, record_offset=phys[0])
         h = rec.header
@@ -354,24 +356,14 @@ def _locate_file(disk: str, fs: FsInfo, writable: bool) -> Located:
 
 
 def _read_rdisk(dev: BlockDev, path: str) -> RecordDiskSuper:
-    raw = dev.pread(0, 2 * BLOCK)
-    best = None
-    errs = []
-    for copy in (0, 1):
-        try:
-            s = RecordDiskSuper.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy)
-        except FormatError as e:
-            errs.append(e)
-            continue
-        if best is None or s.seq > best.seq:
-            best = s
-    if best is None:
-        if all("expected magic" in e.reason for e in errs):
+    got = pick_newest(split_blocks(dev.pread(0, 2 * BLOCK), 2, BLOCK),
+                      lambda copy, b: RecordDiskSuper.unpack(b, copy=copy), seq=lambda s: s.seq)
+    if got.best is None:
+        if got.all_foreign:
             raise RecordNotFound(f"{path} is not a Baton record disk",
                                  hint=f"format it with `baton init {path} --record-disk --slots N`")
-        raise RecordCorrupt(f"both superblocks of record disk {path} are damaged: "
-                            + "; ".join(str(e) for e in errs))
-    return best
+        raise RecordCorrupt(f"both superblocks of record disk {path} are damaged: {got.describe()}")
+    return got.best
 
 
 def _write_rdisk(dev: BlockDev, cur: RecordDiskSuper, slots: tuple[RecordDiskSlot, ...]) -> RecordDiskSuper:
@@ -445,13 +437,11 @@ def has_tail_record(path: str) -> bool:
             raw = f.read(ANCHOR_BLOCKS * BLOCK)
     except (OSError, DeviceError):
         return False
-    for copy in range(ANCHOR_BLOCKS):
-        try:
-            Anchor.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy, disk_size=size)
-            return True
-        except FormatError:
-            continue
-    return False
+    if len(raw) < ANCHOR_BLOCKS * BLOCK:
+        return False
+    got = pick_newest(split_blocks(raw, ANCHOR_BLOCKS, BLOCK),
+                      lambda copy, b: Anchor.unpack(b, copy=copy, disk_size=size))
+    return got.best is not None
 
 
 # ------------------------------------------------------------------------------------------------ init
@@ -585,12 +575,9 @@ def surviving_disk_uuid(disk: str, spec: RecordSpec, fs: FsInfo) -> str:
             try:
                 size = dev.size
                 if size >= (ANCHOR_BLOCKS + 1) * BLOCK:
-                    raw = dev.pread(size - ANCHOR_BLOCKS * BLOCK, ANCHOR_BLOCKS * BLOCK)
-                    for copy in range(ANCHOR_BLOCKS):
-                        with contextlib.suppress(FormatError):
-                            a = Anchor.unpack(raw[copy * BLOCK : (copy + 1) * BLOCK], copy=copy, disk_size=size)
-                            if a.disk_uuid:
-                                return a.disk_uuid
+                    a = _read_anchors(dev, size).best
+                    if a is not None and a.disk_uuid:
+                        return a.disk_uuid
             finally:
                 dev.close()
         elif spec.placement == "file" and fs.type in SUPPORTED_FS:
@@ -598,11 +585,9 @@ def surviving_disk_uuid(disk: str, spec: RecordSpec, fs: FsInfo) -> str:
             dev = _open_dev(disk, False)
             try:
                 bdev = ExtentDev(dev, tuple(Extent(i * BLOCK, p, BLOCK) for i, p in enumerate(phys)))
-                for copy in (0, 1):
-                    with contextlib.suppress(FormatError):
-                        duuid, _ = unpack_extmap(bdev.pread((EXTMAP_START + copy) * BLOCK, BLOCK), copy=copy)
-                        if duuid:
-                            return duuid
+                em = _read_extmap(bdev).best
+                if em is not None and em[0]:
+                    return em[0]
             finally:
                 dev.close()
         elif spec.placement == "external":
