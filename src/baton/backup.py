@@ -49,17 +49,11 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
     repo_id = repo.config.repo_id.hex()
     rec.use_repo(repo_id)  # v2: this backup's chunks are owed to the record's other repositories
     state = rec.repo_state(repo_id)
-    flags = state["flags"] if state is not None else h.flags
+    # The header's flags hold for every repository until a commit hands them over to the others' regions.
+    flags = h.flags | (state["flags"] if state is not None else 0)
     last_backup = state["last_backup"] if state is not None else h.last_backup
     if full:
         return Plan("full", "requested (--full)", None)
-    if rec.geo.nrepos and state is None:
-        has_any = bool(repo.snapshots(disk.disk_uuid, include_partial=True))
-        if not has_any:
-            return Plan("full", "no previous snapshot", None)
-        return Plan("full", f"the record does not track repository {repo_id[:12]} (it tracks the "
-                    f"{rec.geo.nrepos} most recently used; a repository unused the longest is dropped when "
-                    "another one arrives)", None)
     if flags & FLAG_RESET:
         return Plan("full", "record reset: its change history starts now", None)
     if flags & FLAG_UNTRACKED:
@@ -69,6 +63,13 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
     if flags & FLAG_SUSPECT or rec.suspect:
         problems = "; ".join(rec.notes[:2]) or "damage was found in the record"
         return Plan("full", f"record corrupt: {problems}"[:200], None)
+    if rec.geo.nrepos and state is None:
+        has_any = bool(repo.snapshots(disk.disk_uuid, include_partial=True))
+        if not has_any:
+            return Plan("full", "no previous snapshot", None)
+        return Plan("full", f"the record does not track repository {repo_id[:12]} (it tracks the "
+                    f"{rec.geo.nrepos} most recently used; a repository unused the longest is dropped when "
+                    "another one arrives)", None)
     if not last_backup:
         has_any = bool(repo.snapshots(disk.disk_uuid, include_partial=True))
         return Plan("full", "record has no previous backup" if has_any else "no previous snapshot", None)
