@@ -11,9 +11,23 @@ A crash at any point therefore leaves only unreferenced packs, index entries or 
 after its grace period. The writer fails sticky: after any error every call raises that error again, and the
 caller must :meth:`~BackupWriter.abort`.
 
-Pipeline: ``put`` hands the chunk to a small thread pool that hashes (keyed BLAKE3), compresses (zstd-1, one
-compressor per thread) and encrypts (AES-256-GCM); results are taken back in submission order on the caller's
-thread, appended to the current pack, and full packs are uploaded by one background uploader thread.
+Pipeline: ``put_run`` (``put`` is a run of one) hands a run of chunks to a thread pool (``workers``, default 2:
+threads, since BLAKE3, zstd and AES-GCM release the GIL and a process pool would copy every chunk across a
+pipe) that hashes (keyed BLAKE3), recognises zero chunks by their id, compresses (zstd-1, one compressor per
+thread) and encrypts (AES-256-GCM); results are taken back in submission order on the caller's thread and
+appended to the current pack as parts; a full pack goes to one uploader thread, which joins, checks, names
+and stores it while the caller goes on. Index pages are stored by a small pool, concurrently.
+
+Memory bound: MAX_INFLIGHT_BYTES of chunks queued for encoding (the caller's buffers, held by reference),
+the pack being filled (pack_target, 32 MiB by default) and MAX_UPLOADS + 1 packs at the uploader (joining a
+pack briefly holds its parts and the joined copy): about 32 + 32 + 3 x 64 = 256 MiB at the default pack size,
+in the worst case, and about 130 MiB in practice (measured peak RSS of a 1 GiB full backup, see
+docs/performance.md).
+
+Concurrency: the writer never touches the repository's chunk index itself; it asks ``Repository.has_chunk``
+(under the repository's lock) and adds entries through ``Repository.write_index_file``. ``_pending`` (chunks
+in this writer's packs not yet in an index file) is read by encode threads while the caller's thread changes
+it: a stale answer only compresses a chunk that is then deduplicated in order on the caller's thread.
 """
 
 from __future__ import annotations
@@ -42,10 +56,11 @@ from baton.repo.model import MODES, DiskIdentity, Manifest
 from baton.repo.repository import Repository, pack_key
 from baton.repo.tree import TreeReader
 
-MAX_INFLIGHT = 32            # chunks queued in the encode pool
+MAX_INFLIGHT_BYTES = 32 << 20  # chunk bytes queued in the encode pool (views of the caller's read buffers)
 MAX_UPLOADS = 2              # sealed packs waiting for the uploader (bounds memory to ~3 packs)
 INDEX_EVERY_PACKS = 16       # write an index file at least every N packs
 MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages
+PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
 
 
 class BackupWriter:
@@ -79,33 +94,43 @@ class BackupWriter:
         self._lock = RepoLock.acquire_shared(repo.store, "backup", node, ttl=lock_ttl or DEFAULT_TTL,
                                              wait=lock_wait)
         try:
-            # Packs no index file covers (lost index files, a backup that died mid-upload) are indexed first:
+            # Under the shared lock (no prune can run now): catch up with other clients (new index files, a
+            # prune's rewrite, forgotten snapshots) and index packs no index file covers (lost index files):
             # an incremental references its parent's chunks by id, and they must stay findable.
-            repo.heal_index()
-            self._known = repo.chunk_index()
+            repo.prepare_backup()
+            if parent is not None and parent.snapshot_id not in repo.snapshot_ids():
+                raise RepoError(f"parent snapshot {parent.snapshot_id} was forgotten while this backup started",
+                                hint="run the backup again")
         except BaseException:
             self._lock.release()
             raise
         root = bytes.fromhex(parent.root) if (parent is not None and mode == "incremental") else ZERO_ID
         self._base = TreeReader(root, disk.chunk_count, repo.load_page)
+        self._fresh = root == ZERO_ID  # chunks not put are zero in the tree (full backup)
         self._changed: dict[int, list[bytes]] = {}
         self._pending: set[bytes] = set()                # in a pack of this writer, not yet in an index file
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="baton-encode")
+        self._page_pool = ThreadPoolExecutor(max_workers=PAGE_UPLOADS, thread_name_prefix="baton-pages")
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-upload")
-        self._inflight: deque[tuple[int, int, Future[tuple[bytes, bytes | None, int]] | None]] = deque()
-        self._uploads: deque[tuple[Future[bool], list[tuple[bytes, IndexEntry]]]] = deque()
+        # Encode tasks in submission order: (chunk index, length) per chunk, and the task (None: zero chunks).
+        self._inflight: deque[tuple[list[tuple[int, int]], Future[list[tuple[bytes, bytes | None, int]]] | None]] \
+            = deque()
+        self._inflight_bytes = 0
+        self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int]]] = deque()
         self._unindexed: list[tuple[bytes, IndexEntry]] = []
         self._packs_since_index = 0
-        self._pack = bytearray()
+        self._pack: list[bytes] = []
+        self._pack_len = 0
         self._pack_entries: list[PackEntry] = []
-        self._zero = bytes(disk.chunk_size)
+        self._zero_cid = chunk_id(repo.keys, bytes(disk.chunk_size))
         self._start = time.time()
         self._checkpoints = 0
         self._state = "open"
         self._broken: BaseException | None = None
         self._stats = {"chunks_put": 0, "bytes_in": 0, "chunks_stored": 0, "bytes_stored": 0,
                        "chunks_deduplicated": 0, "zero_chunks": 0, "packs_written": 0, "pack_bytes": 0,
-                       "index_files_written": 0, "tree_flushes": 0, "checkpoints": 0}
+                       "index_files_written": 0, "tree_flushes": 0, "checkpoints": 0,
+                       "bytes_not_read": 0}
         self._pages_before = repo.statistics()["pages_written"]
 
     # ----- public API -----------------------------------------------------------------------------------------
@@ -116,27 +141,81 @@ class BackupWriter:
         All-zero data records the zero sentinel and stores nothing. Raises UsageError for a wrong index or
         length, the sticky error after a failure, and storage errors as they happen.
         """
+        self.put_run(chunk_index, [data])
+
+    def put_run(self, first: int, chunks: list[bytes | bytearray | memoryview]) -> None:
+        """Store chunks ``first``, ``first+1``, ... (one encode task for all of them: a task per chunk costs
+        more in thread hand-offs than hashing a 64 KiB chunk). Same contract as :meth:`put`. ``bytes`` and
+        read-only views are kept as they are until encoded (no copy); mutable buffers are copied, since the
+        caller may reuse them after this returns."""
+        self._check_open()
+        n = self.disk.chunk_count
+        if not chunks:
+            return
+        if first < 0 or first + len(chunks) > n:
+            bad = first if not 0 <= first < n else n
+            raise UsageError(f"chunk index {bad} outside the disk (0..{n - 1})")
+        cs = self.disk.chunk_size
+        items: list[tuple[int, int]] = []
+        payloads: list[bytes | memoryview] = []
+        for k, data in enumerate(chunks):
+            idx = first + k
+            expected = min(cs, self.disk.size - idx * cs)
+            if len(data) != expected:
+                raise UsageError(f"chunk {idx}: {len(data)} bytes, expected {expected}")
+            items.append((idx, expected))
+            payloads.append(data if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)
+                            else bytes(data))
+        try:
+            before = self._stats["chunks_put"]
+            self._stats["chunks_put"] += len(items)
+            nbytes = sum(length for _i, length in items)
+            self._stats["bytes_in"] += nbytes
+            self._inflight.append((items, self._pool.submit(self._encode_group, payloads)))
+            self._inflight_bytes += nbytes
+            self._drain(MAX_INFLIGHT_BYTES)
+            if before // 1024 != self._stats["chunks_put"] // 1024:
+                self._lock.refresh()          # cheap unless the lock is old: long incrementals stay locked
+        except BaseException as e:
+            self._broken = e
+            raise
+
+    def put_zero(self, chunk_index: int) -> None:
+        """Record chunk ``chunk_index`` as all zeros without its data (a hole the caller did not read)."""
         self._check_open()
         n = self.disk.chunk_count
         if not 0 <= chunk_index < n:
             raise UsageError(f"chunk index {chunk_index} outside the disk (0..{n - 1})")
         expected = min(self.disk.chunk_size, self.disk.size - chunk_index * self.disk.chunk_size)
-        if len(data) != expected:
-            raise UsageError(f"chunk {chunk_index}: {len(data)} bytes, expected {expected}")
         try:
             self._stats["chunks_put"] += 1
             self._stats["bytes_in"] += expected
-            # Compare against the preallocated zero buffer without slicing it (a slice would copy).
-            zero = self._zero if expected == self.disk.chunk_size else bytes(expected)
-            if data == zero:
-                self._inflight.append((chunk_index, expected, None))
-            else:
-                # The caller may reuse its buffer after put returns, so the pool gets an immutable copy.
-                payload = data if isinstance(data, bytes) else bytes(data)
-                self._inflight.append((chunk_index, expected, self._pool.submit(self._encode, payload)))
-            self._drain(MAX_INFLIGHT)
-            if self._stats["chunks_put"] % 1024 == 0:
-                self._lock.refresh()          # cheap unless the lock is old: long incrementals stay locked
+            self._inflight.append(([(chunk_index, expected)], None))
+            self._drain(MAX_INFLIGHT_BYTES)
+        except BaseException as e:
+            self._broken = e
+            raise
+
+    def put_zeros(self, first: int, count: int) -> None:
+        """Record chunks first..first+count-1, none of them put before in this backup, as all zeros without
+        their data (a hole the caller did not read). On a tree that starts empty (a full backup) this only
+        counts them: every chunk not put yet is already zero there, so a hole costs nothing per chunk."""
+        self._check_open()
+        n = self.disk.chunk_count
+        if count < 0 or not 0 <= first <= first + count <= n:
+            raise UsageError(f"chunks {first}..{first + count - 1} outside the disk (0..{n - 1})")
+        try:
+            nbytes = min(count * self.disk.chunk_size, self.disk.size - first * self.disk.chunk_size)
+            self._stats["chunks_put"] += count
+            self._stats["bytes_in"] += nbytes
+            self._stats["bytes_not_read"] += nbytes
+            self._stats["zero_chunks"] += count
+            if not self._fresh:
+                for c in range(first, first + count):
+                    self._set(c, ZERO_ID)
+                if len(self._changed) > MAX_CHANGED_LEAVES:
+                    self._drain(0)
+                    self._flush_all()
         except BaseException as e:
             self._broken = e
             raise
@@ -182,7 +261,7 @@ class BackupWriter:
         if self._state in ("aborted", "committed"):
             return
         self._state = "aborted"
-        for _i, _n, fut in self._inflight:
+        for _items, fut in self._inflight:
             if fut is not None:
                 fut.cancel()
         self._inflight.clear()
@@ -211,31 +290,53 @@ class BackupWriter:
         if self._state != "open":
             raise RepoError(f"the backup writer is {self._state}")
 
-    def _encode(self, data: bytes) -> tuple[bytes, bytes | None, int]:
-        cid = chunk_id(self.repo.keys, data)
-        if cid in self._known or cid in self._pending:
-            return cid, None, 0                      # dedup: skip compressing and encrypting
-        stored, flags = encode_blob(self.repo.keys, cid, data)
-        return cid, stored, flags
+    def _zero_id(self, length: int) -> bytes:
+        if length == self.disk.chunk_size:
+            return self._zero_cid
+        return chunk_id(self.repo.keys, bytes(length))
+
+    def _encode_group(self, payloads: list[bytes | memoryview]) -> list[tuple[bytes, bytes | None, int]]:
+        """(chunk id, stored bytes or None, flags) per chunk; ZERO_ID for an all-zero chunk. Zero chunks are
+        recognised by their id (the keyed hash is computed anyway; comparing a view with a zero buffer costs
+        more than hashing it). Runs on the encode pool."""
+        out: list[tuple[bytes, bytes | None, int]] = []
+        for data in payloads:
+            cid = chunk_id(self.repo.keys, data)
+            if cid == self._zero_id(len(data)):
+                out.append((ZERO_ID, None, 0))
+            elif self.repo.has_chunk(cid) or cid in self._pending:
+                out.append((cid, None, 0))  # dedup: skip compressing and encrypting
+            else:
+                stored, flags = encode_blob(self.repo.keys, cid, data)
+                out.append((cid, stored, flags))
+        return out
 
     def _drain(self, keep: int) -> None:
-        """Take results in submission order until at most ``keep`` remain (and the head is not done)."""
-        while self._inflight and (len(self._inflight) > keep or
-                                  self._inflight[0][2] is None or self._inflight[0][2].done()):
-            idx, length, fut = self._inflight.popleft()
+        """Take results in submission order until at most ``keep`` bytes remain queued (and the head is not
+        done)."""
+        while self._inflight and (self._inflight_bytes > keep or
+                                  self._inflight[0][1] is None or self._inflight[0][1].done()):
+            items, fut = self._inflight.popleft()
             if fut is None:
-                self._stats["zero_chunks"] += 1
-                self._set(idx, ZERO_ID)
+                for idx, _length in items:
+                    self._stats["zero_chunks"] += 1
+                    self._set(idx, ZERO_ID)
                 continue
-            cid, stored, flags = fut.result()
-            if cid in self._known or cid in self._pending:
-                self._stats["chunks_deduplicated"] += 1
-            elif stored is None:
-                # Known when hashed but gone since: only a prune could do that, and our lock excludes it.
-                raise RepoError(f"chunk {idx} ({cid.hex()}) vanished from the chunk index during the backup")
-            else:
-                self._append(cid, stored, flags, length)
-            self._set(idx, cid)
+            self._inflight_bytes -= sum(length for _i, length in items)
+            results = fut.result()
+            for (idx, length), (cid, stored, flags) in zip(items, results, strict=True):
+                if cid == ZERO_ID:
+                    self._stats["zero_chunks"] += 1
+                    self._set(idx, ZERO_ID)
+                    continue
+                if self.repo.has_chunk(cid) or cid in self._pending:
+                    self._stats["chunks_deduplicated"] += 1
+                elif stored is None:
+                    # Known when hashed but gone since: only a prune could do that, and our lock excludes it.
+                    raise RepoError(f"chunk {idx} ({cid.hex()}) vanished from the chunk index during the backup")
+                else:
+                    self._append(cid, stored, flags, length)
+                self._set(idx, cid)
             if len(self._changed) > MAX_CHANGED_LEAVES:
                 self._flush_all()
 
@@ -248,29 +349,29 @@ class BackupWriter:
 
     def _append(self, cid: bytes, stored: bytes, flags: int, raw_length: int) -> None:
         if not self._pack:
-            self._pack += pack_head(self.repo.keys.encrypted)
-        self._pack_entries.append(PackEntry(cid, len(self._pack), len(stored), raw_length, flags))
-        self._pack += stored
+            head = pack_head(self.repo.keys.encrypted)
+            self._pack.append(head)
+            self._pack_len = len(head)
+        self._pack_entries.append(PackEntry(cid, self._pack_len, len(stored), raw_length, flags))
+        self._pack.append(stored)          # parts, joined once on the uploader (no growing buffer)
+        self._pack_len += len(stored)
         self._pending.add(cid)
         self._stats["chunks_stored"] += 1
         self._stats["bytes_stored"] += len(stored)
-        if len(self._pack) >= self.repo.config.pack_target:
+        if self._pack_len >= self.repo.config.pack_target:
             self._seal_pack()
 
     def _seal_pack(self) -> None:
+        """Hand the current pack to the uploader thread, which joins, names, checks and stores it (that
+        work then overlaps with this thread's); at most MAX_UPLOADS packs wait for it."""
         if not self._pack_entries:
             return
-        self._pack += pack_footer(self._pack_entries, len(self._pack), self.repo.keys.data_key)
-        data = bytes(self._pack)
-        self._check_pack(data)
-        pid = blake3.blake3(data).digest()
-        entries = [(e.chunk_id, IndexEntry(pid, e.offset, e.stored_length, e.raw_length, e.flags))
-                   for e in self._pack_entries]
-        self._pack = bytearray()
+        parts, pack_entries, length = self._pack, self._pack_entries, self._pack_len
+        self._pack = []
         self._pack_entries = []
+        self._pack_len = 0
         self._stats["packs_written"] += 1
-        self._stats["pack_bytes"] += len(data)
-        self._uploads.append((self._uploader.submit(self.repo.store.put_if_absent, pack_key(pid), data), entries))
+        self._uploads.append(self._uploader.submit(self._store_pack, parts, pack_entries, length))
         while len(self._uploads) > MAX_UPLOADS:
             self._finish_upload()
         self._packs_since_index += 1
@@ -278,25 +379,38 @@ class BackupWriter:
             self._write_index()
         self._lock.refresh()
 
-    def _check_pack(self, data: bytes) -> None:
+    def _store_pack(self, parts: list[bytes], pack_entries: list[PackEntry], length: int
+                    ) -> tuple[list[tuple[bytes, IndexEntry]], int]:
+        """(Uploader thread.) Seal, check, name and store one pack; returns its index entries and size."""
+        parts.append(pack_footer(pack_entries, length, self.repo.keys.data_key))
+        data = b"".join(parts)
+        parts.clear()
+        self._check_pack(data, pack_entries)
+        pid = blake3.blake3(data).digest()
+        self.repo.store.put_if_absent(pack_key(pid), data)
+        return [(e.chunk_id, IndexEntry(pid, e.offset, e.stored_length, e.raw_length, e.flags))
+                for e in pack_entries], len(data)
+
+    def _check_pack(self, data: bytes, pack_entries: list[PackEntry]) -> None:
         """Re-read the pack we built (its trailer and table) before it leaves the process: a writer bug
         must fail this backup, not surface at restore time."""
         tail = data[-PACK_TAIL.size:]
         _f, _n, off, length = parse_pack_tail(tail, len(data), "new pack")
         table = parse_pack_table(data[off:off + length], tail, "new pack", self.repo.keys.data_key)
-        if table != self._pack_entries:
+        if table != pack_entries:
             raise RepoError("internal error: a new pack's table does not match what was written")
 
     def _finish_upload(self) -> None:
-        fut, entries = self._uploads.popleft()
-        fut.result()
+        fut = self._uploads.popleft()
+        entries, size = fut.result()
+        self._stats["pack_bytes"] += size
         self._unindexed.extend(entries)
 
     def _write_index(self) -> None:
         while self._uploads:
             self._finish_upload()
         if self._unindexed:
-            self.repo.write_index_file(self._unindexed)     # also merges into self._known
+            self.repo.write_index_file(self._unindexed)     # also merges into the repository's index
             self._stats["index_files_written"] += 1
             for cid, _e in self._unindexed:
                 self._pending.discard(cid)
@@ -314,9 +428,25 @@ class BackupWriter:
         self._stats["tree_flushes"] += 1
 
     def _build_root(self) -> bytes:
+        """Store the changed pages (their uploads run concurrently: on a local store each is two fsyncs,
+        which the file system's journal then commits together) and return the new root. Every page is
+        stored when this returns, before any manifest names the root."""
         from baton.repo.tree import build_tree
 
-        return build_tree(self._base, self._changed, self.repo.store_page)
+        futs: list[Future[bytes]] = []
+
+        def store_page(level: int, ids: list[bytes]) -> bytes:
+            pid = self.repo.page_id_of(level, ids)
+            if pid != ZERO_ID:
+                futs.append(self._page_pool.submit(self.repo.store_page, level, ids))
+            return pid
+
+        try:
+            root = build_tree(self._base, self._changed, store_page)
+        finally:
+            for f in futs:
+                f.result()
+        return root
 
     def _manifest(self, *, complete: bool, info: dict[str, Any]) -> Manifest:
         s = self._stats
@@ -332,3 +462,4 @@ class BackupWriter:
     def _shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._uploader.shutdown(wait=True, cancel_futures=True)
+        self._page_pool.shutdown(wait=True, cancel_futures=True)
