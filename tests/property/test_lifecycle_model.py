@@ -527,3 +527,16 @@ def test_incremental_after_the_index_files_were_lost_restores() -> None:
         ("restore_old", {"pick": 0}),
     )
     assert [g[3] for g in m.good] == ["full", "incremental"]
+
+
+def test_killed_first_offline_backup_then_takeover_is_not_silently_incomplete() -> None:
+    """Defect 1 as the machine shrank it (seed 20261124, the fix reverted): the first, offline (full) backup of
+    a detached disk killed after its first checkpoint; a takeover and a clean detach; the next offline backup
+    was an "incremental" of 0 chunks that restored chunks 16-39 wrong."""
+    m = run_steps(
+        ("backup", {"repo_i": 0, "full": False, "kill_at": "after-batch", "nth": 0, "writes": 0, "mode": "drop"}),
+        ("takeover", {"node": "n1"}),
+        ("detach", {"rare": 0}),
+        ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"}),
+    )
+    assert [g[3] for g in m.good] == ["full"]
