@@ -291,6 +291,17 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
+def zero_range(fd: int, offset: int, length: int) -> bool:
+    """Make [offset, offset+length) of the block device ``fd`` read as zeros without sending zeros from here
+    (BLKZEROOUT: the kernel uses WRITE ZEROES or an unmap that reads back zeros where the device has one,
+    else writes zeros itself). Returns False when the device refuses (the caller writes zeros)."""
+    try:
+        fcntl.ioctl(fd, BLKZEROOUT, struct.pack("<QQ", offset, length))
+    except OSError:
+        return False
+    return True
+
+
 _libc: object = None
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import blake3
 
-from baton.device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, _fallocate, device_size
+from baton.device import device_size, punch_hole, zero_range
 from baton.errors import BatonError, DeviceBusy, DeviceError, RepoCorrupt, RepoError
 from baton.host import check_not_in_use
 from baton.host.attachments import dev_dir, read_state
@@ -47,7 +47,9 @@ from baton.repo.repository import coalesce
 from baton.util import pid_alive
 
 BATCH = 256                 # chunks per batch (16 MiB of disk at 64 KiB chunks)
-PREFETCH_BATCHES = 2        # batches being fetched while one is written
+PREFETCH_BATCHES = 4        # batches being fetched and decoded while one is written
+WRITE_DEPTH = 4             # positional writes to the target in flight
+MAX_IOV = 256               # buffers per pwritev
 
 
 @dataclass(frozen=True)
@@ -213,13 +215,14 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
     lock = repo.shared_lock("restore")
     try:
         reader = repo.snapshot_reader(manifest)
-        index = repo.chunk_index()
         fd = _open_target(t, disk.size)
         hasher = blake3.blake3()
         written = zero = done = 0
         zero_buf = bytes(disk.chunk_size)
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="baton-restore")
+        wpool = ThreadPoolExecutor(max_workers=WRITE_DEPTH, thread_name_prefix="baton-restore-write")
         pending: deque[tuple[list[tuple[int, bytes]], list[tuple[Any, Future[dict[bytes, bytes]]]]]] = deque()
+        writes: deque[Future[None]] = deque()
         try:
             batches = _batches(reader.iter_ids(), disk.chunk_count, BATCH)
             exhausted = False
@@ -234,7 +237,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
                     for i, cid in batch:
                         if cid == ZERO_ID:
                             continue
-                        entry = index.get(cid) or repo.find(cid)
+                        entry = repo.find(cid)
                         if entry is None:
                             raise RepoCorrupt(f"chunk {i} (disk offset {i * disk.chunk_size}) of snapshot "
                                               f"{manifest.snapshot_id}: chunk {cid.hex()} is not in the index",
@@ -252,29 +255,42 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
                         raise RepoCorrupt(f"snapshot {manifest.snapshot_id}: {e} (needed for "
                                           f"{_chunks_naming(batch, run, disk.chunk_size)})",
                                           hint="run `baton verify` to list every damaged chunk") from e
+                # Contiguous data chunks become one pwritev, contiguous zero chunks one hole or zeroing.
+                seg_off, zero_off, zero_len = -1, -1, 0
+                seg_bufs: list[bytes] = []
                 for i, cid in batch:
                     length = reader.chunk_length(i)
                     off = i * disk.chunk_size
                     if cid == ZERO_ID:
+                        if seg_bufs:
+                            writes.append(wpool.submit(_pwritev_all, fd, seg_bufs, seg_off, target_path))
+                            seg_bufs = []
                         zero += 1
                         hasher.update(zero_buf[:length] if length != disk.chunk_size else zero_buf)
-                        if kind == "block":
-                            _pwrite_all(fd, zero_buf[:length], off, target_path)
-                            written += length
-                        elif kind == "image":
-                            try:
-                                _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
-                            except OSError:
-                                _pwrite_all(fd, zero_buf[:length], off, target_path)
-                                written += length
+                        if zero_len and zero_off + zero_len == off:
+                            zero_len += length
+                        else:
+                            written += _zero(fd, kind, zero_off, zero_len, zero_buf, target_path)
+                            zero_off, zero_len = off, length
                     else:
                         data = plain[cid]
                         hasher.update(data)
-                        _pwrite_all(fd, data, off, target_path)
+                        if not seg_bufs or len(seg_bufs) >= MAX_IOV:
+                            if seg_bufs:
+                                writes.append(wpool.submit(_pwritev_all, fd, seg_bufs, seg_off, target_path))
+                            seg_off, seg_bufs = off, []
+                        seg_bufs.append(data)
                         written += length
                     done += length
+                if seg_bufs:
+                    writes.append(wpool.submit(_pwritev_all, fd, seg_bufs, seg_off, target_path))
+                written += _zero(fd, kind, zero_off, zero_len, zero_buf, target_path)
+                while len(writes) > WRITE_DEPTH * 2:
+                    writes.popleft().result()
                 if progress is not None:
                     progress(done, disk.size)
+            while writes:
+                writes.popleft().result()
             try:
                 os.fsync(fd)
             except OSError as e:
@@ -285,6 +301,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
                 for _run, f in futs:
                     f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            wpool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
     finally:
         lock.release()
@@ -315,6 +332,44 @@ def _chunks_naming(batch: list[tuple[int, bytes]], run: list[tuple[bytes, object
     ids = {cid for cid, _ in run}
     hits = [i for i, cid in batch if cid != ZERO_ID and cid in ids]
     return ", ".join(f"chunk {i} (disk offset {i * chunk_size})" for i in hits[:8]) or "a chunk of this batch"
+
+
+def _zero(fd: int, kind: str, offset: int, length: int, zero_buf: bytes, path: str) -> int:
+    """Make a run of zero chunks read as zeros; returns the bytes written. A restored file ("file": created
+    or truncated) already reads zeros there and keeps the hole; a disk image kept whole ("image") gets a
+    hole punched; a block device is zeroed by the kernel (BLKZEROOUT), or with written zeros if it can't."""
+    if length <= 0 or kind == "file":
+        return 0
+    if kind == "image":
+        try:
+            punch_hole(fd, offset, length)
+            return 0
+        except OSError:
+            pass
+    elif zero_range(fd, offset, length):
+        return length
+    pos = offset
+    while pos < offset + length:
+        n = min(len(zero_buf), offset + length - pos)
+        _pwrite_all(fd, zero_buf[:n] if n != len(zero_buf) else zero_buf, pos, path)
+        pos += n
+    return length
+
+
+def _pwritev_all(fd: int, bufs: list[bytes], offset: int, path: str) -> None:
+    """Write ``bufs`` back to back at ``offset`` (one pwritev when the kernel takes it all)."""
+    views = [memoryview(b) for b in bufs]
+    try:
+        while views:
+            n = os.pwritev(fd, views, offset)
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+    except OSError as e:
+        raise DeviceError(f"writing {path} at offset {offset}: {e.strerror}") from e
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
