@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from baton.errors import ObjectNotFound, RepoCorrupt
 from baton.format.record import FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, HistoryEntry
-from baton.record.core import iter_bits, popcount
 from baton.repo import DiskIdentity, Manifest, Repository
 from baton.tracker.core import Tracker
 
@@ -75,12 +75,19 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
         return Plan("full", "record has no previous backup" if has_any else "no previous snapshot", None)
     try:
         parent = repo.read_manifest(last_backup)
-    except Exception:
+    except ObjectNotFound:
         latest = repo.latest(disk.disk_uuid)
         if latest is None:
             return Plan("full", "no previous snapshot", None)
         return Plan("full", f"lineage mismatch: the record continues snapshot {last_backup[:12]}, which this "
                     "repository does not have", None)
+    except RepoCorrupt as e:
+        # The snapshot the record continues is there but fails its checks: an incremental on top of it would
+        # not restore, and its chunks may be damaged too. A full backup never under-reports, so the backup
+        # still protects the disk today, and the reason says what to look at (docs/design.md "Trust
+        # decisions"). Anything else (a wrong key, a store that fails) is not about this snapshot: it rises.
+        return Plan("full", f"the repository's snapshot {last_backup[:12]} is corrupt ({e}); run `baton verify` "
+                    "and `baton forget` the damaged snapshot"[:200], None)
     if parent.lineage != h.lineage:
         return Plan("full", f"lineage mismatch: snapshot {parent.snapshot_id[:12]} followed record lineage "
                     f"{parent.lineage[:8]}, the record is now {h.lineage[:8]}", None)
@@ -124,8 +131,8 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
         raise
     t_freeze = time.time()
     n = h.nchunks
-    changed = popcount(frozen)
-    chunks = list(range(n)) if plan.mode == "full" else list(iter_bits(frozen, n))
+    changed = frozen.count()
+    chunks = list(range(n)) if plan.mode == "full" else list(frozen.iter_set(n))
     total = sum(min(h.chunk_size, tracker.size - c * h.chunk_size) for c in chunks)
     done = 0
     try:
@@ -147,7 +154,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
                 if plan.mode == "incremental":
                     # The checkpoint is the parent plus every chunk stored so far: a complete index of the
                     # disk, so the record may continue from it and forget this batch.
-                    rec.checkpoint(m.snapshot_id, [c for c in batch if frozen[c >> 3] >> (c & 7) & 1])
+                    rec.checkpoint(m.snapshot_id, [c for c in batch if frozen.test(c)])
                 # A full backup's checkpoint only covers the chunks read so far (its base is empty), and the
                 # chunks it has not reached are not marked in the record: continuing from it would restore
                 # them as zeros. Its data is durable (a retry deduplicates it), but the record keeps pointing

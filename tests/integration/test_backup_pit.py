@@ -33,7 +33,6 @@ import pytest
 
 from baton.backup import run_backup
 from baton.cluster.attach import open_tracker
-from baton.record.core import iter_bits
 from baton.record.placement import init_disk, locate
 from baton.repo import Repository
 from baton.restore import restore
@@ -148,7 +147,7 @@ def test_point_in_time_while_a_writer_hammers(tmp_path: Path) -> None:
         w.stop.set()
         w.join(BOUND)
         assert not w.is_alive() and w.error is None
-        dirty = set(iter_bits(loc.record.dirty_bits(), loc.header.nchunks))
+        dirty = set(loc.record.dirty_bits().iter_set(loc.header.nchunks))
         after = {c for off, n in w.writes_in(2) for c in range(off // (16 * KiB), (off + n - 1) // (16 * KiB) + 1)}
         assert after and after <= dirty, f"writes racing the backup lost from the record: {sorted(after - dirty)[:20]}"
     finally:

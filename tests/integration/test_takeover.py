@@ -114,7 +114,7 @@ def test_acknowledged_writes_survive_kill9_takeovers(env: Env, frontend: str) ->
         status = loc.record.status()
     finally:
         loc.close()
-    dirty = {c for c in range(size // CHUNK) if bits[c >> 3] >> (c & 7) & 1}
+    dirty = {c for c in range(size // CHUNK) if bits.test(c)}
     missing = sorted(expected - dirty)
     assert not missing, f"acknowledged writes not in the record: chunks {missing[:20]} (seed {SEED})"
     # Over-reporting is bounded by the writes in flight at the kills (the writer has one outstanding).

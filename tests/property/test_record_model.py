@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from baton.errors import Fenced
 from baton.format.record import BLOCK, PAGE_BITS, PLACEMENT_TAIL, HistoryEntry, RecordHeader, geometry_for
-from baton.record.core import Record, format_record, iter_bits
+from baton.record.core import Record, format_record
 from baton.testing.crashdev import CrashDevice, PowerLoss
 
 CHUNK = 4096
@@ -140,7 +140,7 @@ class RecordMachine(RuleBasedStateMachine):
         self.repo = repo
         self.rec.use_repo(repo)
         bits = self.rec.freeze(f"{self.n:032x}")
-        got = set(iter_bits(bits, NCHUNKS))
+        got = set(bits.iter_set(NCHUNKS))
         assert self.must <= got, f"freeze lost {sorted(self.must - got)[:10]}"
         if self.tracked:  # an incremental reads only these: they must cover this repository's changes
             lost = self.must_repo[repo] - got
@@ -236,7 +236,7 @@ class RecordMachine(RuleBasedStateMachine):
         if not hasattr(self, "dev"):
             return
         reader = Record.load(self.dev)
-        got = set(iter_bits(reader.dirty_bits(), NCHUNKS))
+        got = set(reader.dirty_bits().iter_set(NCHUNKS))
         missing = self.must - got
         assert not missing, f"under-reported chunks {sorted(missing)[:20]}"
         # Over-report bound: anything beyond the model must be in flight at a crash or in a damaged page
@@ -248,7 +248,7 @@ class RecordMachine(RuleBasedStateMachine):
             reg = reader.find_repo(repo)
             if reg is None or not reg.hdr.last_backup:
                 continue  # its next backup is full
-            have = set(iter_bits(reader.repo_dirty_bits(repo), NCHUNKS))
+            have = set(reader.repo_dirty_bits(repo).iter_set(NCHUNKS))
             lost = self.must_repo[repo] - have
             assert not lost, f"under-reported for repository {repo[:4]}: {sorted(lost)[:20]}"
 

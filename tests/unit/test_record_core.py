@@ -8,7 +8,7 @@ import pytest
 
 from baton.errors import Fenced, RecordCorrupt, RecordNotFound
 from baton.format.record import BLOCK, PAGE_BITS, PLACEMENT_TAIL, RecordHeader, geometry_for, sector_bit_range
-from baton.record.core import Record, format_record, iter_bits, popcount
+from baton.record.core import Record, format_record
 from baton.testing.crashdev import CrashDevice, PowerLoss
 
 CHUNK = 4096
@@ -39,13 +39,13 @@ def test_marks_survive_crash_and_takeover() -> None:
     dev.crash("drop")
     b = reopen(dev)
     b.attach("b")
-    assert set(iter_bits(b.dirty_bits())) == {1, 2, 3}
+    assert set(b.dirty_bits().iter_set()) == {1, 2, 3}
     assert b.header.epoch == 2
     b.mark([100])
     dev.crash("tear")
     c = reopen(dev)
     c.attach("c")
-    assert {1, 2, 3, 100} <= set(iter_bits(c.dirty_bits()))
+    assert {1, 2, 3, 100} <= set(c.dirty_bits().iter_set())
 
 
 def test_stale_owner_is_fenced_and_never_writes_again() -> None:
@@ -70,14 +70,14 @@ def test_backup_freeze_checkpoint_commit() -> None:
     a.attach("a")
     a.mark(range(10))
     frozen = a.freeze("ab" * 16)
-    assert set(iter_bits(frozen)) == set(range(10))
+    assert set(frozen.iter_set()) == set(range(10))
     a.mark([50])  # a write during the backup is recorded in the owner slot
     a.checkpoint("cd" * 16, range(5))
     dev.crash("drop")
     b = reopen(dev)
     assert b.header.last_backup == "cd" * 16
     b.attach("b")
-    assert set(iter_bits(b.dirty_bits())) == set(range(5, 10)) | {50}
+    assert set(b.dirty_bits().iter_set()) == set(range(5, 10)) | {50}
 
 
 def test_commit_clears_frozen_and_records_history() -> None:
@@ -107,7 +107,7 @@ def test_abort_merges_frozen_back() -> None:
     a.freeze("33" * 16)
     a.abort_backup()
     assert a.is_marked(7) and a.is_marked(8)
-    assert popcount(a.frozen_bits()) == 0
+    assert a.frozen_bits().count() == 0
 
 
 def test_corrupt_page_marks_only_its_region() -> None:
@@ -123,7 +123,7 @@ def test_corrupt_page_marks_only_its_region() -> None:
     dev.durable[blk * BLOCK + 100] ^= 0xFF
     dev.durable[(blk + 1) * BLOCK + 100] ^= 0xFF
     b = reopen(dev)
-    bits = set(iter_bits(b.dirty_bits()))
+    bits = set(b.dirty_bits().iter_set())
     lo, hi = sector_bit_range(0)
     assert bits == set(range(lo * 8, hi * 8)) | {PAGE_BITS + 100}
     assert any("bitmap page 0" in n for n in b.notes)
@@ -140,7 +140,7 @@ def test_damaged_newest_copy_never_loses_its_marks() -> None:
     blk = a.geo.page_block(region, 0, newest)
     dev.durable[blk * BLOCK + 512 + 7] ^= 0x01  # rot in sector 1 of the newest copy
     b = reopen(dev)
-    bits = set(iter_bits(b.dirty_bits()))
+    bits = set(b.dirty_bits().iter_set())
     assert {2, 4000} <= bits
     lo, hi = sector_bit_range(1)
     assert bits - {2} == set(range(lo * 8, hi * 8))
@@ -157,7 +157,7 @@ def test_torn_write_over_reports_only_in_flight() -> None:
         a.mark([3000])
     dev.crash("tear")
     b = reopen(dev)
-    assert set(iter_bits(b.dirty_bits())) - {3000} == {1, 2}
+    assert set(b.dirty_bits().iter_set()) - {3000} == {1, 2}
     assert not b.notes
 
 

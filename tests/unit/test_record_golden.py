@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from baton.format.bitmap import Bitmap
 from baton.format.record import (
     ANCHOR_BLOCKS,
     BLOCK,
@@ -21,7 +22,7 @@ from baton.format.record import (
     SlotHeader,
     parse_page,
 )
-from baton.record.core import Record, iter_bits
+from baton.record.core import Record
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "format-v1"
 
@@ -87,7 +88,7 @@ def test_record_load_status_and_dirty_bits(golden: tuple[bytes, dict[str, Any]])
     blob, exp = golden
     rec = Record.load(BytesDev(blob[: exp["record_size"]]), record_offset=exp["record_offset"])
     assert rec.notes == [] and not rec.suspect
-    assert sorted(iter_bits(rec.dirty_bits(), rec.header.nchunks)) == exp["dirty_chunks"]
+    assert sorted(rec.dirty_bits().iter_set(rec.header.nchunks)) == exp["dirty_chunks"]
     for reg, e in zip(rec.regions, exp["slots"], strict=True):
         assert (reg.index, reg.hdr.node, reg.hdr.generation, reg.hdr.epoch, reg.hdr.seq,
                 reg.hdr.page_map.hex()) == (e["region"], e["node"], e["generation"], e["epoch"], e["seq"],
@@ -115,7 +116,7 @@ def test_slot_headers_and_pages_decode_exactly(golden: tuple[bytes, dict[str, An
     assert all(not c.damaged for c in copies)
     newest = max((c for c in copies if c.seq is not None), key=lambda c: c.seq or 0)
     assert newest.complete
-    assert sorted(iter_bits(newest.bits, rec.header.nchunks)) == exp["dirty_chunks"]
+    assert sorted(Bitmap.from_bytes(newest.bits).iter_set(rec.header.nchunks)) == exp["dirty_chunks"]
 
 
 def test_history_entry(golden: tuple[bytes, dict[str, Any]]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from test_record_golden import BytesDev
 
 from baton.format.record import ANCHOR_BLOCKS, BLOCK, REGION_REPO, Anchor
-from baton.record.core import Record, iter_bits
+from baton.record.core import Record
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "format-v2"
 
@@ -29,7 +29,7 @@ def test_v2_golden_decodes() -> None:
     h = rec.header
     assert (h.version, h.nrepos, h.nslots, h.owner, h.epoch) == (2, exp["nrepos"], exp["nslots"], "node-b", 2)
     assert (h.seq, h.last_backup, h.backup_seq, h.flags) == (exp["seq"], exp["last_backup"], 1, exp["flags"])
-    assert sorted(iter_bits(rec.dirty_bits(), h.nchunks)) == exp["dirty_chunks"]
+    assert sorted(rec.dirty_bits().iter_set(h.nchunks)) == exp["dirty_chunks"]
     reg = rec.find_repo(exp["repo_id"])
     assert reg is not None and reg.hdr.kind == REGION_REPO and reg.hdr.last_backup == exp["repo_last_backup"]
     assert rec.repo_state(exp["repo_id"]) is not None

@@ -28,6 +28,7 @@ from typing import Any
 
 from baton.device import BlockDev
 from baton.errors import Fenced, RecordCorrupt, RecordError, RecordNotFound, RecordVersionError
+from baton.format.bitmap import Bitmap
 from baton.format.copies import pick_newest, split_blocks
 from baton.format.errors import BadMagic, Blank, FormatError
 from baton.format.record import (
@@ -64,40 +65,6 @@ from baton.format.record import (
 FsProbe = Callable[[], tuple[int, bytes]]  # reads the data disk's file-system markers: (FS_* kind, markers)
 
 
-def popcount(b: bytes | bytearray) -> int:
-    return int.from_bytes(b, "little").bit_count() if b else 0
-
-
-def or_into(dst: bytearray, src: bytes | bytearray) -> None:
-    """dst |= src (same length), fast: one big-int OR instead of a Python loop."""
-    n = len(dst)
-    v = int.from_bytes(dst, "little") | int.from_bytes(src, "little")
-    dst[:] = v.to_bytes(n, "little")
-
-
-def set_bits(bits: bytearray, chunks: Iterable[int]) -> None:
-    for c in chunks:
-        bits[c >> 3] |= 1 << (c & 7)
-
-
-def iter_bits(bits: bytes | bytearray, limit: int | None = None) -> Iterable[int]:
-    """Indices of set bits, ascending (skips zero bytes quickly)."""
-    n = len(bits) if limit is None else min(len(bits), (limit + 7) // 8)
-    mv = memoryview(bits)
-    step = 4096
-    for base in range(0, n, step):
-        blk = mv[base : min(n, base + step)]
-        if not any(blk):
-            continue
-        for j, byte in enumerate(blk):
-            if byte:
-                for i in range(8):
-                    if byte >> i & 1:
-                        c = (base + j) * 8 + i
-                        if limit is None or c < limit:
-                            yield c
-
-
 @dataclass
 class _Region:
     """In-memory state of one region (a node slot or the frozen set)."""
@@ -106,7 +73,7 @@ class _Region:
     hdr: SlotHeader
     page_seq: list[int]
     page_copy: list[int]  # copy holding the current best version (-1: none yet)
-    bits: bytearray | None = None  # loaded lazily (only the owner's slot and the frozen set stay in memory)
+    bits: Bitmap | None = None  # loaded lazily (only the owner's slot and the frozen set stay in memory)
     corrupt_pages: list[int] = field(default_factory=list)
     corrupt_header: bool = False
 
@@ -219,30 +186,30 @@ class Record:
             return reg
         return _Region(r, best, [0] * npages, [-1] * npages)
 
-    def _load_bits(self, reg: _Region) -> bytearray:
+    def _load_bits(self, reg: _Region) -> Bitmap:
         """Read every in-use page of a region. A page with no valid copy marks its whole range dirty."""
         if reg.bits is not None:
             return reg.bits
         npages = self.geo.pages_per_slot
-        bits = bytearray(npages * PAGE_BYTES)
-        pm = reg.hdr.page_map
+        bits = Bitmap(npages * PAGE_BYTES)
+        pm = Bitmap.from_bytes(reg.hdr.page_map)
         for p in range(npages):
-            if not pm[p >> 3] >> (p & 7) & 1:
+            if not pm.test(p):
                 continue
             if reg.corrupt_header:
-                bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = b"\xff" * PAGE_BYTES
+                bits.put_bytes(p * PAGE_BYTES, b"\xff" * PAGE_BYTES)
                 continue
             raw = self.area.pread(self.geo.page_block(reg.index, p, 0) * BLOCK, 2 * BLOCK)
             copies = [parse_page(raw[c * BLOCK : (c + 1) * BLOCK], region=reg.index, page=p, copy=c,
                                  disk_uuid=self.header.disk_uuid, generation=reg.hdr.generation) for c in (0, 1)]
             page_bits, seq, copy, problem = self._resolve_page(copies)
-            bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES] = page_bits
+            bits.put_bytes(p * PAGE_BYTES, page_bits)
             reg.page_seq[p] = seq
             reg.page_copy[p] = copy
             if problem:
                 reg.corrupt_pages.append(p)
                 self.notes.append(f"bitmap page {p} of region {reg.index}: {problem}")
-        self._trim(bits)
+        bits.trim(self.header.nchunks)
         reg.bits = bits
         return bits
 
@@ -266,37 +233,26 @@ class Record:
             if older is not None and older.complete:
                 return older.bits, counter, newest.copy, ""
             return ones, counter, newest.copy, "torn with no complete older copy: whole range marked dirty"
-        base = bytearray(older.bits if older is not None and older.complete else bytes(PAGE_BYTES))
-        nb = newest.bits
-        for i, sseq in enumerate(newest.seqs):  # valid sectors of the newest copy add their bits
+        base = Bitmap.from_bytes(older.bits if older is not None and older.complete else bytes(PAGE_BYTES))
+        valid = Bitmap(PAGE_BYTES)  # the bits held by the valid sectors of the newest copy
+        for i, sseq in enumerate(newest.seqs):
             if sseq is not None:
                 lo, hi = sector_bit_range(i)
-                for j in range(lo, hi):
-                    base[j] |= nb[j]
+                valid.put_bytes(lo, newest.bits[lo:hi])
+        base |= valid
         for i in newest.damaged:
             lo, hi = sector_bit_range(i)
-            base[lo:hi] = b"\xff" * (hi - lo)
-        return bytes(base), counter, newest.copy, (
+            base.put_bytes(lo, b"\xff" * (hi - lo))
+        return bytes(base.data), counter, newest.copy, (
             f"copy {newest.copy} damaged in sector(s) {list(newest.damaged)}: their chunks are marked dirty")
 
-    def _trim(self, bits: bytearray) -> None:
-        """Clear bits past the last chunk (a corrupt last page sets them all)."""
-        n = self.header.nchunks
-        if n % 8:
-            bits[n >> 3] &= (1 << (n & 7)) - 1
-            start = (n >> 3) + 1
-        else:
-            start = n >> 3
-        if start < len(bits):
-            bits[start:] = bytes(len(bits) - start)
-
-    def dirty_bits(self) -> bytearray:
+    def dirty_bits(self) -> Bitmap:
         """Union of every node slot and the frozen set: the chunks changed since the last backup (to any
         repository). A backup to repository R reads this plus R's owed set (:meth:`repo_dirty_bits`)."""
-        out = bytearray(self.geo.pages_per_slot * PAGE_BYTES)
+        out = Bitmap(self.geo.pages_per_slot * PAGE_BYTES)
         for reg in self.regions[: self.geo.frozen_region + 1]:
             if any(reg.hdr.page_map) or reg.corrupt_header:
-                or_into(out, self._load_bits(reg))
+                out |= self._load_bits(reg)
         return out
 
     def history(self) -> list[HistoryEntry]:
@@ -316,7 +272,7 @@ class Record:
     def status(self) -> dict[str, Any]:
         """Offline facts about the record (no writes). Keys documented in docs/cli.md."""
         h = self.header
-        dirty = popcount(self.dirty_bits())
+        dirty = self.dirty_bits().count()
         hist = self.history()
         last = hist[-1] if hist else None
         frozen = self.regions[self.geo.frozen_region]
@@ -348,7 +304,7 @@ class Record:
                 {"region": r.index, "kind": {REGION_NODE: "node", REGION_FROZEN: "frozen"}.get(
                     self.geo.region_kind(r.index), "repo"),
                  "node": r.hdr.node or None, "generation": r.hdr.generation, "epoch": r.hdr.epoch,
-                 "pages_in_use": popcount(r.hdr.page_map)}
+                 "pages_in_use": Bitmap.from_bytes(r.hdr.page_map).count()}
                 for r in self.regions
             ],
             "problems": list(self.notes),
@@ -357,7 +313,7 @@ class Record:
             "repos": [
                 {"region": r.index, "repo_id": r.hdr.repo_id or None, "last_backup": r.hdr.last_backup or None,
                  "lineage": r.hdr.lineage or None, "used_seq": r.hdr.used_seq,
-                 "owed_chunks": popcount(self._load_bits(r)) if r.hdr.repo_id else 0,
+                 "owed_chunks": self._load_bits(r).count() if r.hdr.repo_id else 0,
                  "full_pending": [n for f, n in ((FLAG_RESET, "reset"), (FLAG_SUSPECT, "suspect"),
                                                  (FLAG_UNTRACKED, "untracked")) if r.hdr.repo_flags & f],
                  "unreadable": r.corrupt_header}
@@ -383,9 +339,9 @@ class Record:
         reg.hdr = hdr
         reg.corrupt_header = False
 
-    def _write_page(self, reg: _Region, p: int, bits: bytes | bytearray) -> None:
+    def _write_page(self, reg: _Region, p: int, bits: Bitmap) -> None:
         gen = (reg.hdr.generation & 0xFFFFFFFF) << 32
-        page_bits = bytes(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES])
+        page_bits = bits.slice_bytes(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
         if reg.page_copy[p] < 0:
             # First write of this page in this generation: write both copies (copy 1 with counter 0), so the
             # other copy is never blank. A torn later write then leaves intact sectors of two known versions
@@ -409,7 +365,7 @@ class Record:
         self.area.sync()
         self.stats.metadata_syncs += 1
 
-    def _persist_region(self, reg: _Region, bits: bytearray, pages: Iterable[int] | None = None,
+    def _persist_region(self, reg: _Region, bits: Bitmap, pages: Iterable[int] | None = None,
                         **hdr_changes: Any) -> None:
         """Write ``pages`` (default: all pages that have bits) of ``bits`` into ``reg`` and, if the page map or
         anything else changed, its slot header. No final sync, and ``reg.bits`` is left alone: callers set it
@@ -418,20 +374,20 @@ class Record:
         # valid same-generation copy ever hides outside the map), and a page enters the map only after one valid
         # copy of it is durable (so a torn first write can never leave a mapped page with no valid copy).
         npages = self.geo.pages_per_slot
-        pm = bytearray(reg.hdr.page_map.ljust((npages + 7) // 8, b"\0"))
+        pm = Bitmap.from_bytes(reg.hdr.page_map.ljust((npages + 7) // 8, b"\0"))
         todo = range(npages) if pages is None else sorted(set(pages))
         entering = []
         for p in todo:
-            mapped = pm[p >> 3] >> (p & 7) & 1
-            if mapped or any(bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]):
+            mapped = pm.test(p)
+            if mapped or bits.any_in(p * PAGE_BYTES, (p + 1) * PAGE_BYTES):
                 self._write_page(reg, p, bits)
                 if not mapped:
                     entering.append(p)
-                    pm[p >> 3] |= 1 << (p & 7)
+                    pm.set(p)
         if entering:
             self._sync()
         if entering or hdr_changes:
-            self._write_slot_header(reg, page_map=bytes(pm), **hdr_changes)
+            self._write_slot_header(reg, page_map=bytes(pm.data), **hdr_changes)
 
     def _clear_region(self, reg: _Region, **hdr_changes: Any) -> None:
         """Empty a region: bump its generation (stale pages become invalid) and clear its page map. No sync."""
@@ -441,7 +397,7 @@ class Record:
         reg.page_seq = [0] * npages
         reg.page_copy = [-1] * npages
         reg.corrupt_pages = []
-        reg.bits = bytearray(npages * PAGE_BYTES)
+        reg.bits = Bitmap(npages * PAGE_BYTES)
 
     def check_fence(self) -> None:
         """Raise Fenced (sticky) if the on-disk header carries a newer epoch than ours."""
@@ -568,12 +524,12 @@ class Record:
             mine = next((r for r in nodes if r.hdr.node == node), None)
             if mine is None:
                 mine = next((r for r in nodes if not any(r.hdr.page_map) and not r.corrupt_header), nodes[0])
-            merged = bytearray(self._load_bits(mine))
+            merged = self._load_bits(mine).copy()
             # Repository regions (v2) are per repository, not per node: a takeover leaves them as they are.
             others = [r for r in self.regions[: self.geo.frozen_region + 1]
                       if r is not mine and (any(r.hdr.page_map) or r.corrupt_header)]
             for r in others:
-                or_into(merged, self._load_bits(r))
+                merged |= self._load_bits(r)
             self._persist_region(mine, merged, node=node)
             self._sync()
             mine.bits = merged
@@ -584,7 +540,7 @@ class Record:
                 self._sync()
             frozen = self.regions[self.geo.frozen_region]
             if frozen.bits is None:
-                frozen.bits = bytearray(self.geo.pages_per_slot * PAGE_BYTES)
+                frozen.bits = Bitmap(self.geo.pages_per_slot * PAGE_BYTES)
             self.owner_region = mine.index
             self.attached = True
 
@@ -616,8 +572,18 @@ class Record:
 
     def is_marked(self, chunk: int) -> bool:
         """Durably marked in the owner's slot (no I/O)."""
-        bits = self._mine().bits
-        return bits is not None and bool(bits[chunk >> 3] >> (chunk & 7) & 1)
+        with self._lock:
+            bits = self._mine().bits
+            return bits is not None and bits.test(chunk)
+
+    def is_dirty(self, chunk: int) -> bool:
+        """Changed since the last backup as this owner knows it: durably marked in the owner's slot or in the
+        frozen set of a running (or interrupted) backup. In memory, no I/O; under the record's lock, so it
+        never sees a set half replaced by a commit, freeze or checkpoint."""
+        with self._lock:
+            mine = self._mine().bits if self.owner_region is not None else None
+            frozen = self.regions[self.geo.frozen_region].bits
+            return (mine is not None and mine.test(chunk)) or (frozen is not None and frozen.test(chunk))
 
     def mark(self, chunks: Iterable[int]) -> None:
         """Make ``chunks`` durably marked before returning. Concurrent callers share one metadata write + sync
@@ -627,7 +593,7 @@ class Record:
             self.stats.marks += 1
             bits = self._mine().bits
             assert bits is not None
-            need = [c for c in chunks if not bits[c >> 3] >> (c & 7) & 1]
+            need = bits.missing(chunks)
             if not need:
                 if self._broken is not None:
                     raise self._broken
@@ -638,7 +604,7 @@ class Record:
             while True:
                 bits = self._mine().bits
                 assert bits is not None
-                if all(bits[c >> 3] >> (c & 7) & 1 for c in need):
+                if bits.all_set(need):
                     return
                 if self._broken is not None:
                     raise self._broken
@@ -666,8 +632,8 @@ class Record:
         self.check_fence()
         reg = self._mine()
         assert reg.bits is not None
-        new = bytearray(reg.bits)
-        set_bits(new, batch)
+        new = reg.bits.copy()
+        new.set_all(batch)
         self._persist_region(reg, new, {c // PAGE_BITS for c in batch})
         self._sync()
         reg.bits = new  # the in-memory set changes only once the marks are durable
@@ -705,7 +671,7 @@ class Record:
         return {"last_backup": reg.hdr.last_backup, "lineage": reg.hdr.lineage,
                 "flags": h.flags | reg.hdr.repo_flags, "region": reg.index}
 
-    def repo_dirty_bits(self, repo_id: str) -> bytearray:
+    def repo_dirty_bits(self, repo_id: str) -> Bitmap:
         """The chunks a backup to ``repo_id`` must read: node slots, the frozen set and the repository's owed set.
         For a repository the record does not track this is every chunk (its next backup is full)."""
         out = self.dirty_bits()
@@ -713,9 +679,9 @@ class Record:
             return out
         reg = self.find_repo(repo_id)
         if reg is None:
-            return bytearray(b"\xff" * len(out)) if self.repo_state(repo_id) is None else out
-        or_into(out, self._load_bits(reg))
-        self._trim(out)
+            return Bitmap(len(out), fill=True) if self.repo_state(repo_id) is None else out
+        out |= self._load_bits(reg)
+        out.trim(self.header.nchunks)
         return out
 
     def use_repo(self, repo_id: str | None) -> None:
@@ -744,18 +710,18 @@ class Record:
         self._sync()
         return reg
 
-    def _owe(self, chunks_bits: bytes | bytearray, skip: _Region | None, flags: int = 0) -> None:
+    def _owe(self, chunks_bits: Bitmap, skip: _Region | None, flags: int = 0) -> None:
         """OR ``chunks_bits`` into the owed set of every tracked repository region but ``skip``, and add
         ``flags`` to their owed full-backup flags. Durable on return (write, then the caller may clear)."""
         targets = [r for r in self.repo_regions() if r is not skip and r.hdr.repo_id and not r.corrupt_header]
         if not targets:
             return
         pages = {p for p in range(self.geo.pages_per_slot)
-                 if any(chunks_bits[p * PAGE_BYTES : (p + 1) * PAGE_BYTES])}
+                 if chunks_bits.any_in(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)}
         staged = []
         for q in targets:
-            qb = bytearray(self._load_bits(q))
-            or_into(qb, chunks_bits)
+            qb = self._load_bits(q).copy()
+            qb |= chunks_bits
             new_flags = q.hdr.repo_flags | flags
             if pages or new_flags != q.hdr.repo_flags:
                 self._persist_region(q, qb, pages, **({"repo_flags": new_flags}
@@ -768,7 +734,7 @@ class Record:
 
     # ---------------------------------------------------------------------------------------------- backups
 
-    def freeze(self, backup_id: str) -> bytearray:
+    def freeze(self, backup_id: str) -> Bitmap:
         """Backup start: the owner's set (plus any frozen set left by an interrupted backup on this node) becomes
         the frozen set, durably, then the owner's slot is cleared. Returns the frozen bits (a copy).
         The caller must have drained in-flight writes (the tracker's write barrier)."""
@@ -780,24 +746,25 @@ class Record:
             assert mine.bits is not None and frozen.bits is not None
             repo_id = getattr(self, "_next_repo", None)
             self.backup_repo = self._take_repo_region(repo_id) if repo_id else None
-            fbits = bytearray(frozen.bits)
-            or_into(fbits, mine.bits)
+            fbits = frozen.bits.copy()
+            fbits |= mine.bits
             self._persist_region(frozen, fbits, backup_id=backup_id)
             self._sync()
             frozen.bits = fbits
             self._clear_region(mine)
             self._sync()
-            out = bytearray(fbits)
+            out = fbits.copy()
             if self.backup_repo is not None:
                 # The chunks owed to this repository (stored into others since its last backup) are read too.
-                or_into(out, self._load_bits(self.backup_repo))
-                self._trim(out)
+                out |= self._load_bits(self.backup_repo)
+                out.trim(self.header.nchunks)
             return out
 
-    def frozen_bits(self) -> bytearray:
+    def frozen_bits(self) -> Bitmap:
+        """A copy of the frozen set (empty when not loaded)."""
         with self._lock:
             b = self.regions[self.geo.frozen_region].bits
-            return bytearray(b) if b is not None else bytearray()
+            return b.copy() if b is not None else Bitmap()
 
     def checkpoint(self, snapshot_id: str, chunks: Iterable[int]) -> None:
         """A batch of frozen chunks is stored in the repository and referenced by committed checkpoint
@@ -813,25 +780,22 @@ class Record:
             if rr is not None:
                 # v2: the frozen chunks of the batch leave the record, so every other repository must owe them
                 # first (durable); then this repository's region points at the checkpoint (durable).
-                leaving = bytearray(len(frozen.bits))
-                set_bits(leaving, (c for c in chunks if frozen.bits[c >> 3] >> (c & 7) & 1))
+                leaving = Bitmap(len(frozen.bits))
+                leaving.set_all(c for c in chunks if frozen.bits.test(c))
                 self._owe(leaving, rr)
                 self._write_slot_header(rr, last_backup=snapshot_id, lineage=self.header.lineage,
                                         used_seq=self.header.seq)
             else:
                 self._write_header(replace(self.header, last_backup=snapshot_id))
             self._sync()
-            fbits = bytearray(frozen.bits)
-            pages = set()
-            for c in chunks:
-                fbits[c >> 3] &= ~(1 << (c & 7)) & 0xFF
-                pages.add(c // PAGE_BITS)
+            fbits = frozen.bits.copy()
+            fbits.clear_all(chunks)
+            pages = {c // PAGE_BITS for c in chunks}
             self._persist_region(frozen, fbits, pages)
             rbits = None
             if rr is not None:
-                rbits = bytearray(self._load_bits(rr))
-                for c in chunks:
-                    rbits[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+                rbits = self._load_bits(rr).copy()
+                rbits.clear_all(chunks)
                 self._persist_region(rr, rbits, pages)
             self._sync()
             frozen.bits = fbits
@@ -846,9 +810,9 @@ class Record:
             mine = self._mine()
             frozen = self.regions[self.geo.frozen_region]
             assert mine.bits is not None and frozen.bits is not None
-            if any(frozen.bits):
-                merged = bytearray(mine.bits)
-                or_into(merged, frozen.bits)
+            if frozen.bits.any():
+                merged = mine.bits.copy()
+                merged |= frozen.bits
                 self._persist_region(mine, merged)
                 self._sync()
                 mine.bits = merged
@@ -902,7 +866,7 @@ class Record:
         with self._lock:
             b = self._mine().bits if self.owner_region is not None else None
             f = self.regions[self.geo.frozen_region].bits
-            return popcount(b or b"") + popcount(f or b"")
+            return (b.count() if b is not None else 0) + (f.count() if f is not None else 0)
 
 
 # -------------------------------------------------------------------------------------------------- formatting

@@ -22,6 +22,7 @@ from typing import Any
 
 from baton.device import BlockDev
 from baton.errors import BatonError
+from baton.format.bitmap import Bitmap
 from baton.record.core import Record
 
 CBW_MEMORY_LIMIT = 256 << 20
@@ -125,7 +126,7 @@ class Tracker:
         self.spill_dir = spill_dir
         self._barrier = _RWBarrier()
         self._cbw_lock = threading.Lock()
-        self._cbw_pending: bytearray | None = None  # frozen chunks the backup has not read yet
+        self._cbw_pending: Bitmap | None = None  # frozen chunks the backup has not read yet
         self._cbw: _CbwStore | None = None
         self._stats_lock = threading.Lock()
         self.stats = {"writes": 0, "reads": 0, "flushes": 0, "discards": 0, "write_zeroes": 0, "bytes_in": 0,
@@ -161,10 +162,10 @@ class Tracker:
             if pending is None:
                 return
             for c in chunks:
-                if pending[c >> 3] >> (c & 7) & 1:
+                if pending.test(c):
                     assert self._cbw is not None
                     self._cbw.put(c, self._read_chunk_raw(c))
-                    pending[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+                    pending.clear(c)
                     self._count("cbw_copies")
 
     def _read_chunk_raw(self, c: int) -> bytes:
@@ -224,10 +225,9 @@ class Tracker:
             self._barrier.leave()
 
     def is_dirty(self, chunk: int) -> bool:
-        if self.record.is_marked(chunk):
-            return True
-        frozen = self.record.regions[self.record.geo.frozen_region].bits
-        return bool(frozen is not None and frozen[chunk >> 3] >> (chunk & 7) & 1)
+        """Changed since the last backup: marked by this owner or frozen for a backup (the record decides,
+        under its lock)."""
+        return self.record.is_dirty(chunk)
 
     def dirty_extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(start, length, dirty) runs covering [offset, offset+length): changed since the last backup."""
@@ -251,7 +251,7 @@ class Tracker:
 
     # ----------------------------------------------------------------------------------------------- backup
 
-    def begin_backup(self, backup_id: str, *, full: bool = False) -> bytearray:
+    def begin_backup(self, backup_id: str, *, full: bool = False) -> Bitmap:
         """Freeze point. Drains in-flight writes, freezes the record's set, and arms copy-before-write for the
         chunks this backup will read (the frozen set, or every chunk for a full backup). Returns the frozen
         bits."""
@@ -259,12 +259,7 @@ class Tracker:
         try:
             frozen = self.record.freeze(backup_id)
             n = self.record.header.nchunks
-            if full:
-                pending = bytearray(b"\xff" * ((n + 7) // 8))
-                if n % 8:
-                    pending[-1] = (1 << (n % 8)) - 1
-            else:
-                pending = bytearray(frozen[: (n + 7) // 8])
+            pending = Bitmap.first_n(n) if full else Bitmap.from_bytes(frozen.data[: (n + 7) // 8])
             with self._cbw_lock:
                 self._cbw = _CbwStore(self.spill_dir)
                 self._cbw_pending = pending
@@ -288,7 +283,7 @@ class Tracker:
                 if saved is not None:
                     lo = (c - first) * self.chunk_size
                     buf[lo : lo + len(saved)] = saved
-                pending[c >> 3] &= ~(1 << (c & 7)) & 0xFF
+                pending.clear(c)
         return bytes(buf)
 
     def end_backup(self) -> dict[str, int]:
