@@ -57,7 +57,7 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
     if flags & FLAG_RESET:
         return Plan("full", "record reset: its change history starts now", None)
     if flags & FLAG_UNTRACKED:
-        why = next((n for n in rec.notes if n.startswith("written while not attached")), "")
+        why = rec.fs_check.get("why", "") if rec.fs_check.get("changed") else ""  # this attach's comparison
         return Plan("full", (why or "written while not attached: the file system on the disk changed while no "
                              "Baton owner tracked it")[:200], None)
     if flags & FLAG_SUSPECT or rec.suspect:

@@ -27,7 +27,16 @@
     ├── DaemonError                 exit 8   the per-disk daemon or agent is not reachable / died
     └── VerifyFailed                exit 9   verify found missing or corrupt data (the report names it)
 
-Exit codes are mapped in exactly one place: :data:`EXIT_CODES` (used only by ``baton.cli``).
+Exit codes are mapped in exactly one place: :data:`EXIT_CODES`, read through :func:`exit_code` by ``baton.cli``
+(and by the per-disk daemon for its own exit status). Besides it the CLI only knows 0 (success), 1 (an internal
+error: a bug, printed without a traceback) and 130 (interrupted).
+
+Below this tree sits the format layer's own: :mod:`baton.format.errors` (``FormatError`` -> ``Truncated``,
+``BadMagic`` -> ``Blank``, ``BadVersion``, ``BadLength``, ``BadChecksum``, ``BadIdentity`` -> ``OtherDiskSize``,
+``BadValue``), each carrying what / expected / found. Codecs raise those; the layer that read the bytes decides
+what they mean (``baton.record``: RecordNotFound / RecordVersionError / WrongDisk / RecordCorrupt; repository
+objects raise kinds that are also ``RepoCorrupt``). Errors are told apart by their type, never by their text.
+
 Nothing here is swallowed: a layer either handles an error completely or lets it rise.
 """
 

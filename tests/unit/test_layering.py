@@ -36,7 +36,7 @@ LAYERS: dict[str, int] = {
     "device": 2, "storage": 2, "host": 2, "record": 2,
     "tracker": 3,
     "repo": 4,
-    "backup": 5, "restore": 5, "verify": 5,
+    "backup": 5, "restore": 5, "verify": 5, "diff": 5, "rollback": 5,
     "frontends": 6, "cluster": 6, "daemon": 6,
     "agent": 7,
     "testing": 8,
@@ -300,3 +300,37 @@ def test_the_checker_finds_a_cycle_inside_a_package(tmp_path: Path) -> None:
     assert violations(root) == []
     assert sorted(package_cycles(root)) == [["baton.repo.a", "baton.repo.b", "baton.repo.c"],
                                             ["baton.repo.repository", "baton.repo.writer"]]
+
+
+# ------------------------------------------------------------------------------------------- exit codes
+
+# Where a literal exit status may appear: the CLI's top level (0 success, 1 internal error, 130 interrupted).
+EXIT_LITERALS_ALLOWED = {"baton.cli": {0, 1, 130}}
+
+
+def literal_exits(root: Path) -> list[str]:
+    """``sys.exit(N)``, ``os._exit(N)``, ``SystemExit(N)`` and ``click``'s ``ctx.exit(N)`` with a literal N other
+    than where allowed: exit codes come from ``baton.errors.exit_code`` (STYLE §10)."""
+    bad = []
+    for module, path in _modules(root).items():
+        for node in ast.walk(_tree_of(path)):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            arg = node.args[0]
+            if name in {"exit", "_exit", "SystemExit", "Exit"} and isinstance(arg, ast.Constant) \
+                    and isinstance(arg.value, int) and arg.value not in EXIT_LITERALS_ALLOWED.get(module, set()):
+                bad.append(f"{path.relative_to(root)}:{node.lineno}: {name}({arg.value})")
+    return bad
+
+
+def test_exit_codes_come_from_the_one_mapping() -> None:
+    bad = literal_exits(SRC)
+    assert not bad, "exit statuses set outside baton.errors.EXIT_CODES:\n" + "\n".join(bad)
+
+
+def test_the_checker_finds_a_literal_exit_status(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {"baton/daemon/server.py": "import sys\ndef f():\n    sys.exit(5)\n",
+                            "baton/cli/__init__.py": "import sys\nsys.exit(130)\n"})
+    assert literal_exits(root) == ["baton/daemon/server.py:3: exit(5)"]
