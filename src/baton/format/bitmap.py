@@ -12,9 +12,11 @@ Not thread-safe: the owner (``Record``, under its lock; the tracker, under its c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
-_SCAN = 4096  # bytes skipped at once when looking for set bits
+_NONZERO = re.compile(rb"[^\x00]")  # finds the next byte holding a set bit
+_BLOCK = 64 << 10  # bytes checked for "all zero" at once
 
 
 class Bitmap:
@@ -120,21 +122,24 @@ class Bitmap:
         return Bitmap.from_bytes(self.data)
 
     def iter_set(self, limit: int | None = None) -> Iterator[int]:
-        """Indices of set bits below ``limit`` (default: all), ascending; zero blocks are skipped quickly."""
+        """Indices of set bits below ``limit`` (default: all), ascending. All-zero 64 KiB blocks are skipped by
+        one C-level count each, and zero bytes inside a block by the regex engine, so a sparse set of a large
+        disk costs about what is set (2^28 bits, 100,000 set: well under a second)."""
         d = self.data
         n = len(d) if limit is None else min(len(d), (limit + 7) // 8)
-        mv = memoryview(d)
-        for base in range(0, n, _SCAN):
-            blk = mv[base : min(n, base + _SCAN)]
-            if not any(blk):
+        for lo in range(0, n, _BLOCK):
+            hi = min(n, lo + _BLOCK)
+            if d.count(0, lo, hi) == hi - lo:
                 continue
-            for j, byte in enumerate(blk):
-                if byte:
-                    for k in range(8):
-                        if byte >> k & 1:
-                            i = (base + j) * 8 + k
-                            if limit is None or i < limit:
-                                yield i
+            for m in _NONZERO.finditer(d, lo, hi):
+                base = m.start() * 8
+                byte = d[m.start()]
+                for k in range(8):
+                    if byte >> k & 1:
+                        i = base + k
+                        if limit is not None and i >= limit:
+                            return
+                        yield i
 
     def runs(self, limit: int | None = None) -> Iterator[tuple[int, int]]:
         """(first, count) runs of consecutive set bits, ascending."""
