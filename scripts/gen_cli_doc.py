@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -42,23 +43,32 @@ formats in [format.md](format.md); cluster set-up in [operations.md](operations.
 """
 
 
-def render() -> str:
-    out = [INTRO]
-    ctx = click.Context(cli, info_name="baton", terminal_width=110, max_content_width=110)
-    out.append("## baton\n\n```\n" + cli.get_help(ctx) + "\n```\n")
+def walk(width: int = 110) -> Iterator[tuple[str, click.Command, click.Context]]:
+    """Every documented command, in docs/cli.md's order: ("baton", the group, its context), then
+    ("baton NAME", ...) for each command that is not hidden, and ("baton NAME SUB", ...) for a group's
+    subcommands. The man pages (packaging/man/gen_man.py) walk the same list."""
+    ctx = click.Context(cli, info_name="baton", terminal_width=width, max_content_width=width)
+    yield "baton", cli, ctx
     for name in COMMANDS:
         if name in HIDDEN:
             continue
         cmd = cli.get_command(ctx, name)
         if cmd is None:
             continue
-        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=110, max_content_width=110)
-        out.append(f"## baton {name}\n\n```\n" + cmd.get_help(sub) + "\n```\n")
+        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=width, max_content_width=width)
+        yield f"baton {name}", cmd, sub
         if isinstance(cmd, click.Group):
             for sname, scmd in cmd.commands.items():
-                ssub = click.Context(scmd, info_name=sname, parent=sub, terminal_width=110,
-                                     max_content_width=110)
-                out.append(f"### baton {name} {sname}\n\n```\n" + scmd.get_help(ssub) + "\n```\n")
+                ssub = click.Context(scmd, info_name=sname, parent=sub, terminal_width=width,
+                                     max_content_width=width)
+                yield f"baton {name} {sname}", scmd, ssub
+
+
+def render() -> str:
+    out = [INTRO]
+    for path, cmd, ctx in walk():
+        heading = "###" if path.count(" ") == 2 else "##"
+        out.append(f"{heading} {path}\n\n```\n" + cmd.get_help(ctx) + "\n```\n")
     return "\n".join(out)
 
 

@@ -3,7 +3,8 @@
 #
 # Usage: scripts/setup.sh [runtime|test|bench]
 #   runtime  the tools Baton itself runs (FUSE, loop, blkid, mkfs, debugfs/xfs_db, NBD clients)
-#   test     runtime + what the tests drive: fio, Pacemaker/Corosync, restic, borg
+#   test     runtime + what the tests drive: fio, Pacemaker/Corosync, restic, borg, debootstrap and dpkg-dev
+#            (the package test), prometheus (promtool, for the alert rules)
 #   bench    test + plotting
 #
 # Idempotent and quiet: packages already present are not reinstalled, and the virtualenv at .venv is reused.
@@ -12,7 +13,8 @@ cd "$(dirname "$0")/.."
 level=${1:-runtime}
 
 runtime_pkgs=(fuse3 libfuse3-3 util-linux e2fsprogs xfsprogs attr kmod qemu-utils libnbd-bin)
-test_pkgs=(fio restic borgbackup pacemaker pacemaker-cli-utils corosync crmsh resource-agents iproute2 procps psmisc)
+test_pkgs=(fio restic borgbackup pacemaker pacemaker-cli-utils corosync crmsh resource-agents iproute2 procps psmisc
+           debootstrap dpkg-dev git prometheus)  # the packaging tier; promtool checks the alert rules
 pkgs=("${runtime_pkgs[@]}")
 case "$level" in
   runtime) ;;
