@@ -16,6 +16,10 @@ baton_first_touch_total                counter  writes that had to mark a clean 
 baton_last_backup_timestamp_seconds    gauge    end of the last *successful* backup (any node; unix time)
 baton_last_backup_age_seconds          gauge    now minus the above
 baton_last_backup_success              gauge    1 if the last backup attempt known here succeeded, else 0
+baton_daemon_failed                    gauge    1 for an attachment on this node that is not served, with
+                                                label ``failure``: died, fenced, unreachable or frontend
+baton_record_suspect                   gauge    1 when the record saw damage that may hide marks (the next
+                                                backup is full), else 0
 =====================================  =======  ==========================================================
 
 Counters restart from zero with the daemon (a takeover, a restart); Prometheus' ``rate()`` handles that.
@@ -45,6 +49,7 @@ class DiskSample:
     name: str
     disk_uuid: str = ""
     status: Mapping[str, Any] | None = None  # the daemon's live status; None when not attached or unreachable
+    failure: str | None = None  # why an attachment on this node is not served (died, fenced, unreachable)
 
 
 def last_backup(status: Mapping[str, Any]) -> tuple[float | None, int | None]:
@@ -78,14 +83,23 @@ def families(samples: Iterable[DiskSample], now: float) -> list[Metric]:
                               labels=LABELS)
     g_ok = GaugeMetricFamily("baton_last_backup_success", "1 if the last known backup attempt succeeded",
                              labels=LABELS)
+    g_failed = GaugeMetricFamily("baton_daemon_failed", "1 for an attachment here that is not served (label "
+                                 "failure: died, fenced, unreachable, frontend)", labels=[*LABELS, "failure"])
+    g_suspect = GaugeMetricFamily("baton_record_suspect", "1 when the record may have lost marks (next backup "
+                                  "is full)", labels=LABELS)
     for s in samples:
         st = s.status
         uuid = s.disk_uuid or (str(st.get("disk_uuid") or "") if st else "")
         labels = [s.name, uuid]
         running = st is not None and st.get("state", "running") == "running"
         g_att.add_metric(labels, 1.0 if running else 0.0)
+        failure = s.failure or (str(st.get("failure") or "frontend") if st is not None and not running else None)
+        if failure:
+            g_failed.add_metric([*labels, failure], 1.0)
         if st is None:
             continue
+        if st.get("suspect") is not None:
+            g_suspect.add_metric(labels, 1.0 if st["suspect"] else 0.0)
         if st.get("dirty_bytes") is not None:
             g_dirty.add_metric(labels, float(st["dirty_bytes"]))
         if st.get("epoch") is not None:
@@ -99,7 +113,7 @@ def families(samples: Iterable[DiskSample], now: float) -> list[Metric]:
             g_age.add_metric(labels, max(0.0, now - ok_end))
         if ok is not None:
             g_ok.add_metric(labels, float(ok))
-    return [g_att, g_dirty, g_epoch, c_writes, c_syncs, c_first, g_ts, g_age, g_ok]
+    return [g_att, g_dirty, g_epoch, c_writes, c_syncs, c_first, g_ts, g_age, g_ok, g_failed, g_suspect]
 
 
 class StatusCollector(Collector):
