@@ -120,6 +120,9 @@ def test_deb_installs_upgrades_under_an_attachment_and_purges_clean(tmp_path: Pa
             mans = ch.sh("ls /usr/share/man/man8").stdout.split()
             assert {"baton.8.gz", "baton-backup.8.gz", "baton-attach.8.gz", "baton-repo-init.8.gz"} <= set(mans)
             assert "Back up a disk" in ch.sh("zcat /usr/share/man/man8/baton-backup.8.gz").stdout
+            for f in ("/usr/share/baton/grafana/baton.json", "/usr/share/baton/prometheus/baton-rules.yml",
+                      "/usr/share/doc/baton/README.Debian", "/usr/share/doc/baton/copyright"):
+                assert ch.path(f).is_file(), f
             # The system's Python is untouched: baton's modules are only in its own tree.
             assert ch.sh("python3 -c 'import baton'", check=False).returncode != 0
 
