@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
 SIDEWAYS: set[tuple[str, str]] = {
     ("record", "device"), ("record", "host"),  # placement opens devices and refuses busy ones
     ("daemon", "frontends"),  # the per-disk daemon starts and stops a Frontend
+    ("rollback", "diff"),  # rollback writes the chunks that differ between two snapshots
     ("cluster", "frontends"),  # cluster/attach.py, until the daemon package replaces it (issue 10)
     ("__main__", "cli"),
 }
