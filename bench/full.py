@@ -71,8 +71,9 @@ def _baton_rep(ctx: Context, img: Path, root: Path, check_identical: bool, s: di
     snap = str(out.get("snapshot", ""))
     s["backup"].add({"wall_s": m.wall_s, "bytes_read": m.read_bytes, "bytes_stored": tree_bytes(repo),
                      "peak_rss_bytes": m.peak_rss_bytes, "cpu_s": m.cpu_s},
-                    {**m.to_json(), "reported": {k: out.get(k) for k in ("snapshot", "mode", "reason",
-                                                                         "bytes_read", "bytes_stored")}})
+                    {**m.to_json(), "reported": {k: out.get(k) for k in (
+                        "snapshot", "mode", "reason", "bytes_read", "bytes_stored", "holes_skipped_bytes",
+                        "plan_s", "read_s", "store_s", "commit_s", "pipeline_s", "peak_rss_bytes")}})
     target = root / "restored.img"
     ctx.cold_for("baton", "restore", img)
     rm = b.restore(snap, str(repo), target, os.path.getsize(img))

@@ -119,7 +119,8 @@ def _timed_baton(ctx: Context, disk: _Disk, repo: Path, full: bool, changed: int
         "daemon_read_bytes": daemon_read,
         "device_read_bytes_systemwide": (sec1 - sec0) * 512 if sec0 is not None and sec1 is not None else None,
         "reported": {k: out.get(k) for k in ("snapshot", "mode", "reason", "bytes_read", "bytes_stored",
-                                              "chunks_changed", "duration_s", "node")},
+                                              "chunks_changed", "duration_s", "node", "plan_s", "read_s",
+                                              "store_s", "commit_s", "pipeline_s", "peak_rss_bytes")},
         "changed_bytes": changed,
     }
     return metrics, detail

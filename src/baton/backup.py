@@ -19,18 +19,28 @@ Order of events (docs/design.md "Backup"):
 from __future__ import annotations
 
 import os
+import resource
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from baton.errors import ObjectNotFound, RepoCorrupt
+from baton.device import data_extents
+from baton.errors import ObjectNotFound, RepoCorrupt, UsageError
 from baton.format.record import FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, HistoryEntry
 from baton.repo import DiskIdentity, Manifest, Repository
+from baton.repo.writer import BackupWriter
 from baton.tracker.core import Tracker
 
 DEFAULT_BATCH_CHUNKS = 4096  # the seed's "every N chunks": 256 MiB at 64 KiB chunks
-MAX_RUN = 16  # chunks per disk read (1 MiB at 64 KiB)
+BATCH_CHUNKS_ENV = "BATON_BATCH_CHUNKS"  # overrides DEFAULT_BATCH_CHUNKS (tests: frequent checkpoints)
+RUN_BYTES = 4 << 20  # bytes per disk read (64 chunks at 64 KiB)
+MAX_RUN = 16  # kept for callers of _runs; the engine uses RUN_BYTES // chunk size
+READ_DEPTH = 8  # disk reads in flight
+HOLE_RUN_BYTES = 64 << 20  # longest run of hole chunks handed over at once (full backups of image files)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -97,86 +107,212 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
     return Plan("incremental", "", parent)
 
 
-def _runs(chunks: list[int], max_run: int = MAX_RUN) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
+def _runs(chunks: Iterable[int], max_run: int = MAX_RUN) -> Iterator[tuple[int, int]]:
+    """(first, count) runs of consecutive chunks, at most ``max_run`` long."""
+    first = count = 0
     for c in chunks:
-        if out and out[-1][0] + out[-1][1] == c and out[-1][1] < max_run:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((c, 1))
-    return out
+        if count and first + count == c and count < max_run:
+            count += 1
+            continue
+        if count:
+            yield first, count
+        first, count = c, 1
+    if count:
+        yield first, count
+
+
+def _full_runs(tracker: Tracker, n: int, max_run: int, hole_run: int) -> Iterator[tuple[int, int, bool]]:
+    """(first, count, hole) runs over the whole disk for a full backup. Where the data device is a file that
+    can say (SEEK_DATA/SEEK_HOLE), chunks lying wholly in holes form hole runs of up to ``hole_run`` chunks,
+    which are not read (the read re-checks at read time, see ``Tracker.read_frozen_run``). A block device
+    can't say (see ``device_has_data``): every chunk is read."""
+    cs = tracker.chunk_size
+    window = max(hole_run, max_run) * cs * 16
+    pos = 0
+    while pos < n:
+        end = min(n, pos + window // cs)
+        ext = data_extents(tracker.data, pos * cs, min(end * cs, tracker.size) - pos * cs)
+        if ext is None:
+            yield from ((f, c, False) for f, c in _runs(range(pos, end), max_run))
+            pos = end
+            continue
+        c = pos
+        for start, stop in ext:
+            lo, hi = start // cs, min(end, (stop + cs - 1) // cs)
+            while c < lo:  # hole before this extent
+                k = min(hole_run, lo - c)
+                yield c, k, True
+                c += k
+            while c < hi:
+                k = min(max_run, hi - c)
+                yield max(c, lo), k, False
+                c += k
+        while c < end:
+            k = min(hole_run, end - c)
+            yield c, k, True
+            c += k
+        pos = end
+
+
+def batch_chunks_default() -> int:
+    """Chunks per checkpoint: BATON_BATCH_CHUNKS when set (tests that want frequent checkpoints at small
+    chunk sizes), else DEFAULT_BATCH_CHUNKS. UsageError for a value that is not a positive integer."""
+    raw = os.environ.get(BATCH_CHUNKS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BATCH_CHUNKS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{BATCH_CHUNKS_ENV}={raw!r}: expected a positive number of chunks",
+                         hint=f"unset it, or set it to e.g. {DEFAULT_BATCH_CHUNKS}")
+    return value
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "", full: bool = False,
-               batch_chunks: int = DEFAULT_BATCH_CHUNKS, progress: Progress | None = None,
-               fault: Callable[[str], None] | None = None) -> dict[str, Any]:
+               batch_chunks: int | None = None, progress: Progress | None = None,
+               fault: Callable[[str], None] | None = None,
+               around_freeze: Callable[[], AbstractContextManager[Any]] | None = None) -> dict[str, Any]:
     """Back up the tracked disk into ``repo``. Returns the result dict printed by ``baton backup --json``.
 
     ``fault`` (tests only) is called at named points ("after-freeze", "after-batch", "before-commit",
-    "after-commit") so fault-injection tests can kill the process exactly there.
+    "after-commit") so fault-injection tests can kill the process exactly there. ``batch_chunks`` (default:
+    :func:`batch_chunks_default`) is the checkpoint interval.
+
+    Pipeline: up to READ_DEPTH runs of frozen chunks (RUN_BYTES each, one O_DIRECT read per run) are read by
+    a thread pool while this thread hands the chunks, as views of the run's buffer (no per-chunk copy), to
+    the writer, whose own pool hashes, compresses and encrypts them (the libraries release the GIL) and whose
+    uploader stores sealed packs. Full backups of image files skip holes (see :func:`_full_runs`).
+
+    Memory bound (at most, besides the interpreter): READ_DEPTH x RUN_BYTES of read buffers (32 MiB), one
+    hole run that turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the writer's
+    bound (``baton.repo.writer``: about 3 packs of 32 MiB plus MAX_INFLIGHT chunks), and copy-before-write's
+    saved chunks (in memory up to the tracker's limit, then spilled to a file).
+
+    The result's ``timings``: plan_s (plan, open the writer under the shared lock and catch up the index,
+    freeze), read_s (this thread waiting for reads), store_s (this thread in the writer: hashing and
+    compression it waits for, pack sealing, uploads, checkpoints), commit_s (manifest, record history,
+    frozen set cleared), pipeline_s (wall time of reading and storing, which overlap), and
+    ``peak_rss_bytes`` of the process that ran the backup (the daemon for an attached disk: its lifetime peak).
     """
     rec = tracker.record
     h = rec.header
+    t0 = time.time()
+    if batch_chunks is None:
+        batch_chunks = batch_chunks_default()
     disk = DiskIdentity(disk_uuid=h.disk_uuid, size=tracker.size, chunk_size=h.chunk_size, fs_uuid=h.fs_uuid,
                         name=name)
     plan = plan_backup(tracker, repo, disk, full=full)
-    t0 = time.time()
     snapshot_id = os.urandom(16).hex()
-    w = repo.begin_backup(disk, parent=plan.parent, node=node, mode=plan.mode, reason=plan.reason,
-                          lineage=h.lineage, snapshot_id=snapshot_id)
+    w = BackupWriter(repo, disk, parent=plan.parent, node=node, mode=plan.mode, reason=plan.reason,
+                     lineage=h.lineage, snapshot_id=snapshot_id)
     try:
-        frozen = tracker.begin_backup(snapshot_id, full=plan.mode == "full")
+        if around_freeze is None:
+            frozen = tracker.begin_backup(snapshot_id, full=plan.mode == "full")
+        else:  # e.g. fsfreeze and --pre/--post hooks (baton.freeze): quiet at the freeze point, and only there
+            with around_freeze():
+                frozen = tracker.begin_backup(snapshot_id, full=plan.mode == "full")
     except BaseException:
         w.abort()
         raise
     t_freeze = time.time()
     n = h.nchunks
+    cs = h.chunk_size
     changed = frozen.count()
-    chunks = list(range(n)) if plan.mode == "full" else list(frozen.iter_set(n))
-    total = sum(min(h.chunk_size, tracker.size - c * h.chunk_size) for c in chunks)
+    max_run = max(1, RUN_BYTES // cs)
+    hole_run = max(1, HOLE_RUN_BYTES // cs)
+    if plan.mode == "full":
+        nread = n
+        total = tracker.size
+        runs: Iterator[tuple[int, int, bool]] = _full_runs(tracker, n, max_run, hole_run)
+    else:
+        nread = changed
+        total = changed * cs - (cs - (tracker.size - (n - 1) * cs) if frozen.test(n - 1)
+                                else 0)
+        runs = ((f, c, False) for f, c in _runs(frozen.iter_set(n), max_run))
     done = 0
+    read_wait = store_time = 0.0
+    pool = ThreadPoolExecutor(max_workers=READ_DEPTH, thread_name_prefix="baton-read")
+    inflight: deque[tuple[int, int, Future[list[memoryview | None] | None]]] = deque()
     try:
-        if fault:
-            fault("after-freeze")
-        batch: list[int] = []
-        for first, count in _runs(chunks):
-            buf = tracker.read_frozen_run(first, count)
-            for i in range(count):
-                c = first + i
-                lo = i * h.chunk_size
-                w.put(c, buf[lo : lo + min(h.chunk_size, tracker.size - c * h.chunk_size)])
-                batch.append(c)
-            done += len(buf)
-            if progress:
-                progress(done, total)
-            if len(batch) >= batch_chunks:
-                m = w.checkpoint()
-                if plan.mode == "incremental":
-                    # The checkpoint is the parent plus every chunk stored so far: a complete index of the
-                    # disk, so the record may continue from it and forget this batch.
-                    rec.checkpoint(m.snapshot_id, [c for c in batch if frozen.test(c)])
-                # A full backup's checkpoint only covers the chunks read so far (its base is empty), and the
-                # chunks it has not reached are not marked in the record: continuing from it would restore
-                # them as zeros. Its data is durable (a retry deduplicates it), but the record keeps pointing
-                # at the previous snapshot and keeps every frozen bit until the commit.
-                batch = []
-                if fault:
-                    fault("after-batch")
+        try:
+            if fault:
+                fault("after-freeze")
+            batch: list[int] = []
+            exhausted = False
+            while True:
+                while not exhausted and len(inflight) < READ_DEPTH:
+                    nxt = next(runs, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    first, count, hole = nxt
+                    inflight.append((first, count, pool.submit(tracker.read_frozen_run, first, count,
+                                                               skip_holes=hole)))
+                if not inflight:
+                    break
+                first, count, fut = inflight.popleft()
+                t_a = time.monotonic()
+                views = fut.result()
+                t_b = time.monotonic()
+                if views is None:
+                    w.put_zeros(first, count)
+                elif None in views:  # a hole run with chunks saved aside by copy-before-write
+                    for i, view in enumerate(views):
+                        if view is None:
+                            w.put_zero(first + i)
+                        else:
+                            w.put(first + i, view)
+                else:
+                    w.put_run(first, views)  # type: ignore[arg-type]
+                del views
+                batch.extend(range(first, first + count))
+                done += min(count * cs, tracker.size - first * cs)
+                if progress:
+                    progress(done, total)
+                if len(batch) >= batch_chunks:
+                    m = w.checkpoint()
+                    if plan.mode == "incremental":
+                        # The checkpoint is the parent plus every chunk stored so far: a complete index of the
+                        # disk, so the record may continue from it and forget this batch.
+                        rec.checkpoint(m.snapshot_id, [c for c in batch if frozen.test(c)])
+                    # A full backup's checkpoint only covers the chunks read so far (its base is empty), and
+                    # the chunks it has not reached are not marked in the record: continuing from it would
+                    # restore them as zeros. Its data is durable (a retry deduplicates it), but the record
+                    # keeps pointing at the previous snapshot and keeps every frozen bit until the commit.
+                    batch = []
+                    if fault:
+                        fault("after-batch")
+                read_wait += t_b - t_a
+                store_time += time.monotonic() - t_b
+        finally:
+            for _f, _c, fut in inflight:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
         if fault:
             fault("before-commit")
         t_end = time.time()
         info = {"changed_chunks": changed, "freeze_s": round(t_freeze - t0, 6), "name": name,
                 "epoch": h.epoch, "record": {"placement": h.placement, "lineage": h.lineage}}
+        if around_freeze is not None:
+            info["consistency"] = getattr(around_freeze, "report", None)
         m = w.commit(info)
         stats = w.statistics()
         cbw = tracker.end_backup()
         entry = HistoryEntry(
             seq=0, snapshot_id=m.snapshot_id, lineage=h.lineage, node=node, start_ns=int(t0 * 1e9),
-            end_ns=int(t_end * 1e9), chunks_read=len(chunks), bytes_read=total,
+            end_ns=int(t_end * 1e9), chunks_read=nread, bytes_read=total,
             chunks_stored=int(stats["chunks_stored"]), bytes_stored=int(stats["bytes_stored"]),
             bytes_deduped=int(stats["chunks_deduplicated"]) * h.chunk_size, mode=plan.mode, result="ok",
             reason=plan.reason, digest=m.root, epoch=h.epoch)
         rec.commit_backup(entry)
+        t_commit = time.time()
         if fault:
             fault("after-commit")
     except BaseException:
@@ -197,13 +333,20 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
         "disk_size": tracker.size,
         "chunk_size": h.chunk_size,
         "chunks_changed": changed,
-        "chunks_read": len(chunks),
+        "chunks_read": nread,
         "bytes_read": total,
         "bytes_stored": int(stats["bytes_stored"]),
         "chunks_stored": int(stats["chunks_stored"]),
         "chunks_deduplicated": int(stats["chunks_deduplicated"]),
         "zero_chunks": int(stats["zero_chunks"]),
+        "holes_skipped_bytes": int(stats.get("bytes_not_read", 0)),
         "cbw_copies": cbw["cbw_saved"],
         "duration_s": round(t_end - t0, 3),
+        "plan_s": round(t_freeze - t0, 4),
+        "read_s": round(read_wait, 4),
+        "store_s": round(store_time, 4),
+        "commit_s": round(t_commit - t_end, 4),
+        "pipeline_s": round(t_end - t_freeze, 4),
+        "peak_rss_bytes": _peak_rss(),
         "root": m.root,
     }

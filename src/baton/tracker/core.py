@@ -20,7 +20,7 @@ import tempfile
 import threading
 from typing import Any
 
-from baton.device import BlockDev
+from baton.device import BlockDev, device_has_data
 from baton.errors import BatonError
 from baton.format.bitmap import Bitmap
 from baton.record.core import Record
@@ -267,24 +267,54 @@ class Tracker:
             self._barrier.thaw()
         return frozen
 
-    def read_frozen_run(self, first: int, count: int) -> bytes:
-        """Chunks first..first+count-1 as of the freeze point, as one buffer (one disk read when none was
-        saved aside)."""
+    def read_frozen_run(self, first: int, count: int, *, skip_holes: bool = False
+                        ) -> list[memoryview | None] | None:
+        """Chunks first..first+count-1 as of the freeze point: one read-only view per chunk (views of one disk
+        read; no per-chunk copy), or None for the whole run when ``skip_holes`` and the run lies in a hole of
+        the data file with nothing saved aside (it reads as zeros and was not read). Thread-safe: several runs
+        may be read at once (the backup keeps a queue of them in flight).
+
+        Why the disk is read without the copy-before-write lock: a write to a chunk whose pending bit is set
+        saves the chunk's old content under the lock *before* it changes the disk, and this method takes the
+        saved copies and clears the pending bits under the lock only *after* its read. A write that raced
+        with the read therefore always left a saved copy, which replaces what was read; a write after the
+        bits are cleared comes after the read. A hole test (SEEK_DATA) is a read in this sense."""
+        cs = self.chunk_size
+        off = first * cs
+        length = min(count * cs, self.size - off)
+        with self._cbw_lock:
+            if self._cbw_pending is None or self._cbw is None:
+                raise BatonError("no backup is in progress on this tracker")
+        data: bytes | None = None
+        if not (skip_holes and device_has_data(self.data, off, length) is False):
+            data = self.data.pread(off, length)
         with self._cbw_lock:
             pending = self._cbw_pending
             store = self._cbw
             if pending is None or store is None:
                 raise BatonError("no backup is in progress on this tracker")
-            off = first * self.chunk_size
-            length = min(count * self.chunk_size, self.size - off)
-            buf = bytearray(self.data.pread(off, length))
-            for c in range(first, first + count):
-                saved = store.take(c)
-                if saved is not None:
-                    lo = (c - first) * self.chunk_size
-                    buf[lo : lo + len(saved)] = saved
-                pending.clear(c)
-        return bytes(buf)
+            last = first + count
+            saved: dict[int, bytes] = {}
+            if store.mem or store._spill_index:
+                for c in range(first, last):
+                    got = store.take(c)
+                    if got is not None:
+                        saved[c] = got
+            pending.clear_range(first, last)  # whole bytes at once, single bits at the edges
+        if data is None and not saved:
+            return None
+        mv = memoryview(data) if data is not None else None
+        out: list[memoryview | None] = []
+        for c in range(first, last):
+            got = saved.get(c)
+            if got is not None:
+                out.append(memoryview(got))
+            elif mv is None:
+                out.append(None)
+            else:
+                lo = (c - first) * cs
+                out.append(mv[lo : lo + min(cs, self.size - c * cs)])
+        return out
 
     def end_backup(self) -> dict[str, int]:
         """Disarm copy-before-write and drop saved copies. Returns what copy-before-write did."""
