@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from baton.errors import RepoFull, StorageError
-from baton.repo import DiskIdentity, Repository
+from baton.repo import BackupWriter, DiskIdentity, Repository
 from baton.storage import build_store, open_base_store
 from baton.testing.faulty_storage import Fault, FaultyStore
 from baton.verify import verify
@@ -33,14 +33,14 @@ def test_injected_enospc_fails_cleanly_and_repo_stays_valid(tmp_path) -> None:  
     url = str(tmp_path / "repo")
     Repository.init(url, pack_target=256 * 1024)
     good = Repository.open(url)
-    w = good.begin_backup(DiskIdentity("d", 8 * CS, CS), parent=None, node="n", mode="full", reason="",
+    w = BackupWriter(good, DiskIdentity("d", 8 * CS, CS), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     _fill(w, 8, seed)
     m = w.commit({})
     store = build_store(open_base_store(url), faults=FaultyStore.factory(
         [Fault("put", "packs/", "enospc", after=1, times=None)], seed), sleep=lambda _t: None)
     repo = Repository.open(url, store=store)
-    w = repo.begin_backup(DiskIdentity("e", 32 * CS, CS), parent=None, node="n", mode="full", reason="",
+    w = BackupWriter(repo, DiskIdentity("e", 32 * CS, CS), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     with pytest.raises(RepoFull):
         _fill(w, 32, seed + 1)
@@ -65,7 +65,7 @@ def test_real_enospc_on_tiny_tmpfs() -> None:
         mounted = True
         url = os.path.join(base, "repo")
         repo = Repository.init(url, pack_target=512 * 1024)
-        w = repo.begin_backup(DiskIdentity("d", 64 * CS, CS), parent=None, node="n", mode="full", reason="",
+        w = BackupWriter(repo, DiskIdentity("d", 64 * CS, CS), parent=None, node="n", mode="full", reason="",
                               lineage="L")
         with pytest.raises(RepoFull) as ei:
             _fill(w, 64, 5)                                 # 4 MiB of random data into 2 MiB
@@ -88,7 +88,7 @@ def test_corrupt_reads_from_store_are_detected() -> None:
     print("seed", seed)
     url = f"memory://corrupt-{uuid.uuid4().hex}"
     repo = Repository.init(url)
-    w = repo.begin_backup(DiskIdentity("d", 4 * CS, CS), parent=None, node="n", mode="full", reason="",
+    w = BackupWriter(repo, DiskIdentity("d", 4 * CS, CS), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     _fill(w, 4, seed)
     m = w.commit({})
@@ -107,7 +107,7 @@ def test_corrupt_reads_from_store_are_detected() -> None:
 def test_truncated_pack_reads_name_the_chunk() -> None:
     url = f"memory://trunc-{uuid.uuid4().hex}"
     repo = Repository.init(url)
-    w = repo.begin_backup(DiskIdentity("d", CS, CS), parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, DiskIdentity("d", CS, CS), parent=None, node="n", mode="full", reason="", lineage="L")
     _fill(w, 1, 1)
     m = w.commit({})
     bad = build_store(open_base_store(url), faults=FaultyStore.factory([Fault("get", "packs/", "truncate")], 1))
@@ -126,7 +126,7 @@ def test_lost_index_put_reply_still_commits() -> None:
         [Fault("put", "index/", "lost-reply"), Fault("put", "snapshots/", "transient", times=2)], 3),
         sleep=lambda _t: None)
     repo = Repository.open(url, store=store)
-    w = repo.begin_backup(DiskIdentity("d", 2 * CS, CS), parent=None, node="n", mode="full", reason="",
+    w = BackupWriter(repo, DiskIdentity("d", 2 * CS, CS), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     _fill(w, 2, 3)
     m = w.commit({})
@@ -161,13 +161,13 @@ def test_failure_at_every_write_leaves_a_consistent_repository() -> None:
     def prepare() -> tuple[str, Manifest]:
         url = f"memory://every-{uuid.uuid4().hex}"
         repo = Repository.init(url, pack_target=8 * cs)
-        w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+        w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
         for i, c in enumerate(base_img):
             w.put(i, c)
         return url, w.commit({})
 
     def incremental(repo: Repository, parent: Manifest) -> Manifest:
-        w = repo.begin_backup(disk, parent=parent, node="n", mode="incremental", reason="", lineage="L")
+        w = BackupWriter(repo, disk, parent=parent, node="n", mode="incremental", reason="", lineage="L")
         try:
             for n, (i, c) in enumerate(sorted(changes.items())):
                 w.put(i, c)

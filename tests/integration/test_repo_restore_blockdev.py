@@ -11,7 +11,7 @@ import blake3
 import pytest
 
 from baton.errors import DeviceBusy, DeviceError
-from baton.repo import DiskIdentity, Repository
+from baton.repo import BackupWriter, DiskIdentity, Repository
 from baton.restore import restore
 from conftest import need_root, need_tool
 
@@ -49,7 +49,7 @@ def _snapshot(tmp_path, size: int):  # type: ignore[no-untyped-def]
     img = bytearray(size)
     img[0:CS] = os.urandom(CS)
     img[5 * CS:6 * CS] = b"z" * CS
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     for i in range(disk.chunk_count):
         w.put(i, bytes(img[i * CS:(i + 1) * CS]))
     return repo, w.commit({}), bytes(img)

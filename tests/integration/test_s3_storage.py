@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from baton.errors import StorageError
-from baton.repo import DiskIdentity, Repository
+from baton.repo import BackupWriter, DiskIdentity, Repository
 from baton.storage import RetryPolicy, Store, build_store, open_base_store, open_store
 from baton.testing.faulty_storage import Fault, FaultyStore
 from baton.testing.storage_suite import CHECKS, MotoServer
@@ -59,7 +59,7 @@ def test_s3_repository_round_trip(s3_env: str) -> None:
     repo = Repository.init(s3_env)
     disk = DiskIdentity("s3disk", 3 * 65536 + 100, 65536)
     data = [os.urandom(65536), bytes(65536), b"a" * 65536, os.urandom(100)]
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="first", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="first", lineage="L")
     for i, d in enumerate(data):
         w.put(i, d)
     m = w.commit({})
@@ -94,7 +94,7 @@ def test_s3_injected_errors_during_backup_are_retried(s3_env: str) -> None:
     repo = Repository.init(s3_env, store=store)
     disk = DiskIdentity("d", 4 * 65536, 65536)
     chunks = [os.urandom(65536) for _ in range(4)]
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     for i, c in enumerate(chunks):
         w.put(i, c)
     m = w.commit({})
@@ -109,7 +109,7 @@ def test_s3_permanent_error_fails_backup_and_publishes_nothing(s3_env: str) -> N
                         sleep=lambda _t: None)
     repo = Repository.init(s3_env, store=store)
     disk = DiskIdentity("d", 2 * 65536, 65536)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     w.put(0, os.urandom(65536))
     with pytest.raises(StorageError):
         w.commit({})
@@ -127,10 +127,10 @@ def test_s3_locks_use_conditional_create(s3_env: str) -> None:
     with pytest.raises(RepoLocked):
         RepoLock.acquire_exclusive(repo.store, "prune")       # If-None-Match: * refuses the second create
     with pytest.raises(RepoLocked):
-        repo.begin_backup(DiskIdentity("d", 65536, 65536), parent=None, node="n", mode="full", reason="",
+        BackupWriter(repo, DiskIdentity("d", 65536, 65536), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     ex.release()
-    w = repo.begin_backup(DiskIdentity("d", 65536, 65536), parent=None, node="n", mode="full", reason="",
+    w = BackupWriter(repo, DiskIdentity("d", 65536, 65536), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     with pytest.raises(RepoLocked):
         RepoLock.acquire_exclusive(repo.store, "prune")
@@ -155,7 +155,7 @@ def test_s3_cli_end_to_end(s3_env: str, tmp_path) -> None:  # type: ignore[no-un
     repo = Repository.open(s3_env, key_file=key)
     disk = DiskIdentity("s3-cli", 10 * 65536, 65536)
     img = os.urandom(4 * 65536) + bytes(6 * 65536)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="first", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="first", lineage="L")
     for i in range(10):
         w.put(i, img[i * 65536:(i + 1) * 65536])
     m = w.commit({})

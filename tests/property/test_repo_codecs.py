@@ -29,7 +29,7 @@ from baton.format.repo_pack import (
     parse_pack_table,
     parse_pack_tail,
 )
-from baton.repo import DiskIdentity, Repository
+from baton.repo import BackupWriter, DiskIdentity, Repository
 from baton.repo.crypto import decode_blob, encode_blob
 from baton.repo.keys import derive_keys
 
@@ -115,7 +115,7 @@ def test_tree_matches_list_model(chunks: int, rounds: list[list[tuple[int, int]]
     model = [0] * chunks
     parent = None
     for writes in rounds:
-        w = repo.begin_backup(disk, parent=parent, node="n", mode="incremental" if parent else "full",
+        w = BackupWriter(repo, disk, parent=parent, node="n", mode="incremental" if parent else "full",
                               reason="", lineage="L")
         for pos, v in writes:
             i = pos % chunks

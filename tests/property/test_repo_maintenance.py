@@ -35,7 +35,7 @@ class RepoMachine(RuleBasedStateMachine):
     def _write(self, writes: list[tuple[int, int]], *, full: bool) -> tuple[BackupWriter, list[int]]:
         parent = self.last
         mode = "full" if full or parent is None else "incremental"
-        w = self.repo.begin_backup(self.disk, parent=parent, node="n", mode=mode, reason="", lineage="L")
+        w = BackupWriter(self.repo, self.disk, parent=parent, node="n", mode=mode, reason="", lineage="L")
         image = list(self.current)
         if mode == "full":
             image = [0] * N

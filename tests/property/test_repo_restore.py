@@ -11,7 +11,7 @@ import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baton.repo import DiskIdentity, Repository
+from baton.repo import BackupWriter, DiskIdentity, Repository
 from baton.restore import restore
 
 pieces = st.lists(st.one_of(st.binary(min_size=1, max_size=9000),
@@ -30,7 +30,7 @@ def test_backup_restore_identity(parts: list[bytes], chunk_shift: int, encrypted
                                encryption="aes-256-gcm" if encrypted else "none",
                                key_file=kf if encrypted else None, pack_target=16 * 1024)
         disk = DiskIdentity("p", len(img), cs)
-        w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+        w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
         for i in range(disk.chunk_count):
             w.put(i, img[i * cs:(i + 1) * cs])
         m = w.commit({})

@@ -12,7 +12,7 @@ from baton.cli import main
 from baton.diff import changed_chunks, diff, extents
 from baton.errors import RepoCorrupt, UsageError
 from baton.format.repo_index import PAGE_FANOUT
-from baton.repo import DiskIdentity, Manifest, Repository
+from baton.repo import BackupWriter, DiskIdentity, Manifest, Repository
 from baton.repo.repository import page_key
 
 CS = 4096
@@ -20,7 +20,7 @@ CS = 4096
 
 def _backup(repo: Repository, disk: DiskIdentity, img: bytes | bytearray, chunks: list[int] | None = None,
             parent: Manifest | None = None) -> Manifest:
-    w = repo.begin_backup(disk, parent=parent, node="n1", mode="incremental" if parent else "full",
+    w = BackupWriter(repo, disk, parent=parent, node="n1", mode="incremental" if parent else "full",
                           reason="" if parent else "first", lineage="L")
     for i in chunks if chunks is not None else range(disk.chunk_count):
         w.put(i, bytes(img[i * CS:(i + 1) * CS]))

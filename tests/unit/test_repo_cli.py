@@ -9,7 +9,7 @@ import random
 import pytest
 
 from baton.cli import main
-from baton.repo import DiskIdentity, Repository
+from baton.repo import BackupWriter, DiskIdentity, Repository
 from baton.repo.repository import pack_key
 
 CS = 4096
@@ -31,7 +31,7 @@ def seed_repo(url: str, *, key_file: str | None = None) -> list[str]:
     ids = []
     parent = None
     for round_ in range(2):
-        w = repo.begin_backup(disk, parent=parent, node=f"n{round_}", mode="incremental" if parent else "full",
+        w = BackupWriter(repo, disk, parent=parent, node=f"n{round_}", mode="incremental" if parent else "full",
                               reason="" if parent else "first backup", lineage="L")
         for i in range(disk.chunk_count):
             w.put(i, bytes(img[i * CS:(i + 1) * CS]))

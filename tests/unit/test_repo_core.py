@@ -10,7 +10,7 @@ import pytest
 
 from baton.errors import KeyError_, RepoError, RepoLocked, RepoNotFound, UsageError
 from baton.format.repo_index import PAGE_FANOUT, ZERO_ID
-from baton.repo import DiskIdentity, Manifest, Repository
+from baton.repo import BackupWriter, DiskIdentity, Manifest, Repository
 from baton.repo.locks import RepoLock
 
 CS = 4096
@@ -23,7 +23,7 @@ def mem_url() -> str:
 
 def backup(repo: Repository, disk: DiskIdentity, img: bytes | bytearray, chunks: list[int] | None = None, *,
            parent: Manifest | None = None, mode: str = "full", node: str = "n1") -> Manifest:
-    w = repo.begin_backup(disk, parent=parent, node=node, mode=mode, reason="test", lineage="L1")
+    w = BackupWriter(repo, disk, parent=parent, node=node, mode=mode, reason="test", lineage="L1")
     for i in chunks if chunks is not None else range(disk.chunk_count):
         w.put(i, bytes(img[i * disk.chunk_size:(i + 1) * disk.chunk_size]))
     return w.commit({"engine": "test"})
@@ -69,7 +69,7 @@ def test_zero_chunks_not_stored_and_dedup() -> None:
     disk = DiskIdentity("d", 8 * CS, CS)
     block = os.urandom(CS)
     img = block * 3 + bytes(CS) * 4 + block
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     for i in range(8):
         w.put(i, img[i * CS:(i + 1) * CS])
     m = w.commit()
@@ -80,7 +80,7 @@ def test_zero_chunks_not_stored_and_dedup() -> None:
     assert r.chunk_id(3) == ZERO_ID and r.chunk_id(0) == r.chunk_id(7) != ZERO_ID
     assert image(repo, m) == img
     # A second disk with the same content stores nothing new (dedup across disks).
-    w2 = repo.begin_backup(DiskIdentity("other", 8 * CS, CS), parent=None, node="n", mode="full", reason="",
+    w2 = BackupWriter(repo, DiskIdentity("other", 8 * CS, CS), parent=None, node="n", mode="full", reason="",
                            lineage="L")
     for i in range(8):
         w2.put(i, img[i * CS:(i + 1) * CS])
@@ -91,7 +91,7 @@ def test_zero_chunks_not_stored_and_dedup() -> None:
 def test_all_zero_disk_costs_no_pages() -> None:
     repo = Repository.init(mem_url())
     disk = DiskIdentity("z", 3 * PAGE_FANOUT * CS, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     w.put(5, bytes(CS))
     m = w.commit()
     assert m.root == ZERO_ID.hex() and m.tree_depth == 2
@@ -104,12 +104,12 @@ def test_incremental_metadata_is_proportional_to_change() -> None:
     repo = Repository.init(mem_url())
     n = 16 * PAGE_FANOUT
     disk = DiskIdentity("big", n * CS, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     for leaf in range(16):                                  # one non-zero chunk per leaf
         w.put(leaf * PAGE_FANOUT, os.urandom(CS))
     m1 = w.commit()
     assert w.statistics()["pages_written"] == 17            # 16 leaves + root
-    w = repo.begin_backup(disk, parent=m1, node="n", mode="incremental", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=m1, node="n", mode="incremental", reason="", lineage="L")
     w.put(3 * PAGE_FANOUT + 9, os.urandom(CS))
     m2 = w.commit()
     assert w.statistics()["pages_written"] == 2             # the changed leaf and the new root
@@ -121,7 +121,7 @@ def test_incremental_metadata_is_proportional_to_change() -> None:
 def test_chunk_rewritten_twice_keeps_last() -> None:
     repo = Repository.init(mem_url())
     disk = DiskIdentity("d", 4 * CS, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     a, b = os.urandom(CS), os.urandom(CS)
     w.put(1, a)
     w.put(1, b)
@@ -135,7 +135,7 @@ def test_chunk_rewritten_twice_keeps_last() -> None:
 def test_checkpoint_is_partial_parent() -> None:
     repo = Repository.init(mem_url())
     disk = DiskIdentity("d", 10 * CS, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     data = [os.urandom(CS) for _ in range(10)]
     for i in range(5):
         w.put(i, data[i])
@@ -148,7 +148,7 @@ def test_checkpoint_is_partial_parent() -> None:
     assert [m.snapshot_id for m in partial] == [cp.snapshot_id]
     assert repo.latest("d").snapshot_id == cp.snapshot_id  # type: ignore[union-attr]
     # The checkpoint is a valid parent: the next incremental only adds the rest.
-    w = repo.begin_backup(disk, parent=cp, node="n2", mode="incremental", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=cp, node="n2", mode="incremental", reason="", lineage="L")
     for i in range(5, 10):
         w.put(i, data[i])
     m = w.commit()
@@ -158,7 +158,7 @@ def test_checkpoint_is_partial_parent() -> None:
 def test_abort_publishes_nothing_and_releases_lock() -> None:
     repo = Repository.init(mem_url())
     disk = DiskIdentity("d", 2 * CS, CS)
-    with repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L") as w:
+    with BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L") as w:
         w.put(0, os.urandom(CS))
     assert repo.snapshots(include_partial=True) == []
     assert list(repo.store.list("locks/")) == []
@@ -169,7 +169,7 @@ def test_abort_publishes_nothing_and_releases_lock() -> None:
 def test_put_validation_and_sticky_failure() -> None:
     repo = Repository.init(mem_url())
     disk = DiskIdentity("d", 2 * CS + 10, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     with pytest.raises(UsageError):
         w.put(3, bytes(CS))
     with pytest.raises(UsageError):
@@ -183,13 +183,13 @@ def test_parent_rules() -> None:
     d1 = DiskIdentity("d1", 4 * CS, CS)
     m = backup(repo, d1, os.urandom(4 * CS))
     with pytest.raises(RepoError, match="of disk d1"):
-        repo.begin_backup(DiskIdentity("d2", 4 * CS, CS), parent=m, node="n", mode="incremental", reason="",
+        BackupWriter(repo, DiskIdentity("d2", 4 * CS, CS), parent=m, node="n", mode="incremental", reason="",
                           lineage="L")
     with pytest.raises(RepoError, match="needs both equal"):
-        repo.begin_backup(DiskIdentity("d1", 8 * CS, CS), parent=m, node="n", mode="incremental", reason="",
+        BackupWriter(repo, DiskIdentity("d1", 8 * CS, CS), parent=m, node="n", mode="incremental", reason="",
                           lineage="L")
     with pytest.raises(RepoError, match="needs a parent"):
-        repo.begin_backup(d1, parent=None, node="n", mode="incremental", reason="", lineage="L")
+        BackupWriter(repo, d1, parent=None, node="n", mode="incremental", reason="", lineage="L")
     assert list(repo.store.list("locks/")) == []
 
 
@@ -210,7 +210,7 @@ def test_full_mode_ignores_parent_entries() -> None:
     repo = Repository.init(mem_url())
     d = DiskIdentity("d", 4 * CS, CS)
     m1 = backup(repo, d, os.urandom(4 * CS))
-    w = repo.begin_backup(d, parent=m1, node="n", mode="full", reason="record lost", lineage="L2")
+    w = BackupWriter(repo, d, parent=m1, node="n", mode="full", reason="record lost", lineage="L2")
     w.put(0, b"a" * CS)
     m2 = w.commit()
     assert m2.parent == m1.snapshot_id and m2.reason == "record lost"
@@ -233,8 +233,8 @@ def test_explicit_snapshot_id_validated() -> None:
     repo = Repository.init(mem_url())
     d = DiskIdentity("d", CS, CS)
     with pytest.raises(UsageError):
-        repo.begin_backup(d, parent=None, node="n", mode="full", reason="", lineage="L", snapshot_id="XYZ")
-    w = repo.begin_backup(d, parent=None, node="n", mode="full", reason="", lineage="L", snapshot_id="ab" * 16)
+        BackupWriter(repo, d, parent=None, node="n", mode="full", reason="", lineage="L", snapshot_id="XYZ")
+    w = BackupWriter(repo, d, parent=None, node="n", mode="full", reason="", lineage="L", snapshot_id="ab" * 16)
     assert w.commit().snapshot_id == "ab" * 16
 
 
@@ -324,15 +324,15 @@ def test_encryption_needs_key_file() -> None:
 def test_prune_lock_excludes_backup_and_vice_versa() -> None:
     repo = Repository.init(mem_url())
     d = DiskIdentity("d", CS, CS)
-    w = repo.begin_backup(d, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, d, parent=None, node="n", mode="full", reason="", lineage="L")
     with pytest.raises(RepoLocked, match="backup"):
         repo.exclusive_lock("prune")
     w.abort()
     ex = repo.exclusive_lock("prune", "n9")
     with pytest.raises(RepoLocked, match="prune"):
-        repo.begin_backup(d, parent=None, node="n", mode="full", reason="", lineage="L")
+        BackupWriter(repo, d, parent=None, node="n", mode="full", reason="", lineage="L")
     ex.release()
-    repo.begin_backup(d, parent=None, node="n", mode="full", reason="", lineage="L").abort()
+    BackupWriter(repo, d, parent=None, node="n", mode="full", reason="", lineage="L").abort()
 
 
 def test_stale_locks_expire() -> None:
@@ -374,7 +374,7 @@ def test_lock_refresh_extends_expiry() -> None:
 def test_checkpoint_then_more_puts_then_commit() -> None:
     repo = Repository.init(mem_url())
     disk = DiskIdentity("d", 3 * PAGE_FANOUT * CS, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     a, b, c = os.urandom(CS), os.urandom(CS), os.urandom(CS)
     w.put(1, a)
     w.put(PAGE_FANOUT + 1, a)
@@ -394,7 +394,7 @@ def test_tree_flush_bounds_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(writer, "MAX_CHANGED_LEAVES", 2)
     repo = Repository.init(mem_url())
     disk = DiskIdentity("d", 9 * PAGE_FANOUT * CS, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     data = {leaf * PAGE_FANOUT + leaf: os.urandom(CS) for leaf in range(9)}
     for i, d in data.items():
         w.put(i, d)

@@ -11,7 +11,7 @@ import blake3
 import pytest
 
 from baton.errors import DeviceError, RepoCorrupt, RepoError, RepoLocked, UsageError
-from baton.repo import DiskIdentity, Manifest, Repository
+from baton.repo import BackupWriter, DiskIdentity, Manifest, Repository
 from baton.repo.maintenance import ForgetPolicy, apply_policy, forget, parse_duration, parse_percent, prune
 from baton.repo.repository import pack_key
 from baton.restore import restore
@@ -23,7 +23,7 @@ SEED = 777
 
 def backup(repo: Repository, disk: DiskIdentity, img: bytes | bytearray, chunks: list[int] | None = None, *,
            parent: Manifest | None = None, mode: str = "full") -> Manifest:
-    w = repo.begin_backup(disk, parent=parent, node="n1", mode=mode, reason="t", lineage="L")
+    w = BackupWriter(repo, disk, parent=parent, node="n1", mode=mode, reason="t", lineage="L")
     for i in chunks if chunks is not None else range(disk.chunk_count):
         w.put(i, bytes(img[i * CS:(i + 1) * CS]))
     return w.commit({})
@@ -62,7 +62,7 @@ def test_restore_file_is_sparse_and_digest_matches(repo: Repository, tmp_path) -
 
 def test_restore_refuses_checkpoint_unless_asked(repo: Repository, tmp_path) -> None:  # type: ignore[no-untyped-def]
     disk = DiskIdentity("d", 2 * CS, CS)
-    w = repo.begin_backup(disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
     w.put(0, b"a" * CS)
     cp = w.checkpoint()
     w.abort()
@@ -213,7 +213,7 @@ def test_prune_grace_keeps_young_data(repo: Repository) -> None:
 def test_prune_removes_unindexed_packs_of_aborted_backup(repo: Repository) -> None:
     disk = DiskIdentity("d", 40 * CS, CS)
     keep = backup(repo, disk, os.urandom(40 * CS))
-    w = repo.begin_backup(DiskIdentity("e", 40 * CS, CS), parent=None, node="n", mode="full", reason="",
+    w = BackupWriter(repo, DiskIdentity("e", 40 * CS, CS), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     for i in range(40):
         w.put(i, os.urandom(CS))                                # may upload some packs before the abort
@@ -229,7 +229,7 @@ def test_prune_removes_unindexed_packs_of_aborted_backup(repo: Repository) -> No
 
 
 def test_prune_refuses_while_backup_runs(repo: Repository) -> None:
-    w = repo.begin_backup(DiskIdentity("d", CS, CS), parent=None, node="n", mode="full", reason="",
+    w = BackupWriter(repo, DiskIdentity("d", CS, CS), parent=None, node="n", mode="full", reason="",
                           lineage="L")
     with pytest.raises(RepoLocked):
         prune(repo, grace=0)

@@ -5,7 +5,7 @@ Public API (used by the backup engine, restore, verify and the CLI)::
     from baton.repo import Repository, DiskIdentity, Manifest
     repo = Repository.init(url, encryption="none" | "aes-256-gcm", key_file=None)
     repo = Repository.open(url, key_file=None)
-    w = repo.begin_backup(disk, parent=..., node=..., mode=..., reason=..., lineage=...)
+    w = BackupWriter(repo, disk, parent=..., node=..., mode=..., reason=..., lineage=...)
     w.put(i, data); w.checkpoint(); w.commit(info) | w.abort()
     repo.snapshots(disk_uuid=None, include_partial=False); repo.get_snapshot(prefix)
     repo.snapshot_reader(manifest).read(i)

@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import blake3
 
@@ -29,9 +29,6 @@ from baton.repo.locks import RepoLock
 from baton.repo.model import DiskIdentity, Manifest
 from baton.repo.tree import TreeReader
 from baton.storage import ObjectInfo, RetryPolicy, Store, open_store
-
-if TYPE_CHECKING:
-    from baton.repo.writer import BackupWriter
 
 PACK_TARGET = 32 << 20
 INDEX_FILE_ENTRIES = 200_000  # entries per index file written by prune, rebuild-index and heal_index (~17 MiB raw)
@@ -64,7 +61,8 @@ class ChunkLocation:
 
 
 class Repository:
-    """An open repository. Thread-safe for reads; one :class:`BackupWriter` per backup.
+    """An open repository. Thread-safe for reads; a backup is a ``baton.repo.writer.BackupWriter`` built on
+    it (the writer depends on the repository, never the other way round).
 
     Use :meth:`init` or :meth:`open`; both raise the errors listed on them and never leave a half-open object.
     """
@@ -494,16 +492,6 @@ class Repository:
         if parent.disk.size != disk.size:
             return f"disk size changed from {parent.disk.size} to {disk.size} since snapshot {parent.snapshot_id[:12]}"
         return ""
-
-    def begin_backup(self, disk: DiskIdentity, *, parent: Manifest | None, node: str, mode: str, reason: str,
-                     lineage: str, snapshot_id: str | None = None, workers: int = 2,
-                     lock_ttl: float | None = None, lock_wait: float = 0.0) -> BackupWriter:
-        """Start a backup: takes the shared lock (RepoLocked if prune holds the exclusive one for longer
-        than ``lock_wait`` seconds)."""
-        from baton.repo.writer import BackupWriter
-
-        return BackupWriter(self, disk, parent=parent, node=node, mode=mode, reason=reason, lineage=lineage,
-                            snapshot_id=snapshot_id, workers=workers, lock_ttl=lock_ttl, lock_wait=lock_wait)
 
     def shared_lock(self, op: str, node: str = "") -> RepoLock:
         return RepoLock.acquire_shared(self.store, op, node)
