@@ -36,7 +36,7 @@ LAYERS: dict[str, int] = {
     "device": 2, "storage": 2, "host": 2, "record": 2,
     "tracker": 3,
     "repo": 4,
-    "backup": 5, "restore": 5, "verify": 5, "diff": 5, "rollback": 5,
+    "backup": 5, "restore": 5, "verify": 5, "diff": 5, "rollback": 5, "freeze": 5,
     "frontends": 6, "cluster": 6, "daemon": 6,
     "agent": 7,
     "testing": 8,

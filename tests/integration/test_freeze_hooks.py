@@ -1,0 +1,148 @@
+"""`baton backup --freeze MOUNTPOINT --pre CMD --post CMD` on a real ext4 through /dev/baton/NAME, attached
+(the backup runs in the daemon) and offline. A "database" (a process appending checksummed records) is paused
+by the hooks; its restored file holds only whole records. Hook failures, a bad mount point, and the freeze
+window (bounded) are checked; the report is in --json and in the snapshot's info.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import need_root, need_tool
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MiB = 1 << 20
+DB = r"""
+import os, sys, zlib
+f = open(sys.argv[1], "ab", buffering=0)
+i = 0
+while True:
+    body = (b"%08d " % i) + os.urandom(40).hex().encode()
+    f.write(body + b" %08x\n" % zlib.crc32(body))
+    i += 1
+"""
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = os.environ | {"BATON_RUN_DIR": str(root / "run"), "BATON_DEV_DIR": str(root / "dev")}
+        self.names: list[str] = []
+
+    def baton(self, *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True, timeout=200,
+                           env=self.env)
+        assert r.returncode == rc, f"baton {' '.join(args)}: rc {r.returncode}, expected {rc}\n{r.stdout}{r.stderr}"
+        return r
+
+    def json(self, *args: str, rc: int = 0) -> Any:
+        return json.loads(self.baton(*args, "--json", rc=rc).stdout)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    need_root()
+    need_tool("losetup", "mkfs.ext4", "fsfreeze", "e2fsck")
+    e = Env(tmp_path)
+    try:
+        yield e
+    finally:
+        for n in e.names:
+            if (tmp_path / "run" / n / "daemon.json").exists():
+                subprocess.run([sys.executable, "-m", "baton", "detach", n], capture_output=True, timeout=60,
+                               env=e.env)
+
+
+def check_records(path: Path) -> int:
+    import zlib
+
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"", "the last record is torn"
+    for ln in lines[:-1]:
+        body, crc = ln.rsplit(b" ", 1)
+        assert int(crc, 16) == zlib.crc32(body), f"bad record {ln!r}"
+    return len(lines) - 1
+
+
+def test_freeze_and_hooks_attached(env: Env) -> None:
+    disk = env.root / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(256 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(disk)], check=True, capture_output=True)
+    env.baton("init", str(disk))
+    repo = str(env.root / "repo")
+    env.baton("repo", "init", repo)
+    name = f"fz-{uuid.uuid4().hex[:8]}"
+    env.names.append(name)
+    dev = env.json("attach", str(disk), "--node", "n1", "--name", name)["device"]
+    mnt = Path(tempfile.mkdtemp(prefix="baton-fz-"))
+    subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)
+    db = None
+    try:
+        db = subprocess.Popen([sys.executable, "-c", DB, str(mnt / "db.log")])
+        time.sleep(0.5)
+        pre = f"kill -STOP {db.pid}; sync; echo paused-db"
+        post = f"kill -CONT {db.pid}; echo resumed-db"
+        r = env.json("backup", name, "--repo", repo, "--freeze", str(mnt), "--pre", pre, "--post", post)
+        c = r["consistency"]
+        assert c["pre"]["exit_status"] == 0 and "paused-db" in c["pre"]["output_tail"]
+        assert c["post"]["exit_status"] == 0 and "resumed-db" in c["post"]["output_tail"]
+        fr = c["freeze"]
+        assert fr["mountpoint"] == str(mnt) and 0 < fr["window_s"] < 0.5 and not fr["timed_out"], fr
+        snaps = env.json("snapshots", "--repo", repo)
+        assert snaps[-1]["snapshot_id"] == r["snapshot"]
+        assert snaps[-1]["info"]["consistency"]["freeze"]["window_s"] == fr["window_s"]
+        # the file system is writable again at once, and the "database" runs on
+        size0 = (mnt / "db.log").stat().st_size
+        (mnt / "after").write_text("thawed")
+        time.sleep(0.3)
+        assert (mnt / "db.log").stat().st_size > size0
+
+        # a failing --pre: exit 1, no snapshot, nothing frozen, the hook's output in the message
+        err = env.json("backup", name, "--repo", repo, "--freeze", str(mnt), "--pre", "echo not-now; exit 3",
+                       rc=1)
+        assert "--pre hook failed (exit status 3)" in err["message"] and "not-now" in err["message"]
+        assert len(env.json("snapshots", "--repo", repo)) == 1
+        (mnt / "after").write_text("still writable")
+        # a failing --post: exit 1 naming the committed snapshot; the snapshot exists
+        err = env.json("backup", name, "--repo", repo, "--pre", "true", "--post", "exit 4", rc=1)
+        assert "--post hook failed (exit status 4)" in err["message"] and "is committed" in err["message"]
+        assert len(env.json("snapshots", "--repo", repo)) == 2
+        # a hook that hangs is killed at --hook-timeout
+        t0 = time.monotonic()
+        err = env.json("backup", name, "--repo", repo, "--pre", "sleep 30", "--hook-timeout", "1", rc=1)
+        assert "timed out" in err["message"] and time.monotonic() - t0 < 20
+        # not a mount point: exit 2
+        err = env.json("backup", name, "--repo", repo, "--freeze", str(env.root), rc=2)
+        assert "not a mount point" in err["message"]
+    finally:
+        if db is not None:
+            db.kill()
+            db.wait(timeout=30)
+        subprocess.run(["umount", str(mnt)], timeout=60)
+        mnt.rmdir()
+    env.baton("detach", name)
+    # restore the hooked snapshot: the "database" holds only whole records
+    img = env.root / "restored.img"
+    env.json("restore", r["snapshot"], "--repo", repo, "--to", str(img))
+    subprocess.run(["e2fsck", "-fn", str(img)], check=True, capture_output=True, timeout=120)
+    out = env.root / "db.copy"
+    subprocess.run(["debugfs", "-R", f"dump /db.log {out}", str(img)], check=True, capture_output=True, timeout=60)
+    assert check_records(out) > 0
+    # offline: --pre/--post run in this process around the offline backup's freeze point
+    r2 = env.json("backup", str(disk), "--repo", repo, "--node", "n1", "--pre", "echo offline-pre",
+                  "--post", "echo offline-post")
+    assert r2["consistency"]["pre"]["output_tail"].strip() == "offline-pre"
+    assert r2["consistency"]["post"]["exit_status"] == 0
