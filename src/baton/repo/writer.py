@@ -18,11 +18,10 @@ thread) and encrypts (AES-256-GCM); results are taken back in submission order o
 appended to the current pack as parts; a full pack goes to one uploader thread, which joins, checks, names
 and stores it while the caller goes on. Index pages are stored by a small pool, concurrently.
 
-Memory bound: MAX_INFLIGHT_BYTES of chunks queued for encoding (the caller's buffers, held by reference),
-the pack being filled (pack_target, 32 MiB by default) and MAX_UPLOADS + 1 packs at the uploader (joining a
-pack briefly holds its parts and the joined copy): about 32 + 32 + 3 x 64 = 256 MiB at the default pack size,
-in the worst case, and about 130 MiB in practice (measured peak RSS of a 1 GiB full backup, see
-docs/performance.md).
+Memory bound: MAX_INFLIGHT_BYTES of chunks queued for encoding (the caller's buffers, held by reference) and
+as much again in encoded results not yet taken, the pack being filled (pack_target, 32 MiB by default) and
+MAX_UPLOADS + 1 packs at the uploader (one waiting as parts; the one being stored held joined): about
+16 + 16 + 32 + 2 x 32 = 128 MiB at the default pack size.
 
 Concurrency: the writer never touches the repository's chunk index itself; it asks ``Repository.has_chunk``
 (under the repository's lock) and adds entries through ``Repository.write_index_file``. ``_pending`` (chunks
@@ -56,8 +55,8 @@ from baton.repo.model import MODES, DiskIdentity, Manifest
 from baton.repo.repository import Repository, pack_key
 from baton.repo.tree import TreeReader
 
-MAX_INFLIGHT_BYTES = 32 << 20  # chunk bytes queued in the encode pool (views of the caller's read buffers)
-MAX_UPLOADS = 2              # sealed packs waiting for the uploader (bounds memory to ~3 packs)
+MAX_INFLIGHT_BYTES = 16 << 20  # chunk bytes queued in the encode pool (views of the caller's read buffers)
+MAX_UPLOADS = 1              # sealed packs waiting for the uploader (one stored, one waiting)
 INDEX_EVERY_PACKS = 16       # write an index file at least every N packs
 MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages
 PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
