@@ -53,10 +53,7 @@ SIDEWAYS: set[tuple[str, str]] = {
 # Parts whose imports are capped below their own layer: frontends talk to the tracker, nothing above it.
 CAPPED: dict[str, int] = {"frontends": LAYERS["tracker"]}
 # Cycles between modules of one package that are known and being removed (each names its issue).
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # issue 10: the repository engineer moves the writer on top of the repository (writer -> repository only).
-    frozenset({"baton.repo.repository", "baton.repo.writer"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()  # repo.repository <-> repo.writer was the last one (issue 10)
 
 
 @dataclass(frozen=True)
