@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "tracker": 3,
     "repo": 4,
     "backup": 5, "restore": 5, "verify": 5, "diff": 5, "rollback": 5, "freeze": 5,
-    "frontends": 6, "cluster": 6, "daemon": 6,
+    "frontends": 6, "cluster": 6, "daemon": 6, "mount": 6,
     "agent": 7,
     "testing": 8,
     "cli": 9, "__main__": 9,
@@ -47,6 +47,7 @@ SIDEWAYS: set[tuple[str, str]] = {
     ("record", "device"), ("record", "host"),  # placement opens devices and refuses busy ones
     ("daemon", "frontends"),  # the per-disk daemon starts and stops a Frontend
     ("rollback", "diff"),  # rollback writes the chunks that differ between two snapshots
+    ("mount", "daemon"), ("mount", "frontends"),  # the snapshot mount daemon: control protocol, frontend
     ("cluster", "frontends"),  # cluster/attach.py, until the daemon package replaces it (issue 10)
     ("__main__", "cli"),
 }

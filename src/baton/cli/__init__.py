@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("baton.cli.cmd_verify", "Check a repository's structure and re-hash every referenced chunk."),
     "diff": ("baton.cli.cmd_diff", "List the byte extents that differ between two snapshots of one disk."),
     "rollback": ("baton.cli.cmd_rollback", "Bring a disk back to a snapshot, writing only the chunks that differ."),
+    "mount": ("baton.cli.cmd_mount", "Serve a snapshot as a read-only block device, fetched on demand."),
+    "umount": ("baton.cli.cmd_umount", "Stop serving a snapshot device made by `baton mount`."),
     "snapshots": ("baton.cli.cmd_snapshots", "List the snapshots in a repository."),
     "forget": ("baton.cli.cmd_forget", "Remove snapshots by id or by retention policy."),
     "prune": ("baton.cli.cmd_prune", "Delete unreferenced data and repack, with a grace period."),
