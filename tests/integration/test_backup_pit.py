@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from baton.backup import run_backup
-from baton.cluster.attach import open_tracker
+from baton.daemon import open_tracker
 from baton.record.placement import init_disk, locate
 from baton.repo import Repository
 from baton.restore import restore

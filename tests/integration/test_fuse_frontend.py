@@ -28,7 +28,7 @@ import pytest
 
 from baton.errors import DeviceBusy
 from baton.frontends import loopdev
-from baton.frontends.fuse import cleanup_stale, read_state
+from baton.frontends.fuse import cleanup_stale, load_state
 from conftest import need_root, need_tool
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ class Daemon:
         self.backing = root / f"{name}.img"
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", *unshare, sys.executable, "-m",
-             "baton.testing.fake_tracker_fuse", "--backing", str(self.backing), "--size", str(size),
+             "baton.testing.fuse_daemon", "--backing", str(self.backing), "--size", str(size),
              "--name", name, "--run-dir", str(self.run_dir), "--dev-dir", str(self.dev_dir), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._sel = selectors.DefaultSelector()
@@ -166,7 +166,7 @@ def test_device_is_ready_and_state_recorded(daemon: Daemon) -> None:
     assert os.path.realpath(dev) == daemon.loop
     assert loopdev.size_of(dev) == 64 * MiB
     assert loopdev.dio_enabled(daemon.loop), "loop device must run with --direct-io=on"
-    st = read_state(daemon.run_dir / "t" / "state.json")
+    st = load_state(daemon.run_dir / "t" / "state.json")
     assert st is not None and st.pid == daemon.proc.pid and st.loop == daemon.loop and st.frontend == "fuse"
     li = loopdev.info(daemon.loop)
     assert li is not None and li.diskseq == st.loop_diskseq == daemon.diskseq and li.back_file.endswith("/disk")
@@ -414,7 +414,7 @@ from pathlib import Path
 from baton.frontends.fuse import cleanup_stale
 from baton.frontends import loopdev
 root = Path(sys.argv[1])
-p = subprocess.Popen([sys.executable, "-m", "baton.testing.fake_tracker_fuse", "--backing", str(root / "n.img"),
+p = subprocess.Popen([sys.executable, "-m", "baton.testing.fuse_daemon", "--backing", str(root / "n.img"),
                       "--size", str(16 << 20), "--name", "n", "--run-dir", str(root / "run"),
                       "--dev-dir", str(root / "dev")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 ready = json.loads(p.stdout.readline())
@@ -508,7 +508,7 @@ def test_attach_after_killed_daemon_cleans_up_and_serves(root: Path) -> None:
         d2 = Daemon(root, "re", 16 * MiB)  # same name, same backing file: start() cleans the dead leftovers
         try:
             assert d.loop_gone()
-            st = read_state(d2.run_dir / "re" / "state.json")
+            st = load_state(d2.run_dir / "re" / "state.json")
             assert st is not None and st.pid == d2.proc.pid
             assert _pread_direct(d2.device, 0, 4096) == b"kept" * 1024
             assert d2.cmd("stop") == {"ok": True}
@@ -544,7 +544,7 @@ def test_live_daemon_in_another_pid_namespace_is_never_cleaned(root: Path) -> No
     # Its pid means nothing here (a cluster node in namespaces): the lock file is what says it is alive.
     d = Daemon(root, "pn", 16 * MiB, unshare=("--pid", "--fork", "--kill-child"))
     try:
-        st = read_state(d.run_dir / "pn" / "state.json")
+        st = load_state(d.run_dir / "pn" / "state.json")
         assert st is not None and st.pid_ns != os.readlink("/proc/self/ns/pid")
         with pytest.raises(DeviceBusy, match="served by live pid"):
             cleanup_stale("pn", d.run_dir, d.dev_dir)

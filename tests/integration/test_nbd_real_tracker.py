@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import baton.record.placement as placement
-from baton.cluster.attach import open_tracker
+from baton.daemon import open_tracker
 from baton.errors import Fenced
 from baton.frontends.nbd import NBDServer
 from conftest import need_tool

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from baton.backup import run_backup
-from baton.cluster.attach import open_tracker
+from baton.daemon import open_tracker
 from baton.record.placement import Located, init_disk, locate
 from baton.repo import Repository
 from baton.restore import restore

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from baton.errors import DeviceError, Fenced
-from baton.frontends import loopdev
-from baton.frontends.fuse import FuseFrontend, State, fuse_conn_id, process_start_time, read_state
-from baton.testing.fake_tracker_fuse import FakeTracker
+from baton.errors import DeviceError, Fenced, UsageError
+from baton.frontends import FailureKind, loopdev
+from baton.frontends.fuse import FuseFrontend, State, fuse_conn_id, load_state, process_start_time
+from baton.testing.fake_tracker import FakeTracker
 
 MiB = 1 << 20
 
@@ -78,7 +78,7 @@ def test_fallocate_modes_map_to_write_zeroes(fe: FuseFrontend) -> None:
 def test_tracker_error_is_eio_for_that_request_only(fe: FuseFrontend) -> None:
     t = fe.tracker
     assert isinstance(t, FakeTracker)
-    t.fail_on = "write"
+    t.fail("write", OSError(errno.EIO, "injected failure in write"))
     with pytest.raises(OSError) as ei:
         fe._write(0, b"x" * 512)
     assert ei.value.errno == errno.EIO
@@ -89,19 +89,20 @@ def test_tracker_error_is_eio_for_that_request_only(fe: FuseFrontend) -> None:
 
 
 def test_fenced_is_eio_and_stops_the_frontend(tmp_path: Path) -> None:
-    t = FakeTracker(tmp_path / "b.img", 4 * MiB, fence_after=2)
+    t = FakeTracker(tmp_path / "b.img", 4 * MiB, fence_after_writes=2)
     fe = FuseFrontend(t, "f", tmp_path / "run", tmp_path / "dev")
     fe._write(0, b"a" * 512)
     fe._write(512, b"a" * 512)
     with pytest.raises(OSError) as ei:
         fe._write(1024, b"a" * 512)
     assert ei.value.errno == errno.EIO
-    assert fe.wait(5) and fe.failure is not None and "fenced" in fe.failure
+    assert fe.wait(5) and fe.failure is not None and fe.failure.kind is FailureKind.FENCED
+    assert isinstance(fe.failure.error(), Fenced) and "fenced" in str(fe.failure)
     # Every later request fails without reaching the tracker (never retried).
-    calls = t.statistics()["fenced_calls"]
+    calls = t.statistics()["reads"] + t.statistics()["errors"]
     with pytest.raises(OSError):
         fe._read(0, 512)
-    assert t.statistics()["fenced_calls"] == calls
+    assert t.statistics()["reads"] + t.statistics()["errors"] == calls
     assert fe.statistics()["fenced"] == 1
     fe.stop()  # idempotent after a fence
 
@@ -109,7 +110,7 @@ def test_fenced_is_eio_and_stops_the_frontend(tmp_path: Path) -> None:
 def test_constructor_checks_name_and_size(tmp_path: Path) -> None:
     t = FakeTracker(tmp_path / "b.img", 4 * MiB)
     for bad in ("", "../x", "a/b", ".hidden", "x" * 65):
-        with pytest.raises(DeviceError):
+        with pytest.raises(UsageError):
             FuseFrontend(t, bad, tmp_path, tmp_path)
     odd = FakeTracker(tmp_path / "c.img", 4 * MiB + 100)
     with pytest.raises(DeviceError, match="multiple of 512"):
@@ -122,11 +123,11 @@ def test_state_roundtrip_and_bad_state(tmp_path: Path) -> None:
                size=4096, started_at=1.5)
     p = tmp_path / "state.json"
     p.write_text(st.to_json())
-    assert read_state(p) == st
-    assert read_state(tmp_path / "missing.json") is None
+    assert load_state(p) == st
+    assert load_state(tmp_path / "missing.json") is None
     p.write_text("{not json")
     with pytest.raises(DeviceError, match="not a valid Baton state file"):
-        read_state(p)
+        load_state(p)
 
 
 def test_process_start_time_and_conn_id() -> None:
@@ -164,11 +165,11 @@ def test_fake_tracker_extents_and_marks(tmp_path: Path) -> None:
     t.write(4096, b"z" * 8192)
     t.write(4096, b"z" * 10)  # same chunk again: no new mark
     t.discard(65536, 4096)
-    assert t.statistics()["marks"] == 3
+    assert t.statistics()["first_touch_marks"] == 3
     assert t.dirty_extents(0, 81920) == [(0, 4096, False), (4096, 8192, True), (12288, 53248, False),
                                          (65536, 4096, True), (69632, 12288, False)]
     assert t.read(65536, 4) == b"\0\0\0\0"
-    t2 = FakeTracker(tmp_path / "c.img", 1 * MiB, fence_after=0)
+    t2 = FakeTracker(tmp_path / "c.img", 1 * MiB, fence_after_writes=0)
     with pytest.raises(Fenced):
         t2.write(0, b"a")
 

@@ -25,12 +25,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from baton import __version__
-from baton.agent.control import ControlServer, socket_path
+from baton import __version__, daemon, frontends
+from baton.agent.control import socket_path
 from baton.agent.metrics import DiskSample, StatusCollector, registry_for
 from baton.agent.watcher import EventSource, Watcher, WatchSpec
-from baton.cluster import attach as att
-from baton.errors import BatonError, UsageError
+from baton.daemon.protocol import ControlServer, Progress
+from baton.daemon.runtime import run_dir
+from baton.errors import EXIT_CODES, BatonError, Fenced, UsageError
+from baton.host.attachments import attachments
 
 log = logging.getLogger("baton.agent")
 DEFAULT_METRICS_PORT = 9470
@@ -104,8 +106,7 @@ def group_watches(items: Iterable[tuple[str, Any]], *, default_node: str = "") -
             raise UsageError(f"--probe-interval {interval}: expected 0.1 to 3600 seconds")
         spec = WatchSpec(disk=g["disk"], node=node, name=g.get("name") or "", frontend=g.get("frontend") or "fuse",
                          record=g.get("record"), probe_interval=interval)
-        if spec.frontend not in ("fuse", "nbd"):
-            raise UsageError(f"--frontend {spec.frontend!r}: expected fuse or nbd")
+        frontends.get(spec.frontend)  # UsageError for an unknown kind
         if spec.attach_name in names:
             raise UsageError(f"two --watch options would both attach as {spec.attach_name}; give --name")
         names.add(spec.attach_name)
@@ -121,7 +122,7 @@ class Agent:
         self.metrics_addr = metrics
         self.watchers = [Watcher(s) for s in self.specs]
         self.events: EventSource | None = None
-        self.control = ControlServer(socket_path(), self._on_request)
+        self.control = ControlServer(socket_path(), self._on_request, name="agent-control")
         self.collector = StatusCollector(self.gather)
         self.http: Any = None
         self.metrics_bound: tuple[str, int] | None = None
@@ -135,7 +136,7 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------------------------
 
     def _take_lock(self) -> None:
-        d = att.run_dir()
+        d = run_dir()
         d.mkdir(parents=True, exist_ok=True)
         path = d / "agent.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -160,7 +161,7 @@ class Agent:
             if self.metrics_addr is not None:
                 self._start_metrics(*self.metrics_addr)
             log.info("agent.start", extra={"fields": {
-                "pid": os.getpid(), "version": __version__, "run_dir": str(att.run_dir()),
+                "pid": os.getpid(), "version": __version__, "run_dir": str(run_dir()),
                 "control": str(self.control.path),
                 "metrics": f"{self.metrics_bound[0]}:{self.metrics_bound[1]}" if self.metrics_bound else "off",
                 "watches": len(self.watchers)}})
@@ -217,7 +218,7 @@ class Agent:
             wt.wake()
         for t in self._threads:
             # A watcher in the middle of an attach finishes it (bounded by attach's own ready timeout).
-            t.join(timeout=att.READY_TIMEOUT + 5)
+            t.join(timeout=daemon.READY_TIMEOUT + 5)
         if self.events is not None:
             self.events.stop()
         if self.http is not None:
@@ -229,7 +230,7 @@ class Agent:
             os.close(self._lock_fd)
             self._lock_fd = -1
             log.info("agent.stop", extra={"fields": {"pid": os.getpid(), "attachments_left_running": sum(
-                1 for a in att.attachments() if a.get("alive"))}})
+                1 for a in attachments() if a.get("alive"))}})
 
     # -- what it reports ----------------------------------------------------------------------------------
 
@@ -249,13 +250,14 @@ class Agent:
                     code = os.waitstatus_to_exitcode(status)
                     (log.info if code == 0 else log.warning)("attachment.daemon_exited", extra={"fields": {
                         "name": wt.name, "pid": pid, "exit_status": code,
-                        "meaning": {0: "detached", 5: "fenced by a newer owner"}.get(code, "failed or killed")}})
+                        "meaning": {0: "detached", EXIT_CODES[Fenced]: "fenced by a newer owner"}.get(
+                            code, "failed or killed")}})
 
     def _housekeeping(self) -> None:
         """Log attachments appearing, ending and failing on this node (whoever attached them)."""
         self._reap()
         now: dict[str, str] = {}
-        for a in att.attachments():
+        for a in attachments():
             name = str(a.get("name"))
             now[name] = "running" if a.get("alive") else "failed"
             if self._seen.get(name) != now[name]:
@@ -281,17 +283,22 @@ class Agent:
         not attached here."""
         out: list[DiskSample] = []
         seen = set()
-        for a in att.attachments():
+        for a in attachments():
             name = str(a.get("name"))
             seen.add(name)
             st: dict[str, Any] | None = None
+            failure: str | None = None  # baton_daemon_failed's label
             if a.get("alive"):
                 try:
-                    st = att.request(name, {"op": "status"}, timeout=STATUS_TIMEOUT)
+                    st = daemon.request(name, {"op": "status"}, timeout=STATUS_TIMEOUT)
                 except BatonError as e:
                     self.status_errors += 1
+                    failure = "unreachable"
                     log.warning("metrics.status_failed", extra={"fields": {"name": name, "error": str(e)}})
-            out.append(DiskSample(name, str((st or {}).get("disk_uuid") or self._uuid_of(name)), st))
+            else:
+                gone = daemon.daemon_gone(name, a)  # died or fenced
+                failure = str(gone["failure"]) if gone else None
+            out.append(DiskSample(name, str((st or {}).get("disk_uuid") or self._uuid_of(name)), st, failure))
         for wt in self.watchers:
             if wt.name not in seen:
                 out.append(DiskSample(wt.name, wt.disk_uuid, None))
@@ -299,10 +306,10 @@ class Agent:
 
     def _attachment_status(self) -> list[dict[str, Any]]:
         out = []
-        for a in att.attachments():
+        for a in attachments():
             name = str(a.get("name"))
             try:
-                out.append(att.name_status(name))
+                out.append(daemon.name_status(name))
             except BatonError as e:
                 out.append({"name": name, "state": "unreachable", "pid": a.get("pid"), "problem": str(e)})
         return out
@@ -310,7 +317,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return {
             "agent": {"pid": os.getpid(), "version": __version__, "started": self.started,
-                      "uptime_s": round(time.time() - self.started, 1), "run_dir": str(att.run_dir()),
+                      "uptime_s": round(time.time() - self.started, 1), "run_dir": str(run_dir()),
                       "control": str(self.control.path),
                       "metrics": (f"{self.metrics_bound[0]}:{self.metrics_bound[1]}" if self.metrics_bound
                                   else None),
@@ -319,7 +326,7 @@ class Agent:
             "attachments": self._attachment_status(),
         }
 
-    def _on_request(self, req: dict[str, Any]) -> Any:
+    def _on_request(self, req: dict[str, Any], progress: Progress) -> Any:
         op = req.get("op")
         if op == "status":
             return self.status()

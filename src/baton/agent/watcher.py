@@ -11,7 +11,7 @@ One :class:`Watcher` per ``--watch DISK``. Its decision step (:meth:`Watcher.ste
   fenced by a newer owner, killed). So a disk that was detached or taken away is not grabbed back merely
   because the probe still succeeds (it always does on storage without exclusivity): ownership has to *arrive
   again*, seen as a probe that failed and then succeeded, or as a device event.
-* On arrival it calls :func:`baton.cluster.attach.attach` (takeover: epoch+1, which fences any previous owner
+* On arrival it calls :func:`baton.daemon.attach` (takeover: epoch+1, which fences any previous owner
   still running). A failed attach is logged and retried on later successful probes, backing off up to 60 s.
 
 :class:`EventSource` turns /proc/self/mountinfo changes (poll POLLPRI) and ``udevadm monitor`` block events
@@ -32,9 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from baton.cluster import attach as att
+from baton import daemon
 from baton.cluster import watch as w
 from baton.errors import DeviceBusy
+from baton.host.attachments import attachments
 
 log = logging.getLogger("baton.agent")
 
@@ -56,7 +57,7 @@ class WatchSpec:
 
     @property
     def attach_name(self) -> str:
-        return self.name or att.default_name(self.disk)
+        return self.name or daemon.default_name(self.disk)
 
 
 class Watcher:
@@ -64,8 +65,8 @@ class Watcher:
     devices. Thread-safe: ``kick`` may be called from any thread; ``step``/``run`` from one."""
 
     def __init__(self, spec: WatchSpec, *,
-                 attach_fn: Callable[..., dict[str, Any]] = att.attach,
-                 attachments_fn: Callable[[], list[dict[str, Any]]] = att.attachments,
+                 attach_fn: Callable[..., dict[str, Any]] = daemon.attach,
+                 attachments_fn: Callable[[], list[dict[str, Any]]] = attachments,
                  find_fn: Callable[[str, str | None],
                                    tuple[w.ProbeTarget | None, w.ProbeResult | None]] = w.safe_find_target,
                  probe_fn: Callable[[w.ProbeTarget], w.ProbeResult] = w.probe,

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from baton import frontends
 from baton.cli import emit
 
 # Options that belong to the --watch before them, in the order they may follow it.
@@ -48,7 +49,7 @@ def _ordered(ctx: click.Context, values: dict[str, Sequence[Any]]) -> list[tuple
               help="This node's cluster name, for the --watch before it (before any --watch: for all). "
                    "Default: env BATON_NODE.")
 @click.option("--name", multiple=True, help="Attachment name for the --watch before it (default: DISK's name).")
-@click.option("--frontend", multiple=True, type=click.Choice(["fuse", "nbd"]),
+@click.option("--frontend", multiple=True, type=click.Choice(frontends.kinds()),
               help="Frontend for the --watch before it (default fuse).")
 @click.option("--record", multiple=True, metavar="SPEC",
               help="external:RECORD_DISK[#SLOT] for the --watch before it, if its record is on a record disk.")

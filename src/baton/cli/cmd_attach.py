@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from baton import frontends
 from baton.cli import emit
 
 
@@ -12,7 +13,7 @@ from baton.cli import emit
 @click.option("--node", required=True, envvar="BATON_NODE",
               help="This node's cluster name (Pacemaker passes its own). Env: BATON_NODE.")
 @click.option("--name", help="Attachment name: gives /dev/baton/NAME. Default: DISK's base name.")
-@click.option("--frontend", type=click.Choice(["fuse", "nbd"]), default="fuse", show_default=True,
+@click.option("--frontend", type=click.Choice(frontends.kinds()), default="fuse", show_default=True,
               help="fuse: /dev/baton/NAME, a loop device over a FUSE file (mkfs/mount it). nbd: an NBD export "
                    "on RUN_DIR/NAME.sock for QEMU and NBD clients.")
 @click.option("--record", metavar="SPEC", help="external:RECORD_DISK[#SLOT] if the record is on a record disk.")
@@ -41,7 +42,7 @@ def command(disk: str, node: str, name: str | None, frontend: str, record: str |
       baton attach /dev/mapper/mpatha --node "$(crm_node -n)" --name data
       mkfs.ext4 /dev/baton/data && mount /dev/baton/data /srv/data
     """
-    from baton.cluster.attach import attach
+    from baton.daemon import attach
 
     res = attach(disk, node=node, name=name, frontend=frontend, record=record, tracking=not no_tracking,
                  nbd_tcp=tcp, foreground=foreground)

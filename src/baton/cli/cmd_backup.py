@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
 import click
 
 from baton.cli import emit, progress_bar
-from baton.errors import DaemonError, NotAttached, NotOwner
 
 
 def _human(r: dict[str, Any]) -> str:
@@ -18,7 +16,11 @@ def _human(r: dict[str, Any]) -> str:
     return (f"snapshot {r['snapshot']}  {r['mode']}{why}\n"
             f"read {r['bytes_read'] / mib:.1f} MiB of {r['disk_size'] / mib:.1f} MiB "
             f"({r['chunks_read']} chunks, {r['chunks_changed']} changed), stored {r['bytes_stored'] / mib:.1f} MiB, "
-            f"{r['duration_s']:.2f} s on {r['node']}")
+            f"{r['duration_s']:.2f} s on {r['node']}" + "".join(
+                f"\n{k}: exit {h['exit_status']} in {h['seconds']} s" for k, h in r.get("consistency", {}).items()
+                if k in ("pre", "post")) + (f"\nfrozen {r['consistency']['freeze']['mountpoint']} for "
+                                            f"{r['consistency']['freeze']['window_s']} s"
+                                            if r.get("consistency", {}).get("freeze") else ""))
 
 
 @click.command("backup")
@@ -31,9 +33,21 @@ def _human(r: dict[str, Any]) -> str:
                    "An attachment here whose daemon died or was fenced still fails (exit 8).")
 @click.option("--node", envvar="BATON_NODE", default=None, help="Node name for an offline backup (default: hostname).")
 @click.option("--record", metavar="SPEC", help="external:RECORD_DISK[#SLOT] for an offline backup of such a disk.")
+@click.option("--freeze", "freeze", metavar="MOUNTPOINT", type=click.Path(file_okay=False),
+              help="fsfreeze the file system mounted at MOUNTPOINT around the freeze point only (milliseconds), "
+                   "thawed on every path (error, signal, --freeze-timeout).")
+@click.option("--pre", "pre", metavar="CMD", help="Run CMD (sh -c) just before the freeze point; a non-zero exit "
+              "stops the backup (e.g. put a database into backup mode).")
+@click.option("--post", "post", metavar="CMD", help="Run CMD (sh -c) just after the freeze point, whenever --pre "
+              "ran; a non-zero exit fails the command (exit 1) after the snapshot was committed.")
+@click.option("--hook-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Seconds each of --pre and --post may run (then it is killed and counts as failed).")
+@click.option("--freeze-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds after which a watchdog thaws the --freeze file system whatever happens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def command(target: str, repo: str, key_file: str | None, full: bool, if_owner: bool, node: str | None,
-            record: str | None, as_json: bool) -> None:
+            record: str | None, freeze: str | None, pre: str | None, post: str | None, hook_timeout: float,
+            freeze_timeout: float, as_json: bool) -> None:
     """Back up a disk into a repository.
 
     TARGET is an attachment NAME on this node (the backup runs inside its daemon, so writes continue and are
@@ -50,98 +64,28 @@ def command(target: str, repo: str, key_file: str | None, full: bool, if_owner: 
     was killed, crashed or fenced) is not skipped: the backup fails with exit 8 and says what happened and
     what to do, as `status` does.
 
+    Consistent backups: --pre CMD, then fsfreeze -f MOUNTPOINT (--freeze), the freeze point, fsfreeze -u,
+    then --post CMD. The file system is frozen only around the freeze point, never during the copy (the
+    snapshot stays point-in-time by copy-before-write). Each hook's exit status, output tail and time, and
+    the freeze window (window_s), are in --json under "consistency" and in the snapshot's info; the record's
+    history entry has no room for them. A failing --pre or freeze takes no backup.
+
     JSON keys: snapshot, mode, reason, bytes_read, bytes_stored, chunks_changed, chunks_read, duration_s, node,
     parent, disk_uuid, disk_size, chunk_size.
     """
-    import baton.cluster.attach as att
+    from baton.daemon import backup
     from baton.storage import check_url
 
     check_url(repo)
-    this_node = node or socket.gethostname()
+    with progress_bar(f"backup {target}", not as_json) as bar:
+        import os
 
-    # Is it attached here?
-    name = None
-    if os.path.sep not in target and att.read_state(target) is not None:
-        name = target
-    else:
-        real = os.path.realpath(target)
-        for st in att.attachments():
-            if st.get("disk") == real or st["name"] == target:
-                name = st["name"]
-    state = att.read_state(name) if name is not None else None
-    if name is not None and state is not None:  # attached here (alive or not)
-        gone = att.daemon_gone(name, state)
-        # This node was the owner and its tracker is gone: never a quiet skip. Only a DISK path whose record
-        # shows it moved on since (taken over elsewhere) falls through to the record's own verdict below.
-        if gone is not None and (if_owner or gone["owner_now"] or not os.path.exists(target)):
-            raise DaemonError(f"{gone['problem']}; no backup taken", hint=gone["hint"])
-        if gone is None:
-            # The daemon's working directory is not ours: local paths must reach it absolute.
-            if "://" not in repo:
-                repo = os.path.abspath(repo)
-            if key_file:
-                key_file = os.path.abspath(key_file)
-            with progress_bar(f"backup {name}", not as_json) as bar:
-                res = att.request(name, {"op": "backup", "repo": repo, "key_file": key_file, "full": full},
-                                  timeout=None, on_progress=bar)
-            emit(res, as_json, _human(res))
-            return
-    if not os.path.exists(target):
-        if if_owner:  # not attached here: another node owns it (or nobody); the timer on the owner does the work
-            _skip(target, this_node, f"{target} is not attached on this node", as_json)
-            return
-        raise NotAttached(f"{target} is not attached on this node and is not a disk path",
-                          hint="run the backup on the node that has it attached, or pass the disk path")
-    res = _offline(target, repo, key_file, full, this_node, record, if_owner, as_json)
+        consistency = {"freeze": os.path.abspath(freeze) if freeze else None, "pre": pre, "post": post,
+                       "hook_timeout": hook_timeout, "freeze_timeout": freeze_timeout} \
+            if (freeze or pre or post) else None
+        res = backup(target, repo, node=node or socket.gethostname(), key_file=key_file, full=full,
+                     if_owner=if_owner, record=record, progress=bar, consistency=consistency)
     if res.get("skipped"):
-        emit(res, as_json)
+        emit(res, as_json)  # --if-owner on a node that does not own the disk: exit 0, quiet without --json
     else:
         emit(res, as_json, _human(res))
-
-
-def _skip(target: str, node: str, reason: str, as_json: bool) -> dict[str, Any]:
-    """The record of an --if-owner skip: printed under --json (exit 0, nothing without it)."""
-    out = {"skipped": True, "reason": reason, "name": target, "node": node}
-    emit(out, as_json)
-    return out
-
-
-def _offline(disk: str, repo_url: str, key_file: str | None, full: bool, node: str, record: str | None,
-             if_owner: bool, as_json: bool) -> dict[str, Any]:
-    from baton.backup import run_backup
-    from baton.cluster.attach import default_name, open_tracker
-    from baton.record.placement import check_not_in_use, locate
-    from baton.repo import Repository
-
-    loc = locate(disk, record, writable=True)
-    try:
-        h = loc.header
-        if not h.clean:
-            if h.owner == node:  # the record says this node owns it, and no daemon here serves it
-                raise DaemonError(f"{disk} is attached on this node ({node}, epoch {h.epoch}) according to its "
-                                  "record, but no Baton daemon serves it here (it died, or this node restarted); "
-                                  "nothing tracks its writes now; no backup taken",
-                                  hint=f"re-attach it (let Pacemaker restart the resource, or `baton attach {disk} "
-                                       f"--node {node}`), then back it up")
-            if if_owner:
-                return {"skipped": True, "reason": f"{disk} is attached on node {h.owner or '?'} (epoch "
-                        f"{h.epoch}), not on this node", "name": disk, "node": node}
-            raise NotOwner(f"{disk} is attached on node {h.owner or '?'} (epoch {h.epoch}), or its owner died "
-                           "without detaching", hint="back it up on its owner (`baton backup NAME`), or attach "
-                           "it here first (a takeover) and back it up then")
-        if if_owner:  # nobody owns a detached disk; timers on every node must not race for it
-            return {"skipped": True, "reason": f"{disk} is not attached on any node (its record is clean)",
-                    "name": disk, "node": node}
-        check_not_in_use(disk)
-        repo = Repository.open(repo_url, key_file=key_file)
-        loc.record.attach(node)
-        tracker = open_tracker(loc)
-        try:
-            with progress_bar(f"backup {disk}", not as_json) as bar:
-                res = run_backup(tracker, repo, node=node, name=default_name(disk), full=full, progress=bar)
-        finally:
-            tracker.close()
-            loc.record.detach()
-        return res
-    finally:
-        loc.close()

@@ -18,7 +18,7 @@ def command(name: str, as_json: bool) -> None:
     failure, cleaned_up, log_tail). Either way RUN_DIR/NAME is removed. Exit 8 if NAME is not attached on
     this node.
     """
-    from baton.cluster.attach import detach
+    from baton.daemon import detach
 
     res = detach(name)
     if res.get("was_running", True):

@@ -75,10 +75,10 @@ def command(target: str, record: str | None, as_json: bool) -> None:
     The exit status is 0 whenever the question could be answered (a failed attachment included); a NAME that
     is not attached on this node exits 6.
     """
-    import baton.cluster.attach as att
+    from baton.daemon import disk_status, name_status
 
     if os.path.sep in target or os.path.exists(target):
-        st = att.disk_status(target, record)
+        st = disk_status(target, record)
     else:
-        st = att.name_status(target)
+        st = name_status(target)
     emit(st, as_json, _human(st))

@@ -49,7 +49,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import stat
 import sys
 import threading
@@ -61,6 +60,8 @@ from typing import Any
 
 from baton.errors import BatonError, DeviceBusy, DeviceError, Fenced
 from baton.frontends import loopdev
+from baton.frontends.base import Endpoint, FailureKind, Frontend, FrontendConfig, FrontendFailure
+from baton.host.attachments import check_name
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ _PR_SET_IO_FLUSHER = 57  # linux/prctl.h
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _READY_TIMEOUT = 30.0  # seconds for the FUSE session to come up
 _STOP_JOIN_TIMEOUT = 10.0  # seconds for the FUSE loop to end after unmount, before we abort the connection
 _DETACH_WAIT = 5.0  # seconds for losetup -d to take effect
@@ -197,8 +197,10 @@ class State:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
-def read_state(path: Path) -> State | None:
-    """The state at ``path``, None if there is none. A file that does not parse raises DeviceError."""
+def load_state(path: Path) -> State | None:
+    """The FUSE frontend's state file at ``path`` (RUN_DIR/NAME/state.json), None if there is none. A file that
+    does not parse raises DeviceError. (The attachment's own state file, daemon.json, is another file with
+    another writer: ``baton.host.attachments``.)"""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -281,11 +283,6 @@ def _busy_message(name: str, st: State | None) -> str:
     return f"{name} is attached and served by live pid {st.pid} ({st.loop})"
 
 
-def _name_ok(name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise DeviceError(f"invalid device name {name!r}: use letters, digits, '.', '_' and '-' (max 64)")
-
-
 # ---- stale clean-up -----------------------------------------------------------------------------------
 
 
@@ -301,14 +298,14 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
     is still mounted on (or a holder sits on) the dead loop device: unmount it first; the state file is kept
     then. Returns [] when there is no state file.
     """
-    _name_ok(name)
+    check_name(name)
     state_dir = Path(run_dir).absolute() / name
     if not (state_dir / "state.json").exists():
         return []
     lock = _Lock(state_dir)
     try:
-        if not lock.try_acquire() and not _unwedge_dying_daemon(read_state(state_dir / "state.json"), lock):
-            raise DeviceBusy(_busy_message(name, read_state(state_dir / "state.json")),
+        if not lock.try_acquire() and not _unwedge_dying_daemon(load_state(state_dir / "state.json"), lock):
+            raise DeviceBusy(_busy_message(name, load_state(state_dir / "state.json")),
                              hint=f"detach it with `baton detach {name}`, or stop that process")
         return _cleanup_locked(name, state_dir)
     finally:
@@ -346,7 +343,7 @@ def _unwedge_dying_daemon(st: State | None, lock: _Lock) -> bool:
 def _cleanup_locked(name: str, state_dir: Path) -> list[str]:
     """cleanup_stale's work; the caller holds NAME's lock, so no live process serves NAME."""
     state_path = state_dir / "state.json"
-    st = read_state(state_path)
+    st = load_state(state_path)
     if st is None:
         return []
     if _alive(st):  # unlocked but running: someone removed the lock file; do not trust the lock then
@@ -380,11 +377,13 @@ def _cleanup_locked(name: str, state_dir: Path) -> list[str]:
 # ---- the frontend -------------------------------------------------------------------------------------
 
 
-class FuseFrontend:
+class FuseFrontend(Frontend):
     """Serve ``tracker`` as the block device dev_dir/NAME (a symlink to a loop device over a FUSE file).
 
-    Lifecycle: :meth:`start` (returns when the device is usable), :meth:`wait` (returns when stopped, fenced or
-    aborted), :meth:`stop`. One instance serves one start/stop cycle. Thread-safe.
+    Lifecycle (:class:`baton.frontends.base.Frontend`): :meth:`start` (returns when the device is usable),
+    :meth:`wait` (returns when stopped, fenced or aborted), :meth:`stop`. One instance serves one start/stop
+    cycle. Thread-safe. Failures: ``FENCED`` (the tracker raised Fenced), ``HUNG`` (the watchdog fired),
+    ``DIED`` (the FUSE session was unmounted or aborted from outside).
 
     ``request_timeout``: seconds a single tracker call may take before the watchdog aborts the whole FUSE
     connection (every pending and later I/O on the device fails with EIO). None switches the watchdog off.
@@ -394,10 +393,12 @@ class FuseFrontend:
     kernel; more concurrency lets the tracker's group commit batch more first-touch marks.
     """
 
+    kind = "fuse"
+
     def __init__(self, tracker: TrackerLike, name: str, run_dir: Path = Path("/run/baton"),
                  dev_dir: Path = Path("/dev/baton"), *, request_timeout: float | None = 120.0,
                  max_threads: int = 32) -> None:
-        _name_ok(name)
+        check_name(name)
         if tracker.size <= 0 or tracker.size % 512:
             raise DeviceError(f"tracker size {tracker.size} is not a positive multiple of 512 bytes")
         self.tracker = tracker
@@ -415,7 +416,7 @@ class FuseFrontend:
             raise DeviceError(f"max_threads {max_threads} outside 1..1024")
         self.max_threads = max_threads
         self.loop_device: str | None = None
-        self.failure: str | None = None  # why the frontend stopped by itself (fenced, aborted, session lost)
+        self._failure: FrontendFailure | None = None  # why it stopped by itself (fenced, hung, session lost)
 
         self._lock = threading.Lock()  # counters, in-flight table, lifecycle flags
         self._phase = "new"  # new -> starting -> running -> stopping -> stopped
@@ -438,10 +439,19 @@ class FuseFrontend:
             ("reads", "writes", "bytes_read", "bytes_written", "fsyncs", "punch_holes", "zero_ranges",
              "errors", "fenced", "watchdog_aborts", "max_in_flight", "max_write", "io_flusher"), 0)
 
+    @classmethod
+    def create(cls, tracker: TrackerLike, config: FrontendConfig) -> FuseFrontend:
+        return cls(tracker, config.name, config.run_dir, config.dev_dir)
+
+    @classmethod
+    def cleanup_stale(cls, config: FrontendConfig) -> list[str]:
+        """See :func:`cleanup_stale` (the module function)."""
+        return cleanup_stale(config.name, config.run_dir, config.dev_dir)
+
     # -- lifecycle --------------------------------------------------------------------------------------
 
-    def start(self) -> str:
-        """Mount the FUSE export, attach the loop device, publish dev_dir/NAME; return that path.
+    def start(self) -> Endpoint:
+        """Mount the FUSE export, attach the loop device, publish dev_dir/NAME; return it as the endpoint.
 
         Returns only when the device reads and has the tracker's size. If a previous daemon for NAME died,
         its leftovers are cleaned first (:func:`cleanup_stale`). Raises DeviceBusy if NAME is attached by a
@@ -467,15 +477,28 @@ class FuseFrontend:
             if self._phase == "starting":
                 self._phase = "running"
         log.info("%s: serving %s -> %s (FUSE conn %s)", self.name, self.link, self.loop_device, self._conn)
-        return str(self.link)
+        return Endpoint(device=str(self.link))
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return Endpoint(device=str(self.link)) if self._state is not None else None
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return self._phase == "running" and not self._dead
+
+    @property
+    def failure(self) -> FrontendFailure | None:
+        return self._failure
 
     def _prepare_dirs(self) -> None:
         self._lock_file = _Lock(self.state_dir)
-        if not self._lock_file.try_acquire() and not _unwedge_dying_daemon(read_state(self.state_path),
+        if not self._lock_file.try_acquire() and not _unwedge_dying_daemon(load_state(self.state_path),
                                                                           self._lock_file):
             self._lock_file.release()
             self._lock_file = None
-            raise DeviceBusy(_busy_message(self.name, read_state(self.state_path)),
+            raise DeviceBusy(_busy_message(self.name, load_state(self.state_path)),
                              hint=f"detach it with `baton detach {self.name}` first")
         cleaned = _cleanup_locked(self.name, self.state_dir)
         for a in cleaned:
@@ -556,7 +579,9 @@ class FuseFrontend:
                 unexpected = self._phase == "running" and not self._dead
             if unexpected:
                 # Someone unmounted or aborted our FUSE connection: the device only gives EIO from now on.
-                self._emergency_stop(f"the FUSE session ended unexpectedly ({self._serve_error!r})")
+                self._emergency_stop(FrontendFailure(
+                    FailureKind.DIED, f"the FUSE session ended unexpectedly ({self._serve_error!r})",
+                    self._serve_error))
 
     def _on_init(self, conn: Any, cfg: Any) -> None:
         _restore_sigactions(self._saved_signals)
@@ -696,14 +721,14 @@ class FuseFrontend:
             self._phase = "stopped"
         self._stopped.set()
 
-    def _emergency_stop(self, reason: str) -> None:
+    def _emergency_stop(self, failure: FrontendFailure) -> None:
         """Fenced, hung or lost session: fail everything from now on and take the device down lazily.
         Runs once, on its own thread (never inside a FUSE handler, which must return promptly)."""
         with self._lock:
             if self._dead:
                 return
             self._dead = True
-            self.failure = reason
+            self._failure = failure
             idle = self._phase in ("new", "stopped")
             if not idle:
                 self._phase = "stopping"
@@ -712,7 +737,7 @@ class FuseFrontend:
             return
 
         def run() -> None:
-            log.error("%s: shutting the device down: %s", self.name, reason)
+            log.error("%s: shutting the device down: %s", self.name, failure)
             try:
                 if self._conn is not None and not self._loop_exited.is_set():
                     abort_connection(self._conn)
@@ -740,8 +765,8 @@ class FuseFrontend:
             if oldest is not None and time.monotonic() - oldest > self.request_timeout:
                 with self._lock:
                     self._stats["watchdog_aborts"] += 1
-                self._emergency_stop(f"a request was stuck in the tracker for more than "
-                                     f"{self.request_timeout:g} s (watchdog)")
+                self._emergency_stop(FrontendFailure(FailureKind.HUNG, f"a request was stuck in the tracker "
+                                                     f"for more than {self.request_timeout:g} s (watchdog)"))
                 return
 
     # -- request handlers (called concurrently from libfuse worker threads) -----------------------------
@@ -761,7 +786,8 @@ class FuseFrontend:
         except Fenced as exc:
             with self._lock:
                 self._stats["fenced"] += 1
-            self._emergency_stop(f"fenced: a newer owner took the disk over ({exc})")
+            self._emergency_stop(FrontendFailure(FailureKind.FENCED,
+                                                 f"fenced: a newer owner took the disk over ({exc})", exc))
             raise OSError(errno.EIO, "fenced") from exc
         except Exception as exc:
             log.error("%s: %s failed, replying EIO: %r", self.name, kind, exc)
@@ -899,3 +925,6 @@ def _make_operations(mf: ModuleType, fe: FuseFrontend) -> Any:
             return 0
 
     return Ops()
+
+
+FRONTEND = FuseFrontend

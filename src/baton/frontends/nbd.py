@@ -50,6 +50,7 @@ from typing import cast
 
 from baton.errors import DeviceBusy, DeviceError, Fenced
 from baton.format import nbd_proto as P
+from baton.frontends.base import Endpoint, FailureKind, Frontend, FrontendConfig, FrontendFailure
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,27 @@ _CONN_COUNTERS = (
 )  # fmt: skip
 
 
-def default_socket_path(name: str) -> Path:
+def default_socket_path(name: str, run_dir: Path = RUN_DIR) -> Path:
     """Where the NBD socket of the attached disk ``name`` lives unless the caller says otherwise."""
-    return RUN_DIR / f"{name}.sock"
+    return Path(run_dir) / f"{name}.sock"
 
 
 from baton.tracker import TrackerLike  # noqa: E402 - the protocol lives with the tracker
 
-__all__ = ["NBDServer", "TrackerLike", "default_socket_path"]
+__all__ = ["FRONTEND", "NBDServer", "TrackerLike", "default_socket_path"]
+
+
+def _listening(path: Path) -> bool:
+    """Whether a server accepts connections on the unix socket ``path`` (a dead server's socket refuses)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class _Disconnect(Exception):
@@ -152,8 +166,8 @@ def dirty_descriptors(
     return out[:_MAX_DESCRIPTORS]
 
 
-class NBDServer:
-    """An NBD server for one export backed by ``tracker``.
+class NBDServer(Frontend):
+    """An NBD server for one export backed by ``tracker``: the ``nbd`` frontend.
 
     ``export_name`` is the canonical name; the empty name (the "default export") also selects it. Exactly the
     transports given are opened: ``unix_path`` (socket created mode 0600; a stale socket left by a dead server
@@ -162,10 +176,35 @@ class NBDServer:
     up to that many requests of one connection are in flight at once; ``workers=0`` runs each request inline
     in the reader thread (less CPU, but queue depth 1: only for a tracker that never blocks).
 
-    Lifecycle: :meth:`start` returns once listening; :meth:`serve_forever` blocks until :meth:`stop` (returns)
-    or a fence (raises :class:`Fenced`); :meth:`stop` drains in-flight requests (bounded by ``drain_timeout``
-    seconds), closes every connection and removes the socket file. Usable as a context manager.
+    Lifecycle (:class:`baton.frontends.base.Frontend`): :meth:`start` returns once listening; :meth:`wait`
+    returns once stopped; :meth:`serve_forever` blocks until :meth:`stop` (returns) or a fence (raises
+    :class:`Fenced`); :meth:`stop` drains in-flight requests (bounded by ``drain_timeout`` seconds), closes
+    every connection and removes the socket file. Usable as a context manager. Failures: ``FENCED`` (a tracker
+    call raised Fenced), ``DIED`` (the accept loop failed, a bug: logged).
     """
+
+    kind = "nbd"
+
+    @classmethod
+    def create(cls, tracker: TrackerLike, config: FrontendConfig) -> NBDServer:
+        """The export ``config.name`` on RUN_DIR/NAME.sock, or on ``config.tcp`` only when that is given."""
+        unix_path = None if config.tcp else default_socket_path(config.name, config.run_dir)
+        return cls(tracker, export_name=config.name, unix_path=unix_path, tcp=config.tcp)
+
+    @classmethod
+    def cleanup_stale(cls, config: FrontendConfig) -> list[str]:
+        """Remove RUN_DIR/NAME.sock when no server listens on it any more; DeviceBusy while one does."""
+        path = default_socket_path(config.name, config.run_dir)
+        try:
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                return []
+        except FileNotFoundError:
+            return []
+        if _listening(path):
+            raise DeviceBusy(f"an NBD server still listens on {path}",
+                             hint=f"detach it with `baton detach {config.name}`, or stop that process")
+        path.unlink(missing_ok=True)
+        return [f"removed {path}"]
 
     def __init__(
         self,
@@ -222,14 +261,16 @@ class NBDServer:
         self._started = False
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._stop_requested = False  # stop() was called: the server did not stop by itself
+        self._endpoint: Endpoint | None = None
         self._fenced: Fenced | None = None
         self._stats: dict[str, int] = dict.fromkeys(
             ("connections_total", "connections_refused", "fenced", *_CONN_COUNTERS), 0
         )
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        """Open the listening sockets and start accepting; returns once clients can connect.
+    def start(self) -> Endpoint:
+        """Open the listening sockets and start accepting; returns the endpoint once clients can connect.
 
         Raises DeviceBusy if another live server owns ``unix_path``, DeviceError if the path is not a socket,
         OSError if a TCP address cannot be bound. On failure nothing is left open.
@@ -250,6 +291,33 @@ class NBDServer:
         self._accept_thread = threading.Thread(target=self._accept_loop, name="nbd-accept", daemon=True)
         self._accept_thread.start()
         log.info("NBD export %r listening on %s", self.export_name, self.describe_address())
+        tcp = None
+        if self.tcp_address is not None:
+            host, port = self.tcp_address
+            tcp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._endpoint = Endpoint(socket=str(self.unix_path) if self.unix_path is not None else None, tcp=tcp)
+        return self._endpoint
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return self._endpoint
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._stopping.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stopped (by :meth:`stop`, a fence, or a failed accept loop); True if it did."""
+        return self._stopped.wait(timeout)
+
+    @property
+    def failure(self) -> FrontendFailure | None:
+        if self._fenced is not None:
+            return FrontendFailure(FailureKind.FENCED, f"fenced: {self._fenced}", self._fenced)
+        if self._stopped.is_set() and not self._stop_requested:
+            return FrontendFailure(FailureKind.DIED, f"the NBD server of {self.export_name!r} stopped by itself "
+                                   "(its accept loop failed; see the log)")
+        return None
 
     def serve_forever(self) -> None:
         """Block until the server stops. Returns after :meth:`stop`; raises :class:`Fenced` after a fence."""
@@ -259,12 +327,14 @@ class NBDServer:
         if self._fenced is not None:
             raise self._fenced
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, force: bool = False, timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish, close all connections, remove the socket file.
 
         Requests that arrive meanwhile are failed with ESHUTDOWN. Waits up to ``timeout`` seconds (default:
-        ``drain_timeout`` + 5) for the teardown. Safe to call more than once and from any thread.
+        ``drain_timeout`` + 5) for the teardown. Safe to call more than once and from any thread. Connected
+        clients never make it refuse, so ``force`` changes nothing here.
         """
+        self._stop_requested = True
         self._begin_stop()
         if threading.current_thread() is self._accept_thread:
             return
@@ -321,19 +391,12 @@ class NBDServer:
                 raise DeviceError(
                     f"{path} exists and is not a socket", hint="remove it or choose another path"
                 )
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(2.0)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink(missing_ok=True)  # nobody listens: a stale socket of a dead server
-            else:
+            if _listening(path):
                 raise DeviceBusy(
                     f"another NBD server is already listening on {path}",
                     hint="detach that export first, or choose another socket path",
                 )
-            finally:
-                probe.close()
+            path.unlink(missing_ok=True)  # nobody listens: a stale socket of a dead server
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Linux creates the socket file with the socket inode's mode (minus umask): set it before bind so
@@ -910,3 +973,6 @@ class _Connection:
             )
             out.append(payload)
         self.send(b"".join(out))
+
+
+FRONTEND = NBDServer

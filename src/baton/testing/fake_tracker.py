@@ -1,4 +1,4 @@
-"""A file-backed stand-in for the real tracker, for frontend tests and benchmarks.
+"""A file-backed stand-in for the real tracker, for frontend tests and benchmarks: the one FakeTracker.
 
 It implements the ``TrackerLike`` contract (see docs/design.md): reads pass through, writes/discards/zeroes mark
 their chunks in an in-memory dirty bitmap *before* they touch the file, flush and FUA call ``fdatasync``. It is
@@ -13,6 +13,8 @@ Test hooks:
   exception (without side effects), to exercise a frontend's EIO path.
 * ``io_delay`` (seconds) makes every read and write sleep first, like a device with that latency; it shows
   whether a frontend keeps several requests in flight.
+* :meth:`hold` makes writes wait at a gate (before they are counted or marked) until :meth:`release`: it shows
+  that a frontend does not acknowledge a write the tracker has not finished.
 * :meth:`clear_dirty` forgets the dirty bitmap (as a committed backup would); :meth:`dirty_chunks` lists it.
 
 All methods are thread-safe: the bitmap and counters sit behind one lock, file I/O uses pread/pwrite.
@@ -77,8 +79,8 @@ class FakeTracker:
         self,
         path: str | os.PathLike[str],
         size: int | None = None,
-        *,
         chunk_size: int = 64 * 1024,
+        *,
         fence_after_writes: int | None = None,
         io_delay: float = 0.0,
     ) -> None:
@@ -98,6 +100,8 @@ class FakeTracker:
         self._fenced = False
         self._changes_started = 0  # content-changing calls let through, counted for fence_after_writes
         self._failures: dict[str, tuple[BaseException, int]] = {}
+        self._gate = threading.Event()
+        self._gate.set()
         self._stats: dict[str, int] = dict.fromkeys(
             (
                 "reads", "writes", "fua_writes", "flushes", "discards", "write_zeroes", "dirty_queries",
@@ -117,6 +121,14 @@ class FakeTracker:
         """Make the next ``times`` calls of ``op`` (a method name) raise ``exc`` without side effects."""
         with self._lock:
             self._failures[op] = (exc, times)
+
+    def hold(self) -> None:
+        """Make every write from now on wait (before it is admitted) until :meth:`release`."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        """Let held and later writes through again."""
+        self._gate.set()
 
     def clear_dirty(self) -> None:
         """Forget every dirty mark (what a committed backup does to the real record)."""
@@ -147,6 +159,7 @@ class FakeTracker:
         return data
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._gate.wait()
         self._admit("write", offset, len(data), fua=fua)  # marks the chunks before the data moves
         if self.io_delay:
             time.sleep(self.io_delay)
