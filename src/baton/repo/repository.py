@@ -23,6 +23,7 @@ import blake3
 from baton.errors import ObjectNotFound, RepoCorrupt, RepoError, RepoNotFound, UsageError
 from baton.format.repo_envelope import MAGIC_INDEX, MAGIC_PAGE, MAGIC_SNAPSHOT, seal, unseal
 from baton.format.repo_index import ZERO_ID, IndexEntry, decode_index, decode_page, encode_index, encode_page
+from baton.repo.chunkindex import ChunkIndex
 from baton.repo.crypto import decode_blob
 from baton.repo.keys import RepoConfig, RepoKeys, create_key_file, new_config, read_key_file, unlock
 from baton.repo.locks import RepoLock
@@ -72,7 +73,7 @@ class Repository:
         self.store = store
         self.config = config
         self.keys = keys
-        self._index: dict[bytes, IndexEntry] | None = None
+        self._index: ChunkIndex | None = None
         self._index_files: set[str] = set()
         self._indexed_packs: set[bytes] = set()  # packs that the loaded index files cover
         self._healed = False  # heal_index ran since the index was last (re)loaded from scratch
@@ -132,11 +133,12 @@ class Repository:
 
     # ----- chunk index -----------------------------------------------------------------------------------------
 
-    def chunk_index(self) -> dict[bytes, IndexEntry]:
-        """The merged chunk index (loaded once, then kept up to date by this process's writers)."""
+    def chunk_index(self) -> ChunkIndex:
+        """The merged chunk index (loaded once, then kept up to date by this process's writers and
+        :meth:`refresh`): 8 bytes of RAM per chunk plus recent additions, see :mod:`baton.repo.chunkindex`."""
         with self._lock:
             if self._index is None:
-                self._index = {}
+                self._index = ChunkIndex()
                 self.reload_index()
             return self._index
 
@@ -145,15 +147,16 @@ class Repository:
         ``index/`` if the caller has one."""
         with self._lock:
             if self._index is None:
-                self._index = {}
+                self._index = ChunkIndex()
             if keys is None:
                 keys = {o.key for o in self.store.list("index/")}
             for key in sorted(keys - self._index_files):
-                for cid, entry in self.read_index_file(key):
-                    self._index[cid] = entry
-                    self._indexed_packs.add(entry.pack_id)
+                entries = self.read_index_file(key)
+                self._index.update(entries, merge=False)
+                self._indexed_packs.update(e.pack_id for _c, e in entries)
                 self._index_files.add(key)
                 self._stats["index_files_loaded"] += 1
+            self._index.maybe_merge()
 
     def refresh(self) -> dict[str, int]:
         """Catch up with what other clients did since this object last looked, without reloading the index.
@@ -225,8 +228,7 @@ class Repository:
         self.store.put_if_absent(key, data)
         with self._lock:
             if self._index is not None:
-                for cid, e in entries:
-                    self._index[cid] = e
+                self._index.update(entries)
             self._indexed_packs.update(e.pack_id for _c, e in entries)
             self._index_files.add(key)
         return key
@@ -288,7 +290,7 @@ class Repository:
     def invalidate_index(self) -> None:
         """Drop the in-memory chunk index; the next use reloads it from the store (after prune)."""
         with self._lock:
-            self._index = None
+            self._index = None  # its file closes when the last reader lets go
             self._index_files = set()
             self._indexed_packs = set()
             self._healed = False
@@ -503,6 +505,8 @@ class Repository:
         with self._lock:
             mine: dict[str, Any] = dict(self._stats)
             mine["index_entries"] = len(self._index) if self._index is not None else 0
+            if self._index is not None:
+                mine["chunk_index"] = self._index.statistics()
         mine["store"] = self.store.statistics()
         return mine
 
