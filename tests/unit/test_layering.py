@@ -48,7 +48,6 @@ SIDEWAYS: set[tuple[str, str]] = {
     ("daemon", "frontends"),  # the per-disk daemon starts and stops a Frontend
     ("rollback", "diff"),  # rollback writes the chunks that differ between two snapshots
     ("mount", "daemon"), ("mount", "frontends"),  # the snapshot mount daemon: control protocol, frontend
-    ("cluster", "frontends"),  # cluster/attach.py, until the daemon package replaces it (issue 10)
     ("__main__", "cli"),
 }
 # Parts whose imports are capped below their own layer: frontends talk to the tracker, nothing above it.
