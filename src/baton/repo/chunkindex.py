@@ -14,14 +14,16 @@ dict it cost about 221 bytes per chunk (3.5 GiB per TiB of unique data at 64 KiB
 
 RAM: 8 bytes per chunk in the base, about 220 per chunk in the overlay (at most 1/8 of the base between
 merges), so 8-36 bytes per chunk in steady state: at 64 KiB chunks, 128 MiB per TiB of unique data right after
-a merge, 576 MiB just before one. A merge (and the first load, which reads every index file into the overlay
-and merges once) briefly holds the merged entries as a dict, about 220 bytes per chunk, as the index did
-before; a merge sorts the whole index (O(n log n) in Python), after n/8 new entries.
+a merge, 576 MiB just before one. A merge (the first one follows the first load, which reads every index file
+into the overlay) briefly holds the merged entries as a dict, about 220 bytes per chunk, as the index did
+before; it runs after n/8 new entries, in the background.
 The file holds 53 bytes per chunk (848 MiB per TiB) under ``BATON_CACHE_DIR`` (default: the system's temporary
 directory). It is derived state (STYLE 9): rebuilt from the repository's index files by every process that
 loads the index, never read back after a crash.
 
-Not thread-safe by itself: ``Repository`` guards it with its lock.
+Threads: lookups need no lock (they take one reference to the base); additions and the swap after a merge
+take the index's own lock; merges run on a background thread once the overlay passes its share (a merge
+sorts the whole index in Python: about 7 s per million chunks here), so no backup waits for one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 from array import array
 from collections.abc import Iterable, Iterator
 
@@ -87,10 +90,14 @@ class ChunkIndex:
     Lookups may run on several threads while one thread adds (the writer's encode pool asks while the
     caller's thread adds entries): a merge builds a new base and then swaps it in with one assignment."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, background: bool = True) -> None:
         self._base = _EMPTY
         self._overlay: dict[bytes, IndexEntry] = {}
+        self._wlock = threading.Lock()     # additions and the swap after a merge
+        self._merging: threading.Thread | None = None
+        self._background = background
         self.merges = 0
+        self.merge_error: Exception | None = None
 
     # ----- mapping ---------------------------------------------------------------------------------------------
 
@@ -116,13 +123,15 @@ class ChunkIndex:
         return b.entry(row) if row >= 0 else default
 
     def __setitem__(self, cid: bytes, entry: IndexEntry) -> None:
-        self._overlay[cid] = entry
+        with self._wlock:
+            self._overlay[cid] = entry
         self._maybe_merge()
 
     def update(self, pairs: Iterable[tuple[bytes, IndexEntry]], *, merge: bool = True) -> None:
         """Add many entries, then merge at most once. ``merge=False`` while loading many index files (merging
         after each would sort the growing base again and again); call :meth:`maybe_merge` after the last."""
-        self._overlay.update(pairs)
+        with self._wlock:
+            self._overlay.update(pairs)
         if merge:
             self.maybe_merge()
 
@@ -130,8 +139,31 @@ class ChunkIndex:
         self._maybe_merge()
 
     def _maybe_merge(self) -> None:
-        if len(self._overlay) > max(MERGE_MIN, len(self._base.prefixes) // 8):
+        """Start a merge in a background thread when the overlay has grown past its share: a merge sorts
+        the whole index (seconds per million chunks in Python), and it must not sit in a backup's path."""
+        if len(self._overlay) <= max(MERGE_MIN, len(self._base.prefixes) // 8):
+            return
+        if not self._background:
             self.merge()
+            return
+        with self._wlock:
+            if self._merging is not None and self._merging.is_alive():
+                return
+            t = threading.Thread(target=self._merge_quietly, name="baton-index-merge", daemon=True)
+            self._merging = t
+        t.start()
+
+    def _merge_quietly(self) -> None:
+        try:
+            self.merge()
+        except Exception as e:  # the index stays correct (base + overlay); statistics() reports it
+            self.merge_error = e
+
+    def wait_merged(self) -> None:
+        """Wait for a background merge to finish (tests, and before closing)."""
+        t = self._merging
+        if t is not None:
+            t.join()
 
     def items(self) -> Iterator[tuple[bytes, IndexEntry]]:
         """Every (id, entry): the base in id order, then overlay entries the base lacks or that replace its."""
@@ -151,15 +183,22 @@ class ChunkIndex:
     def merge(self) -> None:
         """Fold the overlay into a new base (sorted rows in a new unlinked file). OSError if the cache
         directory can't hold it."""
-        if not self._overlay:
+        with self._wlock:
+            folded = dict(self._overlay)
+            base = self._base
+        if not folded:
             return
-        merged = dict(self.items())
-        folded = set(self._overlay)
-        self._base = self._build(merged)
-        # Only this thread adds; readers find each entry in the new base or the overlay. A new dict, since a
-        # dict emptied by pop keeps its table (40 bytes a slot).
-        self._overlay = {c: e for c, e in self._overlay.items() if c not in folded}
-        self.merges += 1
+        merged = {c: base.entry(row) for row in range(len(base.prefixes)) for c in (base.cid(row),)}
+        merged.update(folded)
+        new_base = self._build(merged)
+        del merged
+        with self._wlock:
+            # Base first, then the overlay: a reader that misses in the new overlay finds the entry in the new
+            # base. Entries added or replaced since the snapshot stay in the overlay. A new dict, since a dict
+            # emptied by pop keeps its table (40 bytes a slot).
+            self._base = new_base
+            self._overlay = {c: e for c, e in self._overlay.items() if folded.get(c) is not e}
+            self.merges += 1
 
     @staticmethod
     def _build(entries: dict[bytes, IndexEntry]) -> _Base:
@@ -193,5 +232,6 @@ class ChunkIndex:
     def statistics(self) -> dict[str, int]:
         b = self._base
         return {"base_entries": len(b.prefixes), "overlay_entries": len(self._overlay),
+                "merge_failed": int(self.merge_error is not None),
                 "ram_base_bytes": b.prefixes.itemsize * len(b.prefixes), "packs": len(b.packs),
                 "file_bytes": ROW.size * len(b.prefixes), "merges": self.merges}
