@@ -31,6 +31,11 @@ MIN_CHUNK = 4096
 MAX_CHUNK = 4 * 1024 * 1024
 DEFAULT_CHUNK = 64 * 1024
 
+
+def is_chunk_size(n: int) -> bool:
+    """The one chunk-size rule (record header, ``baton init``, repository disks): a power of two in 4 KiB..4 MiB."""
+    return MIN_CHUNK <= n <= MAX_CHUNK and not n & (n - 1)
+
 HEADER_MAGIC = b"BATONREC"
 SLOT_MAGIC = b"BATONSLT"
 PAGE_MAGIC = b"BATONBMP"
@@ -273,7 +278,7 @@ class RecordHeader:
                               expected=record_offset, found=rec_off)
         if placement not in PLACEMENT_NAMES:
             raise BadValue(what, f"unknown placement {placement}", expected=set(PLACEMENT_NAMES), found=placement)
-        if chunk_size < MIN_CHUNK or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
+        if not is_chunk_size(chunk_size):
             raise BadValue(what, f"chunk size {chunk_size} is not a power of two in 4 KiB..4 MiB",
                            expected="a power of two in 4 KiB..4 MiB", found=chunk_size)
         v2: dict[str, Any] = {}

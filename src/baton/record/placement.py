@@ -44,8 +44,6 @@ from baton.format.record import (
     FLAG_RESET,
     FORMAT_VERSION,
     FS_PROBE_BYTES,
-    MAX_CHUNK,
-    MIN_CHUNK,
     PLACEMENT_EXTERNAL,
     PLACEMENT_FILE,
     PLACEMENT_NAMES,
@@ -59,6 +57,7 @@ from baton.format.record import (
     RecordHeader,
     extents_crc,
     geometry_for,
+    is_chunk_size,
     max_pages_per_slot,
     pack_extmap,
     parse_fs_markers,
@@ -124,16 +123,6 @@ def hw_id(path: str) -> str:
     return " ".join(r.stdout.split())[:48] if r.returncode == 0 else ""
 
 
-def holders(path: str) -> list[str]:
-    """Who uses ``path`` on this node, as readable phrases (empty if nobody): ``baton.host.users``."""
-    return [str(u) for u in host.users(path)]
-
-
-def check_not_in_use(path: str, action: str = "init") -> None:
-    """DeviceBusy if ``path`` is in use on this node by any path (``baton.host.check_not_in_use``)."""
-    host.check_not_in_use(path, action)
-
-
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
     if not m:
@@ -143,7 +132,7 @@ def parse_size(text: str) -> int:
 
 
 def check_chunk_size(chunk: int) -> None:
-    if chunk < MIN_CHUNK or chunk > MAX_CHUNK or chunk & (chunk - 1):
+    if not is_chunk_size(chunk):
         raise UsageError(f"chunk size {chunk} must be a power of two from 4K to 4M")
 
 
@@ -454,7 +443,7 @@ def init_record_disk(path: str, *, slots: int, slot_size: int = DEFAULT_RDISK_SL
         raise UsageError(f"--slots must be 1..{RDISK_MAX_SLOTS}")
     if slot_size % BLOCK or slot_size < 1 << 20:
         raise UsageError("--slot-size must be a multiple of 4K and at least 1M")
-    check_not_in_use(path)
+    host.check_not_in_use(path, "init")
     size = device_size(path)
     need = RDISK_DATA_START + slots * slot_size
     if size < need:
@@ -505,7 +494,7 @@ def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT
         raise UsageError("--repos must be 1..64")
     if not os.path.exists(disk):
         raise DeviceError(f"{disk}: no such file or device")
-    check_not_in_use(disk)
+    host.check_not_in_use(disk, "init")
     spec = RecordSpec.parse(record)
     fs = probe_fs(disk)
     if spec is None:
