@@ -8,16 +8,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from baton.errors import RepoCorrupt, UsageError
+from baton.format.record import is_chunk_size
 
 MANIFEST_VERSION = 1
-MIN_CHUNK = 4096
-MAX_CHUNK = 4 << 20
 MODES = ("full", "incremental")
 
 
 def check_chunk_size(chunk_size: int) -> int:
-    """``chunk_size`` if it is a power of two in [4 KiB, 4 MiB], else UsageError."""
-    if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size & (chunk_size - 1):
+    """``chunk_size`` if it is a power of two in [4 KiB, 4 MiB] (the record's one rule,
+    ``baton.format.record.is_chunk_size``), else UsageError."""
+    if not is_chunk_size(chunk_size):
         raise UsageError(f"chunk size {chunk_size} is not a power of two between 4 KiB and 4 MiB")
     return chunk_size
 
