@@ -36,7 +36,7 @@ def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     # The disk is a fresh file private to this test, so nothing else can hold it. Skipping the in-use check
     # avoids `losetup -j`, which can hang for a long time on a machine with a wedged loop device, and the
     # check is not what these tests are about.
-    monkeypatch.setattr(placement, "holders", lambda path: [])
+    monkeypatch.setattr(placement.host, "check_not_in_use", lambda path, action="init", **kw: None)
     path = tmp_path / "disk.img"
     with open(path, "wb") as f:
         f.truncate(DISK_SIZE)

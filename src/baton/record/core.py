@@ -246,9 +246,16 @@ class Record:
         return bytes(base.data), counter, newest.copy, (
             f"copy {newest.copy} damaged in sector(s) {list(newest.damaged)}: their chunks are marked dirty")
 
+    # Reads that may load regions lazily take the lock: a status request in a daemon must never load (and
+    # assign) a region's bits while a commit writes that region, or it could put back an older set.
+
     def dirty_bits(self) -> Bitmap:
         """Union of every node slot and the frozen set: the chunks changed since the last backup (to any
         repository). A backup to repository R reads this plus R's owed set (:meth:`repo_dirty_bits`)."""
+        with self._lock:
+            return self._dirty_bits()
+
+    def _dirty_bits(self) -> Bitmap:
         out = Bitmap(self.geo.pages_per_slot * PAGE_BYTES)
         for reg in self.regions[: self.geo.frozen_region + 1]:
             if any(reg.hdr.page_map) or reg.corrupt_header:
@@ -257,6 +264,10 @@ class Record:
 
     def history(self) -> list[HistoryEntry]:
         """Valid history entries, oldest first (damaged ring entries are skipped and noted)."""
+        with self._lock:
+            return self._history()
+
+    def _history(self) -> list[HistoryEntry]:
         raw = self.area.pread(self.geo.history_offset(0), HISTORY_ENTRIES * HISTORY_ENTRY_SIZE)
         out = []
         for i in range(HISTORY_ENTRIES):
@@ -270,10 +281,15 @@ class Record:
         return sorted(out, key=lambda e: e.seq)
 
     def status(self) -> dict[str, Any]:
-        """Offline facts about the record (no writes). Keys documented in docs/cli.md."""
+        """Facts about the record (no writes; the daemon's status asks its live record). Keys documented in
+        docs/cli.md."""
+        with self._lock:
+            return self._status()
+
+    def _status(self) -> dict[str, Any]:
         h = self.header
-        dirty = self.dirty_bits().count()
-        hist = self.history()
+        dirty = self._dirty_bits().count()
+        hist = self._history()
         last = hist[-1] if hist else None
         frozen = self.regions[self.geo.frozen_region]
         return {
@@ -674,7 +690,11 @@ class Record:
     def repo_dirty_bits(self, repo_id: str) -> Bitmap:
         """The chunks a backup to ``repo_id`` must read: node slots, the frozen set and the repository's owed set.
         For a repository the record does not track this is every chunk (its next backup is full)."""
-        out = self.dirty_bits()
+        with self._lock:
+            return self._repo_dirty_bits(repo_id)
+
+    def _repo_dirty_bits(self, repo_id: str) -> Bitmap:
+        out = self._dirty_bits()
         if not self.geo.nrepos:
             return out
         reg = self.find_repo(repo_id)
