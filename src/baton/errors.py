@@ -172,6 +172,15 @@ EXIT_CODES: dict[type[BatonError], int] = {
 }
 
 
+def public_name(err: BaseException) -> str:
+    """The name of ``err``'s nearest class defined here: what ``--json`` errors and the control protocol carry,
+    so a receiver can rebuild the class (a codec's ``RepoBadChecksum`` travels as ``RepoCorrupt``)."""
+    for cls in type(err).__mro__:
+        if cls.__module__ == __name__ and issubclass(cls, BatonError):
+            return cls.__name__
+    return "BatonError"
+
+
 def exit_code(err: BaseException) -> int:
     """The process exit code for ``err``: the entry of its nearest class in :data:`EXIT_CODES`."""
     for cls in type(err).__mro__:

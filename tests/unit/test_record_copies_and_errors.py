@@ -83,3 +83,18 @@ def test_every_codec_error_is_a_format_error_and_a_value_error() -> None:
         obj = getattr(fe, name)
         if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == fe.__name__:
             assert issubclass(obj, fe.FormatError) and issubclass(obj, ValueError), name
+
+
+def test_a_codec_error_travels_as_its_public_class() -> None:
+    """--json errors and the daemon's control protocol carry the nearest baton.errors class, so the receiver
+    rebuilds RepoCorrupt (exit 7), not an unknown name (which would become a DaemonError, exit 8)."""
+    from baton.daemon.protocol import error_reply, raise_reply
+    from baton.errors import Fenced, public_name
+
+    err = fe.RepoBadChecksum("pack p", "table CRC mismatch")
+    assert public_name(err) == "RepoCorrupt" and public_name(Fenced("x")) == "Fenced"
+    reply = error_reply(err)
+    assert reply["error"] == "RepoCorrupt"
+    with pytest.raises(RepoCorrupt) as ei:
+        raise_reply(reply)
+    assert exit_code(ei.value) == 7 and str(ei.value) == "pack p: table CRC mismatch"

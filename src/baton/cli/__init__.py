@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from baton import __version__
-from baton.errors import BatonError, UsageError, exit_code
+from baton.errors import BatonError, UsageError, exit_code, public_name
 
 # name -> (module, one-line summary shown by `baton --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     except BatonError as err:
         code = exit_code(err)
         if as_json:
-            _json_error(type(err).__name__, str(err), err.hint, code)
+            _json_error(public_name(err), str(err), err.hint, code)
         click.echo(f"baton: error: {err.user_message()}", err=True)
         sys.exit(code)
     except click.exceptions.Abort:

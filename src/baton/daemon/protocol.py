@@ -52,7 +52,7 @@ class AfterReply:
 def error_reply(e: BaseException) -> dict[str, Any]:
     """The answer for a failed request."""
     if isinstance(e, BatonError):
-        return {"ok": False, "error": type(e).__name__, "message": str(e), "hint": e.hint}
+        return {"ok": False, "error": errors.public_name(e), "message": str(e), "hint": e.hint}
     return {"ok": False, "error": "BatonError", "message": f"{type(e).__name__}: {e}"}
 
 
