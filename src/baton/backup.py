@@ -39,7 +39,8 @@ DEFAULT_BATCH_CHUNKS = 4096  # the seed's "every N chunks": 256 MiB at 64 KiB ch
 BATCH_CHUNKS_ENV = "BATON_BATCH_CHUNKS"  # overrides DEFAULT_BATCH_CHUNKS (tests: frequent checkpoints)
 RUN_BYTES = 1 << 20  # bytes per disk read (16 chunks at 64 KiB; 4 MiB ran no faster and held 4x the memory)
 MAX_RUN = 16  # kept for callers of _runs; the engine uses RUN_BYTES // chunk size
-READ_DEPTH = 8  # disk reads in flight
+READ_DEPTH = 32  # disk reads in flight at most (short runs of an incremental: many small reads)
+READ_BYTES = 8 << 20  # bytes of disk reads in flight at most (long runs: 8 reads of RUN_BYTES)
 HOLE_RUN_BYTES = 64 << 20  # longest run of hole chunks handed over at once (full backups of image files)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -185,13 +186,14 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     "after-commit") so fault-injection tests can kill the process exactly there. ``batch_chunks`` (default:
     :func:`batch_chunks_default`) is the checkpoint interval.
 
-    Pipeline: up to READ_DEPTH runs of frozen chunks (RUN_BYTES each, one O_DIRECT read per run) are read by
+    Pipeline: up to READ_DEPTH runs of frozen chunks, READ_BYTES in all (RUN_BYTES at most each, one O_DIRECT
+    read per run: 8 reads of 1 MiB for a full backup, up to 32 small ones for scattered changes) are read by
     a thread pool while this thread hands the chunks, as views of the run's buffer (no per-chunk copy), to
     the writer, whose own pool hashes, compresses and encrypts them (the libraries release the GIL) and whose
     uploader stores sealed packs. Full backups of image files skip holes (see :func:`_full_runs`).
 
-    Memory bound (besides the interpreter, about 80 MiB with its libraries): READ_DEPTH x RUN_BYTES of
-    read buffers plus the same again in the device's per-thread bounce buffers (16 MiB), one hole run that
+    Memory bound (besides the interpreter, about 80 MiB with its libraries): READ_BYTES of read buffers plus
+    the device's per-thread bounce buffers (READ_DEPTH x 1 MiB at most; 40 MiB in all), one hole run that
     turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the writer's bound
     (``baton.repo.writer``: about 130 MiB at 32 MiB packs), and copy-before-write's saved chunks (in memory
     up to the tracker's limit, then spilled to a file). Measured: 221 MiB peak RSS for a full backup of the
@@ -241,7 +243,8 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     done = 0
     read_wait = store_time = 0.0
     pool = ThreadPoolExecutor(max_workers=READ_DEPTH, thread_name_prefix="baton-read")
-    inflight: deque[tuple[int, int, Future[list[memoryview | None] | None]]] = deque()
+    inflight: deque[tuple[int, int, int, Future[list[memoryview | None] | None]]] = deque()
+    inflight_bytes = 0
     try:
         try:
             if fault:
@@ -249,17 +252,20 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
             batch: list[int] = []
             exhausted = False
             while True:
-                while not exhausted and len(inflight) < READ_DEPTH:
+                while not exhausted and len(inflight) < READ_DEPTH and inflight_bytes < READ_BYTES:
                     nxt = next(runs, None)
                     if nxt is None:
                         exhausted = True
                         break
                     first, count, hole = nxt
-                    inflight.append((first, count, pool.submit(tracker.read_frozen_run, first, count,
-                                                               skip_holes=hole)))
+                    nbytes = 0 if hole else count * cs
+                    inflight.append((first, count, nbytes, pool.submit(tracker.read_frozen_run, first, count,
+                                                                       skip_holes=hole)))
+                    inflight_bytes += nbytes
                 if not inflight:
                     break
-                first, count, fut = inflight.popleft()
+                first, count, nbytes, fut = inflight.popleft()
+                inflight_bytes -= nbytes
                 t_a = time.monotonic()
                 views = fut.result()
                 t_b = time.monotonic()
@@ -294,7 +300,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
                 read_wait += t_b - t_a
                 store_time += time.monotonic() - t_b
         finally:
-            for _f, _c, fut in inflight:
+            for _f, _c, _n, fut in inflight:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
         if fault:
