@@ -5,7 +5,8 @@
     BatonError                      exit 1   something went wrong; the message says what to do
     ├── UsageError                  exit 2   the command line or an argument is wrong
     ├── DeviceError                 exit 3   the disk/device is wrong, missing, too small or in use
-    │   └── DeviceBusy              exit 3   mounted, attached or open elsewhere on this machine
+    │   ├── DeviceBusy              exit 3   mounted, attached or open elsewhere on this machine
+    │   └── ReadOnlyDevice          exit 3   a write reached a read-only device (a mounted snapshot)
     ├── RecordError                 exit 4   the change record cannot be used as it is
     │   ├── RecordNotFound          exit 4   no Baton record on this disk (run `baton init`)
     │   ├── RecordCorrupt           exit 4   checksums/magic fail where a good copy is required
@@ -68,6 +69,10 @@ class DeviceError(BatonError):
 
 class DeviceBusy(DeviceError):
     """The device is mounted, attached or held open elsewhere on this machine."""
+
+
+class ReadOnlyDevice(DeviceError):
+    """A write reached a read-only device (a snapshot served by ``baton mount``)."""
 
 
 class RecordError(BatonError):

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
 
-from baton.errors import BatonError, DeviceError
+from baton.errors import DeviceError, ReadOnlyDevice
 from baton.frontends import loopdev
 from baton.frontends.base import Endpoint, Frontend, FrontendConfig, FrontendFailure
 from baton.frontends.fuse import FuseFrontend, load_state
@@ -39,10 +39,6 @@ from baton.tracker import TrackerLike
 DEFAULT_CACHE_BYTES = 256 << 20
 
 Fetch = Callable[[int], bytes]  # chunk index -> its plaintext (chunk_size bytes, the last chunk may be shorter)
-
-
-class ReadOnly(BatonError):
-    """A write reached a snapshot device (the loop device is read-only; this is the last line)."""
 
 
 class SnapshotDisk:
@@ -102,7 +98,7 @@ class SnapshotDisk:
     def _refuse(self) -> None:
         with self._lock:
             self._stats["write_refused"] += 1
-        raise ReadOnly("a snapshot device is read-only")
+        raise ReadOnlyDevice("a snapshot device is read-only")
 
     def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self._refuse()
