@@ -1,4 +1,4 @@
-"""``python -m bench [--smoke] [--size 4G] [--reps 3] [--only incremental,tracking,full,scale] [--out DIR]``
+"""``python -m bench [--smoke] [--size 4G] [--reps 3] [--only incremental,tracking,full,scale,rollback] [--out DIR]``
 
 Runs the selected benchmarks in order and writes, into ``--out`` (default ``bench/results``, or
 ``bench/results/smoke`` with ``--smoke``):
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import SCHEMA_VERSION, full, incremental, report, scale, tracking
+from bench import SCHEMA_VERSION, full, incremental, report, rollback, scale, tracking
 from bench.batonctl import Baton
 from bench.common import JSON, ColdCache, GiB, MiB, machine, parse_size, tool_versions, unavailable
 from bench.context import Context
@@ -39,13 +39,14 @@ SECTIONS: dict[str, Callable[[Context], JSON]] = {
     "tracking": tracking.run,
     "full": full.run,
     "scale": scale.run,
+    "rollback": rollback.run,
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and one repetition (CI: keeps it working)")
-    p.add_argument("--size", default=None, help="disk image size for incremental and full (default 4G; smoke 32M)")
+    p.add_argument("--size", default=None, help="disk image size for incremental, full and rollback (default 4G; smoke 32M)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; smoke 1)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of: " + ",".join(SECTIONS))
     p.add_argument("--out", default=None, help="results directory (default bench/results[/smoke])")

@@ -51,9 +51,10 @@ NODES = ("A", "B", "C")
 class _Disk:
     """The benchmark disk and who serves it now."""
 
-    def __init__(self, ctx: Context, img: Path) -> None:
+    def __init__(self, ctx: Context, img: Path, name: str = NAME) -> None:
         self.ctx = ctx
         self.img = img
+        self.name = name  # the attachment name (/dev/baton/NAME)
         self.attached = False
         self.attach_error: str | None = None  # why writes cannot go through Baton (then: the image file)
         self.backup_error: str | None = None  # why Baton backups cannot be measured
@@ -73,13 +74,13 @@ class _Disk:
         if self.attach_error is None:
             try:
                 if self.attached:
-                    b.kill9(NAME)
+                    b.kill9(self.name)
                     self.attached = False
-                st, _ = b.attach(self.img, node, NAME, frontend="fuse")
+                st, _ = b.attach(self.img, node, self.name, frontend="fuse")
                 self.attached = True
                 self.takeovers += 1
                 self.owner = node
-                self.target = b.device(st, NAME)
+                self.target = b.device(st, self.name)
                 return self.target
             except StepFailed as e:
                 self.attach_error = f"attach/takeover as {node} failed: {e}"

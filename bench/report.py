@@ -205,6 +205,34 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
         lines.append("")
         img("scale", "attach and planning time against disk size")
 
+    if "rollback" in secs:
+        s = secs["rollback"]
+        lines += [f"## 5. Rollback against full restore ({fmt_size(s.get('size_bytes', 0))} disk, "
+                  f"{s.get('rate_pct', 1.0)} % of the chunks changed)", ""]
+        note("rollback", s)
+        lines += ["| command | wall s (incl. syncfs) | bytes written (reported) | kernel write bytes "
+                  "(command / daemon) | peak RSS | identical to the snapshot |", "|---|---|---|---|---|---|"]
+        res = s.get("results", {})
+        for key, label in (("rollback", "`baton rollback DISK SNAP`"), ("restore", "`baton restore SNAP --to FILE`")):
+            row = res.get(key, {})
+            note(f"rollback {key}", row)
+            ident = [r.get("identical") for r in row.get("runs", []) if "identical" in r]
+            lines.append(f"| {label} | {_spread(row, 'wall_s')} | {_size(row, 'bytes_written')} | "
+                         f"{_size(row, 'kernel_write_bytes')} / {_size(row, 'daemon_write_bytes')} | "
+                         f"{_size(row, 'peak_rss_bytes')} | "
+                         f"{'n/a' if not ident else all(x is True for x in ident)} |")
+        v = s.get("verdict", {})
+        if v:
+            frac = v.get("written_fraction")
+
+            def met(x: object) -> str:
+                return "n/a" if x is None else ("met" if x else "MISSED")
+
+            lines += ["", f"Written by the rollback: {_num(None if frac is None else 100 * frac)} % of the disk "
+                      f"(target < 2 %: {met(v.get('written_fraction_met'))}); restore ÷ rollback wall time: "
+                      f"{_x(v.get('speedup'))} (target ≥ 10x: {met(v.get('speedup_met'))})."]
+        lines.append("")
+
     if unavailable:
         lines += ["## Unavailable rows", "", *unavailable, ""]
     return "\n".join(lines)
