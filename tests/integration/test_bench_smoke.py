@@ -18,7 +18,7 @@ import pytest
 from conftest import need_root, need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("incremental", "tracking", "full", "scale")
+SECTIONS = ("incremental", "tracking", "full", "scale", "rollback")
 
 
 def numbers(node: Any) -> int:
