@@ -27,7 +27,6 @@ import os
 import random
 import tempfile
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -50,7 +49,7 @@ from baton.record.core import Record, format_record
 from baton.repo import Repository
 from baton.repo.maintenance import forget, prune
 from baton.restore import restore
-from baton.storage import ObjectInfo, Store, open_base_store
+from baton.storage import open_base_store
 from baton.testing.crashdev import CrashDevice, PowerLoss
 from baton.testing.faulty_storage import Fault, FaultyStore
 from baton.tracker.core import Tracker
@@ -82,60 +81,6 @@ def note(msg: str) -> None:
 
 class Killed(BaseException):
     """The owner's process died at a named point (never caught by the engine's error handling)."""
-
-
-class KillableStore:
-    """The storage as the dying process sees it: once ``dead`` every call fails (nothing more reaches the
-    store). Wraps a FaultyStore so repository faults can be injected by rule."""
-
-    def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.capabilities = inner.capabilities
-        self.dead = False
-        self.puts_left: int | None = None  # kill the process at the put after this many more
-
-    def _check(self, verb: str) -> None:
-        if self.dead:
-            raise OSError(5, "process killed")
-        if verb == "put" and self.puts_left is not None:
-            if self.puts_left <= 0:
-                self.dead = True
-                raise OSError(5, "process killed during an upload")
-            self.puts_left -= 1
-
-    def put(self, key: str, data: bytes) -> None:
-        self._check("put")
-        self.inner.put(key, data)
-
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        self._check("put")
-        return self.inner.put_if_absent(key, data)
-
-    def get(self, key: str) -> bytes:
-        self._check("get")
-        return self.inner.get(key)
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        self._check("get")
-        return self.inner.get_range(key, start, length)
-
-    def stat(self, key: str) -> ObjectInfo:
-        self._check("stat")
-        return self.inner.stat(key)
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        self._check("list")
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self._check("delete")
-        self.inner.delete(key)
-
-    def statistics(self) -> dict[str, int]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 class LifecycleMachine(RuleBasedStateMachine):
@@ -192,8 +137,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         STEPS[0] += 1
         TOTALS[name] = TOTALS.get(name, 0) + 1
 
-    def _repo(self, i: int) -> tuple[Repository, KillableStore]:
-        store = KillableStore(FaultyStore(self.bases[i], self.faults[i], seed=self.rng.randrange(1 << 30)))
+    def _repo(self, i: int, kill_at_put: int | None = None) -> tuple[Repository, FaultyStore]:
+        """The repository as one process sees it: the injected faults, and (``kill_at_put``) its death at a
+        put, after which it reaches the store no more."""
+        rules = self.faults[i] if kill_at_put is None else [Fault("put", kind="dead", after=kill_at_put),
+                                                               *self.faults[i]]
+        store = FaultyStore(self.bases[i], rules, seed=self.rng.randrange(1 << 30))
         return Repository.open(self.urls[i], store=store), store
 
     def _take(self, node: str) -> None:
@@ -311,11 +260,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         if offline:
             self._take(self.rng.choice(NODES))
         assert self.tracker is not None
-        repo, store = self._repo(repo_i)
+        repo, store = self._repo(repo_i, kill_at_put=nth if kill_at == "upload" else None)
         frozen_image = bytes(self.shadow)
         seen = {p: 0 for p in KILL_POINTS}
-        if kill_at == "upload":
-            store.puts_left = nth
 
         def fault(point: str) -> None:
             if point == "after-freeze":
@@ -332,15 +279,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         note(f"backup repo={repo_i} full={full} kill_at={kill_at}#{nth} offline={offline} node={self.node}")
         try:
             res = run_backup(self.tracker, repo, node=self.node, full=full, batch_chunks=BATCH, fault=fault)
-        except Killed:
-            self._die(mode)
-            return
-        except OSError:
-            if store.dead:  # killed during an upload
+        except (Killed, OSError, BatonError) as e:
+            if store.dead:  # killed at a named point or during an upload (whatever the clean-up then raised)
                 self._die(mode)
                 return
-            raise
-        except BatonError as e:
+            if not isinstance(e, BatonError):
+                raise
             note(f"backup failed cleanly: {type(e).__name__}: {e}")
             if offline:
                 self._end_offline()
@@ -352,7 +296,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if offline:
             self._end_offline()
 
-    def _kill_hooks(self, store: KillableStore) -> None:
+    def _kill_hooks(self, store: FaultyStore) -> None:
         """From the kill point on, the dying process writes nothing anywhere."""
         store.dead = True
         self.rdev.power_fail_after = 0

@@ -121,3 +121,17 @@ def test_plain_http_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://backup.example:9000")
     with pytest.raises(StorageError, match="only loopback"):
         open_base_store("s3://bucket/prefix")
+
+
+def test_dead_fault_stops_every_later_call() -> None:
+    """A process that dies at its second put reaches the store no more: not with that put, nor a delete."""
+    base = open_base_store(f"memory://dead-{uuid.uuid4().hex}")
+    s = FaultyStore(base, [Fault("put", "", "dead", after=1)], seed=7)
+    s.put("a", b"1")
+    with pytest.raises(StorageError, match="dead"):
+        s.put("b", b"2")
+    with pytest.raises(StorageError, match="dead"):
+        s.delete("a")
+    assert s.dead and base.get("a") == b"1"
+    with pytest.raises(ObjectNotFound):
+        base.get("b")

@@ -12,7 +12,9 @@ Kinds:
 * ``enospc``: raise RepoFull before the call;
 * ``lost-reply``: perform the call, then raise TransientStorageError (the reply was lost);
 * ``corrupt``: perform a get/get_range and flip one byte of the result (chosen by the seeded RNG);
-* ``truncate``: perform a get/get_range and drop the last byte.
+* ``truncate``: perform a get/get_range and drop the last byte;
+* ``dead``: the process using the store died here: this call and every later one fail with StorageError and
+  reach nothing (also set directly with ``store.dead = True``, to kill the process at a point of its own).
 
 A rule fires on matching calls (verb and key prefix) once ``after`` matching calls have passed, at most
 ``times`` times (None = forever), each time with probability ``probability``.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from baton.errors import RepoFull, StorageError, TransientStorageError
 from baton.storage import ObjectInfo, Store
 
-KINDS = ("transient", "permanent", "enospc", "lost-reply", "corrupt", "truncate")
+KINDS = ("transient", "permanent", "enospc", "lost-reply", "corrupt", "truncate", "dead")
 
 
 @dataclass
@@ -59,6 +61,7 @@ class FaultyStore:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._fired: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.dead = False  # see the ``dead`` kind
 
     @classmethod
     def factory(cls, rules: list[Fault], seed: int) -> Callable[[Store], Store]:
@@ -80,6 +83,10 @@ class FaultyStore:
         return None
 
     def _before(self, fault: Fault | None, what: str) -> None:
+        if fault is not None and fault.kind == "dead":
+            self.dead = True
+        if self.dead:
+            raise StorageError(f"{what}: the process using the store is dead (injected, seed {self.seed})")
         if fault is None:
             return
         if fault.kind == "transient":
