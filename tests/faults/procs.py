@@ -134,23 +134,33 @@ def log_lines(log: Path) -> list[tuple[int, int, int]]:
 class Env:
     """One node's view: the `baton` CLI with its own BATON_RUN_DIR and BATON_DEV_DIR under ``root``."""
 
-    def __init__(self, root: Path, tag: str = "") -> None:
+    def __init__(self, root: Path, tag: str = "", *, prefix: str = "t", timeout: float = 120,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.root = root
         self.run_dir, self.dev_dir = root / f"run{tag}", root / f"dev{tag}"
-        self.env = os.environ | {"BATON_RUN_DIR": str(self.run_dir), "BATON_DEV_DIR": str(self.dev_dir)}
+        self.env = os.environ | {"BATON_RUN_DIR": str(self.run_dir), "BATON_DEV_DIR": str(self.dev_dir)} | (
+            extra_env or {})
         self.names: set[str] = set()
+        self.prefix, self.timeout = prefix, timeout
 
-    def baton(self, *args: str, rc: int | None = 0, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True, timeout=timeout,
-                           env=self.env)
+    def baton(self, *args: str, rc: int | None = 0, timeout: float | None = None
+              ) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True,
+                           timeout=timeout or self.timeout, env=self.env)
         if rc is not None:
             assert r.returncode == rc, (f"baton {' '.join(args)}: rc {r.returncode}, expected {rc}\n"
                                         f"{r.stdout}{r.stderr}")
         return r
 
-    def json(self, *args: str) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self.baton(*args, "--json").stdout)
-        return out
+    def json(self, *args: str, rc: int = 0) -> Any:
+        """`baton ARGS --json` expecting exit ``rc``; its stdout parsed (an error prints JSON too)."""
+        return json.loads(self.baton(*args, "--json", rc=rc).stdout)
+
+    def name(self) -> str:
+        """A fresh attachment name (``PREFIX-…``), detached again by :meth:`cleanup`."""
+        n = new_name(self.prefix)
+        self.names.add(n)
+        return n
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         """`baton ARGS` in the background, stdout and stderr piped."""

@@ -6,8 +6,6 @@ window (bounded) are checked; the report is in --json and in the snapshot's info
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -15,11 +13,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from conftest import need_root, need_tool
+from faults.procs import Env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -35,34 +33,15 @@ while True:
 """
 
 
-class Env:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.env = os.environ | {"BATON_RUN_DIR": str(root / "run"), "BATON_DEV_DIR": str(root / "dev")}
-        self.names: list[str] = []
-
-    def baton(self, *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True, timeout=200,
-                           env=self.env)
-        assert r.returncode == rc, f"baton {' '.join(args)}: rc {r.returncode}, expected {rc}\n{r.stdout}{r.stderr}"
-        return r
-
-    def json(self, *args: str, rc: int = 0) -> Any:
-        return json.loads(self.baton(*args, "--json", rc=rc).stdout)
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     need_root()
     need_tool("losetup", "mkfs.ext4", "fsfreeze", "e2fsck")
-    e = Env(tmp_path)
+    e = Env(tmp_path, prefix="fz", timeout=200)
     try:
         yield e
     finally:
-        for n in e.names:
-            if (tmp_path / "run" / n / "daemon.json").exists():
-                subprocess.run([sys.executable, "-m", "baton", "detach", n], capture_output=True, timeout=60,
-                               env=e.env)
+        e.cleanup()
 
 
 def check_records(path: Path) -> int:
@@ -85,7 +64,7 @@ def test_freeze_and_hooks_attached(env: Env) -> None:
     repo = str(env.root / "repo")
     env.baton("repo", "init", repo)
     name = f"fz-{uuid.uuid4().hex[:8]}"
-    env.names.append(name)
+    env.names.add(name)
     dev = env.json("attach", str(disk), "--node", "n1", "--name", name)["device"]
     mnt = Path(tempfile.mkdtemp(prefix="baton-fz-"))
     subprocess.run(["mount", dev, str(mnt)], check=True, timeout=60)

@@ -5,7 +5,6 @@ snapshot (repository statistics); a killed mount daemon is cleaned up by umount;
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,31 +13,23 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from conftest import need_root, need_tool
+from faults import procs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MiB = 1 << 20
 
 
-class Env:
+class Env(procs.Env):
+    """The CLI env, and the snapshots this test mounted (unmounted with --force at the end)."""
+
     def __init__(self, root: Path, extra: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.env = os.environ | {"BATON_RUN_DIR": str(root / "run"), "BATON_DEV_DIR": str(root / "dev")} | (extra or {})
+        super().__init__(root, timeout=300, extra_env=extra)
         self.mounted: list[str] = []
-
-    def baton(self, *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True, timeout=300,
-                           env=self.env)
-        assert r.returncode == rc, f"baton {' '.join(args)}: rc {r.returncode}, expected {rc}\n{r.stdout}{r.stderr}"
-        return r
-
-    def json(self, *args: str, rc: int = 0) -> Any:
-        return json.loads(self.baton(*args, "--json", rc=rc).stdout)
 
 
 @pytest.fixture

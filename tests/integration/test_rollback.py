@@ -10,56 +10,25 @@ next backup must restore to the disk. Errors: unknown snapshot, wrong disk, busy
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from conftest import need_root, need_tool
+from faults.procs import Env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MiB = 1 << 20
 
 
-class Env:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.env = os.environ | {"BATON_RUN_DIR": str(root / "run"), "BATON_DEV_DIR": str(root / "dev")}
-        self.names: list[str] = []
-
-    def name(self) -> str:
-        n = f"rb-{uuid.uuid4().hex[:10]}"
-        self.names.append(n)
-        return n
-
-    def baton(self, *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True, timeout=300,
-                           env=self.env)
-        assert r.returncode == rc, f"baton {' '.join(args)}: rc {r.returncode}, expected {rc}\n{r.stdout}{r.stderr}"
-        return r
-
-    def json(self, *args: str, rc: int = 0) -> Any:
-        return json.loads(self.baton(*args, "--json", rc=rc).stdout)
-
-    def cleanup(self) -> None:
-        for n in self.names:
-            if (self.root / "run" / n / "daemon.json").exists():
-                subprocess.run([sys.executable, "-m", "baton", "detach", n], capture_output=True, timeout=60,
-                               env=self.env)
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     need_root()
     need_tool("losetup", "unshare", "mkfs.ext4", "mkfs.xfs", "e2fsck", "xfs_repair")
-    e = Env(tmp_path)
+    e = Env(tmp_path, prefix="rb", timeout=300)
     try:
         yield e
     finally:
