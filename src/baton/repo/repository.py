@@ -199,12 +199,18 @@ class Repository:
         and prune heal on their own). Listing every pack on every backup cost a fixed ~10-80 ms locally and
         grows with the repository (one LIST per 1000 packs on S3)."""
         self.refresh()
+        self._heal_once()
+
+    def _heal_once(self) -> int:
+        """:meth:`heal_index`, unless it already ran since the index was loaded: packs it could not index are
+        damaged (verify names them), and listing every pack again per missing chunk would cost a LIST each."""
         with self._lock:
-            healed = self._healed
-        if not healed:
-            self.heal_index()
-            with self._lock:
-                self._healed = True
+            if self._healed:
+                return 0
+        healed = self.heal_index()
+        with self._lock:
+            self._healed = True
+        return healed
 
     def has_chunk(self, chunk_id: bytes) -> bool:
         """Whether the loaded chunk index holds ``chunk_id`` (no heal on a miss: for dedup, where a miss
@@ -283,7 +289,7 @@ class Repository:
     def find(self, chunk_id: bytes) -> IndexEntry | None:
         """The index entry of a chunk; on a miss, heal the index once (see :meth:`heal_index`) and look again."""
         entry = self.chunk_index().get(chunk_id)
-        if entry is None and self.heal_index():
+        if entry is None and self._heal_once():
             entry = self.chunk_index().get(chunk_id)
         return entry
 
