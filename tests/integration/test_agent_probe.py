@@ -110,10 +110,10 @@ def test_probe_block_is_the_write_once_block_in_every_placement(image: Path, tmp
     assert digest(fs_img) == before
     # external: the probe goes to the record disk, never to the data disk
     rdisk, data = tmp_path / "rdisk.img", tmp_path / "data.img"
-    for p, size in ((rdisk, 16 << 20), (data, 32 << 20)):
+    for p, size in ((rdisk, 32 << 20), (data, 32 << 20)):
         with open(p, "wb") as f:
             f.truncate(size)
-    _init(tmp_path, str(rdisk), "--record-disk", "--slots", "2", "--slot-size", "4M")
+    _init(tmp_path, str(rdisk), "--record-disk", "--slots", "2", "--slot-size", "8M")  # v3: with its era region
     _init(tmp_path, str(data), "--record", f"external:{rdisk}")
     te = w.find_target(str(data), f"external:{rdisk}")
     assert te.placement == "external" and te.path == str(rdisk)

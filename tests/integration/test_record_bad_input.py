@@ -153,8 +153,8 @@ def test_file_record_on_a_grown_copy_of_the_disk_is_refused(env: Env) -> None:
 
 
 def test_record_disk_slot_used_with_the_wrong_data_disk(env: Env) -> None:
-    rdisk = sparse(env.root / "rdisk.img", 16 * MiB)
-    env.baton("init", str(rdisk), "--record-disk", "--slots", "2", "--slot-size", "2M")
+    rdisk = sparse(env.root / "rdisk.img", 32 * MiB)
+    env.baton("init", str(rdisk), "--record-disk", "--slots", "2", "--slot-size", "8M")  # v3: with its era region
     d1 = sparse(env.root / "d1.img", 64 * MiB)
     d2 = sparse(env.root / "d2.img", 80 * MiB)
     env.baton("init", str(d1), "--record", f"external:{rdisk}#0")
@@ -187,15 +187,15 @@ def _patch_headers(disk: Path, record_offset: int, patch: Any) -> None:
 def test_unsupported_version_is_refused_and_nothing_changes(env: Env) -> None:
     disk, out = tail_disk(env, "v.img")
 
-    def to_v3(blk: bytearray) -> None:
-        end = header_length(2) - 4
-        struct.pack_into("<H", blk, 8, 3)  # version
+    def to_v4(blk: bytearray) -> None:
+        end = header_length(3) - 4
+        struct.pack_into("<H", blk, 8, 4)  # version
         struct.pack_into("<I", blk, end, crc32c(bytes(blk[:end])))  # valid CRC: only the version is wrong
 
-    _patch_headers(disk, out["data_size"], to_v3)
+    _patch_headers(disk, out["data_size"], to_v4)
     before = digest(disk)
     r = env.baton("status", str(disk), "--json", rc=code(errors.RecordVersionError))
-    assert "version 3 is not supported" in r.stderr and "1..2" in r.stderr, r.stderr
+    assert "version 4 is not supported" in r.stderr and "1..3" in r.stderr, r.stderr
     assert "upgrade" in r.stderr, r.stderr
     env.baton("attach", str(disk), "--node", "n1", "--name", env.name(), rc=RECORD)
     env.baton("backup", str(disk), "--repo", str(env.root / "repo"), rc=RECORD)
@@ -283,8 +283,8 @@ def test_file_placement_on_unmountable_fs(env: Env) -> None:
 
 
 def test_record_disk_without_free_slots(env: Env) -> None:
-    rdisk = sparse(env.root / "rdisk.img", 8 * MiB)
-    env.baton("init", str(rdisk), "--record-disk", "--slots", "1", "--slot-size", "1M")
+    rdisk = sparse(env.root / "rdisk.img", 16 * MiB)
+    env.baton("init", str(rdisk), "--record-disk", "--slots", "1", "--slot-size", "8M")  # v3: with its era region
     d1 = sparse(env.root / "d1.img", 64 * MiB)
     d2 = sparse(env.root / "d2.img", 80 * MiB)
     env.baton("init", str(d1), "--record", f"external:{rdisk}")
@@ -391,8 +391,8 @@ def test_reset_after_both_headers_damaged_keeps_the_disk_identity(env: Env, plac
         subprocess.run(["mkfs.ext4", "-F", "-q", "-b", "4096", str(disk)], check=True, capture_output=True,
                        timeout=60)
     elif placement == "external":
-        scan = sparse(env.root / "id-rdisk.img", 16 * MiB)
-        env.baton("init", str(scan), "--record-disk", "--slots", "2", "--slot-size", "2M")
+        scan = sparse(env.root / "id-rdisk.img", 32 * MiB)
+        env.baton("init", str(scan), "--record-disk", "--slots", "2", "--slot-size", "8M")  # v3: era region too
         args = ["--record", f"external:{scan}"]
     out = env.json("init", str(disk), *args)
     repo = env.root / "repo"

@@ -69,7 +69,7 @@ def write_raw_image(img: Path, what: str = "bypass") -> None:
 def test_raw_mount_and_write_makes_the_next_backup_full(env: Env, fs: str) -> None:
     img = fs_image(env.root, fs)
     out = env.json("init", str(img))
-    assert out["placement"] == "file" and out["format_version"] == 2
+    assert out["placement"] == "file" and out["format_version"] == 3
     check = out["bypass_check"]
     assert check["checkable"] is True and check["fs"] == fs, check
     repo = env.root / "repo"

@@ -205,9 +205,9 @@ def test_file_placement(env: Env, fs: str) -> None:
 
 
 def test_external_slot_on_record_disk(env: Env) -> None:
-    rdisk = sparse(env.root / "rdisk.img", 16 * MiB)
-    fmt = env.json("init", str(rdisk), "--record-disk", "--slots", "3", "--slot-size", "2M")
-    assert fmt["slots"] == 3 and fmt["slot_size"] == 2 * MiB
+    rdisk = sparse(env.root / "rdisk.img", 32 * MiB)
+    fmt = env.json("init", str(rdisk), "--record-disk", "--slots", "3", "--slot-size", "8M")  # v3: era region too
+    assert fmt["slots"] == 3 and fmt["slot_size"] == 8 * MiB
     d1 = sparse(env.root / "d1.img", 64 * MiB)
     d2 = sparse(env.root / "d2.img", 96 * MiB)
     out1 = env.json("init", str(d1), "--record", f"external:{rdisk}")

@@ -31,7 +31,7 @@ def headers(draw: st.DrawFn) -> r.RecordHeader:
 
 
 @given(headers())
-def test_header_roundtrip(h: r.RecordHeader) -> None:
+def test_header_roundtrip(h: r.RecordHeader) -> None:  # the default version: v3 with no era region
     assert r.RecordHeader.unpack(h.pack(), copy=h.copy, record_offset=h.record_offset) == h
 
 
@@ -107,15 +107,15 @@ def test_unsupported_version_is_its_own_error() -> None:
     h = r.RecordHeader(placement=1, nslots=4, chunk_size=65536, disk_uuid=str(uuid.uuid4()), lineage="",
                        disk_size=1, data_size=1, record_offset=0, record_size=1, pages_per_slot=1, version=2)
     b = bytearray(h.pack())
-    b[8:10] = (3).to_bytes(2, "little")  # a version from the future, with a valid checksum
+    b[8:10] = (4).to_bytes(2, "little")  # a version from the future, with a valid checksum
     end = r.header_length(2) - 4
     b[end : end + 4] = r.crc32c(bytes(b[:end])).to_bytes(4, "little")
     try:
         r.RecordHeader.unpack(bytes(b))
     except r.BadVersion as e:
-        assert "version 3" in str(e) and "1..2" in str(e)
+        assert "version 4" in str(e) and "1..3" in str(e)
     else:
-        raise AssertionError("version 3 decoded")
+        raise AssertionError("version 4 decoded")
 
 
 # ------------------------------------------------------------------------------------------------ format v2
@@ -130,6 +130,19 @@ def v2_headers(draw: st.DrawFn) -> r.RecordHeader:
 
     return replace(draw(headers()), version=2, nrepos=draw(st.integers(0, 64)), fs_kind=kind, fs_markers=markers,
                    markers_ns=draw(u64), flags=draw(st.integers(0, 15)))
+
+
+@st.composite
+def v3_headers(draw: st.DrawFn) -> r.RecordHeader:
+    from dataclasses import replace
+
+    region = draw(st.booleans())
+    return replace(
+        draw(v2_headers()), version=3, flags=draw(st.integers(0, 63)),
+        frontend=draw(st.sampled_from(sorted(r.FRONTEND_CODES))),
+        era_offset=draw(st.integers(r.REGIONS_START, 2**40)) * r.BLOCK if region else 0,
+        era_size=draw(st.integers(1, 2**40)) * r.BLOCK if region else 0, era_folded=draw(u64),
+        distrust_reason=draw(st.text(st.characters(min_codepoint=1, max_codepoint=0x2FFF), max_size=40)))
 
 
 @given(v2_headers())
@@ -241,3 +254,116 @@ def test_fs_markers_parse_ext4_and_xfs_superblocks(seed: bytes, mtime: int, wtim
     assert kind == r.FS_XFS and r.describe_fs_markers(kind, m)["sb_lsn"] == kb
     blank = bytes(r.BLOCK)
     assert r.parse_fs_markers(blank) == (r.FS_NONE, b"")
+
+
+# ------------------------------------------------------------------------------------------------ format v3
+
+
+@given(v3_headers())
+def test_v3_header_roundtrip(h: r.RecordHeader) -> None:
+    raw = h.pack()
+    assert int.from_bytes(raw[10:12], "little") == r.header_length(3) == 492 <= r.SECTOR  # one sector: never torn
+    assert r.RecordHeader.unpack(raw, copy=h.copy, record_offset=h.record_offset) == h
+
+
+@given(v3_headers(), st.data(), st.integers(1, 255))
+def test_v3_header_detects_any_flipped_byte(h: r.RecordHeader, data: st.DataObject, x: int) -> None:
+    pos = data.draw(st.integers(0, r.header_length(3) - 1))
+    b = bytearray(h.pack())
+    b[pos] ^= x
+    try:
+        got = r.RecordHeader.unpack(bytes(b), copy=h.copy, record_offset=h.record_offset)
+    except r.FormatError:
+        return
+    raise AssertionError(f"a flipped byte at {pos} decoded as {got}")
+
+
+@given(v3_headers())
+def test_v3_fields_sit_where_format_md_says(h: r.RecordHeader) -> None:
+    """The byte offsets of docs/format.md's v3 table."""
+    import struct
+
+    raw = h.pack()
+    assert raw[334] == r.FRONTEND_CODES[h.frontend] and raw[335] == 0
+    assert struct.unpack_from("<QQQ", raw, 336) == (h.era_offset, h.era_size, h.era_folded)
+    assert raw[360:488].rstrip(b"\0").decode() == h.distrust_reason
+    assert struct.unpack_from("<I", raw, 488)[0] == r.crc32c(raw[:488])
+    assert not any(raw[492:])
+
+
+def test_v3_header_refuses_bad_values() -> None:
+    from dataclasses import replace
+
+    h = r.RecordHeader(placement=1, nslots=4, chunk_size=65536, disk_uuid=str(uuid.uuid4()), lineage="",
+                       disk_size=1, data_size=1, record_offset=0, record_size=1, pages_per_slot=1, version=3)
+    for bad, what in ((replace(h, era_offset=r.BLOCK * r.REGIONS_START + 512, era_size=r.BLOCK), "era region"),
+                      (replace(h, era_offset=r.BLOCK, era_size=r.BLOCK), "era region")):
+        try:
+            r.RecordHeader.unpack(bad.pack())
+        except r.FormatError as e:
+            assert what in str(e)
+        else:
+            raise AssertionError(f"{bad} decoded")
+    raw = bytearray(h.pack())
+    raw[334] = 9  # an unknown frontend, with a valid checksum
+    raw[488:492] = r.crc32c(bytes(raw[:488])).to_bytes(4, "little")
+    try:
+        r.RecordHeader.unpack(bytes(raw))
+    except r.FormatError as e:
+        assert "frontend" in str(e)
+    else:
+        raise AssertionError("frontend 9 decoded")
+    try:
+        replace(h, frontend="iscsi").pack()
+    except ValueError as e:
+        assert "frontend" in str(e)
+    else:
+        raise AssertionError("frontend 'iscsi' packed")
+
+
+@given(v3_headers(), st.sampled_from([1, 2]))
+def test_v1_v2_headers_never_carry_v3_fields(h: r.RecordHeader, version: int) -> None:
+    from dataclasses import replace
+
+    old = replace(h, version=version, era_offset=0, era_size=0, era_folded=0, frontend="", distrust_reason="",
+                  flags=h.flags & 15, **({"nrepos": 0, "fs_kind": 0, "fs_markers": b"", "markers_ns": 0}
+                                         if version == 1 else {}))
+    raw = old.pack()
+    assert int.from_bytes(raw[10:12], "little") == r.header_length(version) and not any(raw[r.header_length(version):])
+    assert r.RecordHeader.unpack(raw, copy=old.copy, record_offset=old.record_offset) == old
+
+
+@given(st.integers(0, 63), u64, hex16, uuids, names, st.sampled_from(["full", "incremental"]), u64,
+       st.sampled_from([1, 2, 3]))
+def test_history_era_is_kept_by_v3_only(slot: int, seq: int, sid: str, lin: str, node: str, mode: str, era: int,
+                                        version: int) -> None:
+    import struct
+
+    e = r.HistoryEntry(seq=seq, snapshot_id=sid, lineage=lin, node=node, start_ns=1, end_ns=2, chunks_read=3,
+                       bytes_read=4, chunks_stored=5, bytes_stored=6, bytes_deduped=7, mode=mode, result="ok",
+                       reason="", digest="ab" * 32, epoch=seq, slot=slot, version=version, era=era)
+    raw = e.pack()
+    got = r.HistoryEntry.unpack(raw, slot=slot)
+    assert len(raw) == r.HISTORY_ENTRY_SIZE
+    if version >= 3:
+        assert got == e and struct.unpack_from("<Q", raw, 320)[0] == era
+    else:  # v1/v2 entries have no field for it: zeros, exactly as those versions wrote them
+        assert got.era == 0 and not any(raw[320:508]) and got == r.HistoryEntry(**{**e.__dict__, "era": 0})
+
+
+@given(st.integers(1, 2**47), st.sampled_from([1 << k for k in range(12, 23)]))
+def test_era_region_size_follows_its_formula(data_size: int, chunk: int) -> None:
+    size = r.era_region_size(data_size, chunk)
+    n = -(-data_size // chunk)
+    assert size % r.ERA_ALIGN == 0 and r.ERA_MIN_SIZE <= size <= r.ERA_MAX_SIZE
+    # at least the era array twice (4 bytes per block) plus two writesets (1 bit per block), unless capped
+    assert size >= min(r.ERA_MAX_SIZE, 2 * 4 * n + 2 * n // 8)
+    assert r.era_region_size(data_size + chunk * 1018, chunk) >= size  # grows with the disk
+    off = r.era_offset_at_end(r.area_for_era(12345, size), 12345, size)
+    assert off is not None and off % r.ERA_ALIGN == 0 and off >= 12345 and off + size == r.area_for_era(12345, size)
+
+
+def test_era_region_sizes_at_64k_chunks() -> None:
+    """The figures docs/format.md and `baton init --help` state."""
+    mib = 1 << 20
+    assert [r.era_region_size(s, 65536) // mib for s in (4 << 30, 1 << 40, 16 << 40)] == [4, 155, 2464]

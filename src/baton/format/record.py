@@ -1,4 +1,5 @@
-"""Pure codecs for the change record (format v2; v1 records are still read and written as v1). No I/O here: bytes in, frozen dataclasses out.
+"""Pure codecs for the change record (format v3; v1 and v2 records are still read and written as v1 and v2). No I/O
+here: bytes in, frozen dataclasses out.
 
 The layout, field tables and rationale are in docs/format.md; constant names match the spec. Every structure
 carries a magic, a version checked against ``SUPPORTED_VERSIONS``, its length, a CRC32C and its own identity
@@ -23,9 +24,9 @@ from baton.format.errors import FormatError as FormatError
 
 BLOCK = 4096  # every record structure occupies whole 4 KiB blocks, aligned for O_DIRECT
 SECTOR = 512  # the smallest unit a torn write can leave half-old/half-new
-FORMAT_VERSION = 2  # what `baton init` writes; a v1 record keeps writing v1 structures (see docs/format.md)
-SUPPORTED_VERSIONS = range(1, 3)
-STRUCT_V1 = 1  # anchors, extent maps and record-disk superblocks are unchanged in v2 and stay version 1
+FORMAT_VERSION = 3  # what `baton init` writes; v1 and v2 records keep writing their own version (docs/format.md)
+SUPPORTED_VERSIONS = range(1, 4)
+STRUCT_V1 = 1  # anchors, extent maps and record-disk superblocks are unchanged since v1 and stay version 1
 
 MIN_CHUNK = 4096
 MAX_CHUNK = 4 * 1024 * 1024
@@ -54,7 +55,19 @@ FLAG_CLEAN = 1 << 0  # the last owner detached cleanly
 FLAG_RESET = 1 << 1  # the record was reset (new lineage); the next backup must be full
 FLAG_SUSPECT = 1 << 2  # damage was found in the record (a header copy); the next backup must be full
 FLAG_UNTRACKED = 1 << 3  # v2: the file system was written while no owner tracked it; the next backup must be full
-FULL_FLAGS = FLAG_RESET | FLAG_SUSPECT | FLAG_UNTRACKED  # each makes the next backup (to every repository) full
+FLAG_ERA_PENDING = 1 << 4  # v3: a dm owner may have era-tracked writes not yet folded into the bitmaps
+FLAG_DISTRUSTED = 1 << 5  # v3, always with FLAG_RESET: the header's distrust_reason says why the next backup is full
+FULL_FLAGS = FLAG_RESET | FLAG_SUSPECT | FLAG_UNTRACKED | FLAG_DISTRUSTED  # each makes the next backup (to every
+# repository) full
+
+# v3 header: the frontend of the current (or last) owner
+FRONTEND_NONE = 0
+FRONTEND_FUSE = 1
+FRONTEND_NBD = 2
+FRONTEND_DM = 3
+FRONTEND_NAMES = {FRONTEND_NONE: "", FRONTEND_FUSE: "fuse", FRONTEND_NBD: "nbd", FRONTEND_DM: "dm"}
+FRONTEND_CODES = {v: k for k, v in FRONTEND_NAMES.items()}
+DISTRUST_REASON_MAX = 128  # bytes of the v3 header's distrust_reason (utf-8, NUL padded)
 
 # v2 header: what the file-system markers saved at the last detach/commit describe
 FS_UNSAVED = 0  # no markers saved (v1, or never saved): nothing to compare
@@ -187,12 +200,28 @@ HEADER_V2 = struct.Struct(
     "40s"  # fs_markers    v2: the file system's own write/mount markers at the last detach or commit
     "Q"  # markers_ns      v2: wall clock when fs_markers were saved
 )
+HEADER_V3 = struct.Struct(
+    "<"
+    "B"  # frontend        v3: FRONTEND_NONE | FRONTEND_FUSE | FRONTEND_NBD | FRONTEND_DM of the current/last owner
+    "B"  # reserved        zero
+    "Q"  # era_offset      v3: byte offset of the era region inside the record area (0: no region)
+    "Q"  # era_size        v3: bytes of the era region (0: no region)
+    "Q"  # era_folded      v3: every write of an era < era_folded is in Baton's bitmaps
+    "128s"  # distrust_reason  v3: why the next backup is full (FLAG_DISTRUSTED), utf-8, NUL padded
+)
 HEADER_CRC = struct.Struct("<I")
 
 
 def header_length(version: int) -> int:
-    """Bytes a header of ``version`` covers (struct + crc): 286 for v1, 338 for v2."""
-    return HEADER.size + (HEADER_V2.size if version >= 2 else 0) + HEADER_CRC.size
+    """Bytes a header of ``version`` covers (struct + crc): 286 for v1, 338 for v2, 492 for v3."""
+    return (HEADER.size + (HEADER_V2.size if version >= 2 else 0) + (HEADER_V3.size if version >= 3 else 0)
+            + HEADER_CRC.size)
+
+
+def _enc_text(s: str, n: int) -> bytes:
+    """``s`` as utf-8, cut to at most ``n`` bytes on a character boundary (free text: never refused)."""
+    raw = s.encode("utf-8")[:n]
+    return raw.decode("utf-8", "ignore").encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -225,6 +254,11 @@ class RecordHeader:
     fs_kind: int = FS_UNSAVED  # v2
     fs_markers: bytes = b""  # v2: FS_MARKERS_SIZE bytes (shorter is zero-padded)
     markers_ns: int = 0  # v2
+    frontend: str = ""  # v3: "", "fuse", "nbd" or "dm" (FRONTEND_NAMES)
+    era_offset: int = 0  # v3: byte offset of the era region in the record area (0 with era_size 0: none)
+    era_size: int = 0  # v3
+    era_folded: int = 0  # v3: every write of an era < era_folded is in Baton's bitmaps
+    distrust_reason: str = ""  # v3: why the next backup is full (with FLAG_DISTRUSTED)
 
     @property
     def nchunks(self) -> int:
@@ -251,6 +285,11 @@ class RecordHeader:
                 raise ValueError(f"file-system markers are {len(self.fs_markers)} bytes, at most {FS_MARKERS_SIZE}")
             markers = self.fs_markers if self.fs_kind in (FS_EXT4, FS_XFS) else b""
             body += HEADER_V2.pack(self.nrepos, self.fs_kind, 0, markers, self.markers_ns)
+        if self.version >= 3:
+            if self.frontend not in FRONTEND_CODES:
+                raise ValueError(f"unknown frontend {self.frontend!r} (one of {sorted(FRONTEND_CODES)})")
+            body += HEADER_V3.pack(FRONTEND_CODES[self.frontend], 0, self.era_offset, self.era_size,
+                                   self.era_folded, _enc_text(self.distrust_reason, DISTRUST_REASON_MAX))
         out = body + HEADER_CRC.pack(crc32c(body))
         return out + bytes(BLOCK - len(out))
 
@@ -281,21 +320,30 @@ class RecordHeader:
         if not is_chunk_size(chunk_size):
             raise BadValue(what, f"chunk size {chunk_size} is not a power of two in 4 KiB..4 MiB",
                            expected="a power of two in 4 KiB..4 MiB", found=chunk_size)
-        v2: dict[str, Any] = {}
+        ext: dict[str, Any] = {}
         if version >= 2:
             nrepos, fs_kind, _, markers, markers_ns = HEADER_V2.unpack_from(data, HEADER.size)
             if fs_kind not in FS_KIND_NAMES:
                 raise BadValue(what, f"unknown file-system marker kind {fs_kind}", expected=set(FS_KIND_NAMES),
                                found=fs_kind)
-            v2 = {"nrepos": nrepos, "fs_kind": fs_kind, "fs_markers": markers if fs_kind in (FS_EXT4, FS_XFS) else b"",
-                  "markers_ns": markers_ns}
+            ext = {"nrepos": nrepos, "fs_kind": fs_kind,
+                   "fs_markers": markers if fs_kind in (FS_EXT4, FS_XFS) else b"", "markers_ns": markers_ns}
+        if version >= 3:
+            fe, _, era_off, era_size, era_folded, reason = HEADER_V3.unpack_from(data, HEADER.size + HEADER_V2.size)
+            if fe not in FRONTEND_NAMES:
+                raise BadValue(what, f"unknown frontend {fe}", expected=set(FRONTEND_NAMES), found=fe)
+            if era_off % BLOCK or era_size % BLOCK or (era_size and era_off < BLOCK * REGIONS_START):
+                raise BadValue(what, f"era region at byte {era_off}, {era_size} bytes: not whole blocks after the "
+                               "record's fixed blocks", expected="4 KiB-aligned", found=(era_off, era_size))
+            ext |= {"frontend": FRONTEND_NAMES[fe], "era_offset": era_off, "era_size": era_size,
+                   "era_folded": era_folded, "distrust_reason": _name(reason)}
         return cls(
             placement=placement, nslots=nslots, chunk_size=chunk_size, disk_uuid=_uuid_str(disk_uuid),
             lineage=_uuid_str(lineage), disk_size=disk_size, data_size=data_size, record_offset=rec_off,
             record_size=rec_size, pages_per_slot=pps, seq=seq, copy=hcopy, flags=flags,
             fs_uuid=_uuid_str(fs_uuid), last_backup="" if last_backup == bytes(16) else last_backup.hex(),
             epoch=epoch, owner=_name(owner), created_ns=created, updated_ns=updated, backup_seq=bseq,
-            hw_id=_name(hw_id), nextents=next, extents_crc=ext_crc, version=version, **v2,
+            hw_id=_name(hw_id), nextents=next, extents_crc=ext_crc, version=version, **ext,
         )
 
 
@@ -549,6 +597,11 @@ HISTORY = struct.Struct(
     "32s"  # digest       integrity digest (snapshot root digest)
     "Q"  # epoch          owner epoch at commit
 )
+HISTORY_V3 = struct.Struct(
+    "<"
+    "Q"  # era            v3: the era the backup's fold closed (its freeze folded every write of an era < era); 0
+    #                     for a backup with no dm-era fold
+)
 MODES = {1: "full", 2: "incremental"}
 RESULTS = {1: "ok", 2: "failed", 3: "aborted"}
 
@@ -572,7 +625,8 @@ class HistoryEntry:
     digest: str  # hex
     epoch: int
     slot: int = 0
-    version: int = FORMAT_VERSION  # the record's version (the entry's layout is the same in v1 and v2)
+    version: int = FORMAT_VERSION  # the record's version (v1 and v2 entries have the same layout; v3 adds era)
+    era: int = 0  # v3: the era the backup's dm-era fold closed (0: no fold); not stored by v1/v2 entries
 
     @property
     def duration_s(self) -> float:
@@ -589,6 +643,8 @@ class HistoryEntry:
             self.chunks_stored, self.bytes_stored, self.bytes_deduped, mode, result, reason,
             bytes.fromhex(self.digest)[:32].ljust(32, b"\0") if self.digest else bytes(32), self.epoch,
         )
+        if self.version >= 3:
+            body += HISTORY_V3.pack(self.era)
         body = body.ljust(HISTORY_ENTRY_SIZE - 4, b"\0")
         return body + struct.pack("<I", crc32c(body))
 
@@ -607,6 +663,7 @@ class HistoryEntry:
             start_ns=s, end_ns=e, chunks_read=cr, bytes_read=br, chunks_stored=cs, bytes_stored=bs,
             bytes_deduped=bd, mode=MODES.get(mode, "?"), result=RESULTS.get(result, "?"), reason=_name(reason),
             digest=digest.hex(), epoch=ep, slot=hslot, version=version,
+            era=HISTORY_V3.unpack_from(data, HISTORY.size)[0] if version >= 3 else 0,
         )
 
 
@@ -758,6 +815,62 @@ def geometry_for(data_size: int, chunk_size: int, nslots: int, nrepos: int = 0) 
 
 def max_pages_per_slot(version: int = FORMAT_VERSION) -> int:
     return (BLOCK - slot_fixed_size(version) - 4) * 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Era region (v3): where dm-era keeps its metadata, inside the record area after every other structure.
+
+ERA_ALIGN = 1 << 20  # the region's offset (inside the record area) and its size are multiples of 1 MiB
+ERA_MIN_SIZE = 4 << 20  # the floor: room for dm-era's superblock, space map and btrees on any disk
+ERA_MAX_SIZE = 16 << 30  # dm's metadata space map addresses at most ~16 GiB of 4 KiB blocks; more is never used
+ERA_ZERO_BYTES = 64 << 10  # zeroed by init: an all-zero superblock makes dm-era format fresh metadata
+ERA_MD_BLOCK = 4096  # dm-era's metadata block size
+ERA_ARRAY_PER_BLOCK = (ERA_MD_BLOCK - 24) // 4  # 1018 u32 era entries per dm-array block (24-byte header)
+ERA_BITS_PER_BLOCK = (ERA_MD_BLOCK - 24) // 8 * 64  # 32576 writeset bits per dm-bitset block (509 u64 words)
+
+
+def _up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def era_region_size(data_size: int, chunk_size: int) -> int:
+    """Bytes of the era region that dm-era needs for a ``data_size``-byte data area at ``chunk_size`` (the era
+    block size is the chunk size, so era blocks are chunks). The one sizing rule (init, ``--upgrade``, the
+    ``baton init --help`` figures). From dm-era's metadata (drivers/md/dm-era-target.c), in 4 KiB blocks::
+
+        N = ceil(data_size / chunk_size)      era blocks
+        A = ceil(N / 1018)                    era array: one u32 per block, 1018 per dm-array block
+        W = ceil(N / 32576)                   one writeset: one bit per block, 32576 per dm-bitset block
+        B = 2*A + 4*W                         the era array plus one copy-on-write copy of it (a held metadata
+                                              snapshot shadows every array block the digest then changes);
+                                              the current writeset, up to two archived ones awaiting digestion,
+                                              and one shadowed copy
+        S = ceil(B / 8) + 256                 btree interior nodes, the space map's bitmaps and index, the
+                                              superblock and a transaction's shadows
+        size = min(16 GiB, max(4 MiB, roundup((B + S) * 4096, 1 MiB)))
+
+    At 64 KiB chunks: 4 GiB -> 4 MiB (the floor), 1 TiB -> 155 MiB, 16 TiB -> 2464 MiB. A full metadata device
+    turns into write errors on the disk, so this errs on the large side."""
+    n = -(-data_size // chunk_size)
+    a = -(-n // ERA_ARRAY_PER_BLOCK)
+    w = -(-n // ERA_BITS_PER_BLOCK)
+    b = 2 * a + 4 * w
+    blocks = b + -(-b // 8) + 256
+    return min(ERA_MAX_SIZE, max(ERA_MIN_SIZE, _up(blocks * ERA_MD_BLOCK, ERA_ALIGN)))
+
+
+def era_offset_at_end(area_size: int, structures_size: int, era_size: int) -> int | None:
+    """Where an ``era_size``-byte region goes in an ``area_size``-byte record area whose other structures take
+    ``structures_size`` bytes: as near the end as 1 MiB alignment allows, never overlapping them. None when it
+    does not fit."""
+    off = (area_size - era_size) // ERA_ALIGN * ERA_ALIGN
+    return off if era_size and off >= structures_size and off >= ERA_ALIGN else None
+
+
+def area_for_era(structures_size: int, era_size: int) -> int:
+    """Bytes of a record area sized for its structures followed by an era region (file placement: the record
+    file's size): the structures rounded up to 1 MiB, then the region."""
+    return _up(max(structures_size, 1), ERA_ALIGN) + era_size
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ one extent (a slot) on a record disk, or the mapped extents of a pinned file ins
 
 from __future__ import annotations
 
-from baton.device import BlockDev
+from baton.device import BlockDev, SubDev
 from baton.format.record import Extent
 
 
@@ -51,3 +51,35 @@ class ExtentDev:
 
     def close(self) -> None:
         self.dev.close()
+
+
+def physical_extents(dev: object, offset: int, length: int) -> list[tuple[int, int]]:
+    """Where bytes [offset, offset + length) of ``dev`` live on the device at the bottom of its stack of
+    windows (``SubDev``: a tail area or a record-disk slot) and extent maps (``ExtentDev``: a record file), as
+    (physical byte offset, length) pieces in logical order, contiguous ones merged. A device that is neither
+    is the bottom itself."""
+    pieces: list[tuple[int, int]]
+    if isinstance(dev, ExtentDev):
+        pieces = []
+        for _rel, phys, n in dev._pieces(offset, length):
+            pieces += physical_extents(dev.dev, phys, n)
+    elif isinstance(dev, SubDev):
+        if offset < 0 or offset + length > dev.size:
+            raise ValueError(f"bytes {offset}+{length} outside a {dev.size}-byte window")
+        pieces = physical_extents(dev.dev, dev.base + offset, length)
+    else:
+        pieces = [(offset, length)]
+    merged: list[tuple[int, int]] = []
+    for phys, n in pieces:
+        if merged and merged[-1][0] + merged[-1][1] == phys:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n)
+        else:
+            merged.append((phys, n))
+    return merged
+
+
+def bottom_path(dev: object) -> str:
+    """The path of the device at the bottom of ``dev``'s stack (what ``DirectDev`` opened), '' if unknown."""
+    while isinstance(dev, ExtentDev | SubDev):
+        dev = dev.dev
+    return str(getattr(dev, "path", ""))

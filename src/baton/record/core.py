@@ -14,6 +14,8 @@ One ``Record`` object is the single writer of one disk's record on this node (ST
 * Backup: ``freeze`` copies the owner's set into the frozen set (durable) before clearing the owner's slot.
   ``checkpoint`` makes ``last_backup`` point at a stored checkpoint (durable) before clearing that batch's bits.
   ``commit_backup`` writes history + ``last_backup`` (durable) before clearing the frozen set.
+* dm-era (v3): ``begin_era`` makes FLAG_ERA_PENDING durable before the era target is loaded; a fold marks the
+  chunks the era metadata lists (``mark``, durable) before ``set_era_folded`` moves ``era_folded`` past them.
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ from baton.format.copies import pick_newest, split_blocks
 from baton.format.errors import BadMagic, Blank, FormatError
 from baton.format.record import (
     BLOCK,
+    DISTRUST_REASON_MAX,
+    ERA_ALIGN,
+    ERA_ZERO_BYTES,
     FLAG_CLEAN,
+    FLAG_DISTRUSTED,
+    FLAG_ERA_PENDING,
     FLAG_RESET,
     FLAG_SUSPECT,
     FLAG_UNTRACKED,
+    FRONTEND_CODES,
     FS_EXT4,
     FS_KIND_NAMES,
     FS_NONE,
@@ -47,6 +55,7 @@ from baton.format.record import (
     HISTORY_ENTRY_SIZE,
     PAGE_BITS,
     PAGE_BYTES,
+    PLACEMENT_EXTERNAL,
     PLACEMENT_NAMES,
     REGION_FROZEN,
     REGION_NODE,
@@ -55,12 +64,16 @@ from baton.format.record import (
     HistoryEntry,
     RecordHeader,
     SlotHeader,
+    area_for_era,
     describe_fs_markers,
+    era_offset_at_end,
+    era_region_size,
     pack_page,
     parse_page,
     sector_bit_range,
     slot_fixed_size,
 )
+from baton.record.area import bottom_path, physical_extents
 
 FsProbe = Callable[[], tuple[int, bytes]]  # reads the data disk's file-system markers: (FS_* kind, markers)
 
@@ -76,6 +89,18 @@ class _Region:
     bits: Bitmap | None = None  # loaded lazily (only the owner's slot and the frozen set stay in memory)
     corrupt_pages: list[int] = field(default_factory=list)
     corrupt_header: bool = False
+
+
+@dataclass(frozen=True)
+class EraRegion:
+    """Where dm-era's metadata lives (v3): ``extents`` are (physical byte offset, length) on ``device``, in the
+    region's logical order, contiguous pieces merged; they cover exactly ``size`` bytes. ``device`` holds the
+    record area: the data disk (tail, file) or the record disk (external); '' when the record was opened on a
+    bare device (tests)."""
+
+    device: str
+    extents: list[tuple[int, int]]
+    size: int
 
 
 @dataclass
@@ -102,6 +127,11 @@ class Record:
         # markers").
         self.fs_probe: FsProbe | None = None
         self.fs_check: dict[str, Any] = {}  # what the last attach's marker comparison found
+        # Where the record was found (set by baton.record.placement; '' for a record opened on its own): the
+        # device holding the record area, the data disk, and the placement as `--record` spells it.
+        self.device = ""
+        self.disk = ""
+        self.spec = ""
         self.backup_repo: _Region | None = None  # v2: the repository region of the running backup
         self.evicted: str = ""  # v2: the repository whose region the last allocation took over
         self.stats = RecordStats()
@@ -336,6 +366,11 @@ class Record:
                 for r in self.repo_regions()
             ],
             "bypass_check": self.compare_markers(),
+            # v3: the era region (dm-era's metadata), the last owner's frontend, why the next backup is full
+            "era": {"offset": h.era_offset, "size": h.era_size, "folded": h.era_folded,
+                    "pending": bool(h.flags & FLAG_ERA_PENDING)} if h.version >= 3 and h.era_size else None,
+            "owner_frontend": h.frontend or None,
+            "distrusted": (h.distrust_reason or "distrusted") if h.flags & FLAG_DISTRUSTED else None,
         }
 
     # ---------------------------------------------------------------------------------------------- writing
@@ -349,7 +384,9 @@ class Record:
 
     def _write_slot_header(self, reg: _Region, **changes: Any) -> None:
         copy = 1 - reg.hdr.copy
-        hdr = replace(reg.hdr, seq=reg.hdr.seq + 1, copy=copy, epoch=self.header.epoch, **changes)
+        # The record's version (after `init --upgrade` a v2 slot header is rewritten as v3: the same layout).
+        hdr = replace(reg.hdr, seq=reg.hdr.seq + 1, copy=copy, epoch=self.header.epoch, version=self.header.version,
+                      **changes)
         self.area.pwrite(self.geo.slot_header_block(reg.index, copy) * BLOCK, hdr.pack())
         self.stats.metadata_writes += 1
         reg.hdr = hdr
@@ -521,11 +558,15 @@ class Record:
 
     # ---------------------------------------------------------------------------------------------- attach
 
-    def attach(self, node: str) -> None:
+    def attach(self, node: str, frontend: str = "") -> None:
         """Take the record over for ``node``: epoch+1 durable, then OR every slot and the frozen set of an
         interrupted backup into this node's slot, then clear the others. Returns with the record attached.
         A v2 record detached cleanly is first checked for writes that bypassed Baton (file-system markers
-        changed since the detach): if so, FLAG_UNTRACKED is set in the same durable header write."""
+        changed since the detach): if so, FLAG_UNTRACKED is set in the same durable header write. A v3 record
+        keeps ``frontend`` ("", "fuse", "nbd" or "dm") in that write; FLAG_ERA_PENDING and ``era_folded`` stay
+        as they are (the caller folds or distrusts what a dm owner left: docs/format.md "dm-era")."""
+        if frontend not in FRONTEND_CODES:
+            raise ValueError(f"unknown frontend {frontend!r} (one of {sorted(FRONTEND_CODES)})")
         with self._lock:
             h = self.header
             flags = (h.flags & ~FLAG_CLEAN) | (FLAG_SUSPECT if self.suspect or self.notes else 0)
@@ -533,7 +574,8 @@ class Record:
             if self.fs_check["changed"]:
                 flags |= FLAG_UNTRACKED
                 self.notes.append(self.fs_check["why"])
-            self._write_header(replace(h, epoch=h.epoch + 1, owner=node, flags=flags))
+            self._write_header(replace(h, epoch=h.epoch + 1, owner=node, flags=flags,
+                                       frontend=frontend if h.version >= 3 else h.frontend))
             self._sync()
             # Choose our slot: ours by name, else a free one, else region 0 (its bits are kept and merged).
             nodes = self.regions[: self.geo.nslots]
@@ -560,13 +602,81 @@ class Record:
             self.owner_region = mine.index
             self.attached = True
 
-    def distrust(self) -> None:
-        """Writes are about to go unrecorded (``attach --no-tracking``): set FLAG_RESET durably, so the next
-        backup is full with a stated reason instead of an incremental that misses them."""
+    def distrust(self, reason: str | None = None) -> None:
+        """The record may miss writes: make the next backup (to every repository) full, durably. Without a
+        reason (``attach --no-tracking``: writes are about to go unrecorded) FLAG_RESET is set and the backup says
+        "record reset". With one (e.g. "era metadata failed its check: ..."), a v3 record sets FLAG_RESET |
+        FLAG_DISTRUSTED and keeps ``reason`` in the header (128 bytes; a second reason is appended), so the next
+        backup is full and states it, after a restart too; a v1/v2 record has no field for it and sets FLAG_RESET.
+        A backup already running keeps its plan: a caller that distrusts during a backup's freeze must fail
+        that backup (only a full backup's commit clears the flags: :meth:`commit_backup`)."""
         with self._cond:
             self._exclusive()
             self.check_fence()
-            self._write_header(replace(self.header, flags=self.header.flags | FLAG_RESET))
+            h = self.header
+            if reason is None or h.version < 3:
+                self._write_header(replace(h, flags=h.flags | FLAG_RESET))
+            else:
+                old = h.distrust_reason if h.flags & FLAG_DISTRUSTED else ""
+                text = reason if not old or reason in old else f"{old}; {reason}"
+                text = text.encode("utf-8")[:DISTRUST_REASON_MAX].decode("utf-8", "ignore")
+                self._write_header(replace(h, flags=h.flags | FLAG_RESET | FLAG_DISTRUSTED, distrust_reason=text))
+            self._sync()
+
+    # ---------------------------------------------------------------------------------------------- dm-era (v3)
+
+    @property
+    def era_pending(self) -> bool:
+        """FLAG_ERA_PENDING: a dm owner may have era-tracked writes not yet folded into the bitmaps. Whoever opens
+        such a record (attach by any frontend, an offline backup) folds them through a loaded era target, or
+        distrusts the record; it never trusts the bitmaps alone."""
+        return bool(self.header.flags & FLAG_ERA_PENDING)
+
+    def era_region(self) -> EraRegion | None:
+        """Where dm-era's metadata lives on the record's device, or None when this record has no era region
+        (v1, v2: see :func:`era_unsupported_reason`). File placement: mapped through the record file's
+        extents. Raises RecordCorrupt when the header's region overlaps the record's other structures or
+        leaves the area (a bug or damage; nothing is written)."""
+        h = self.header
+        if h.version < 3 or not h.era_size:
+            return None
+        if h.era_offset < self.geo.size or h.era_offset + h.era_size > h.record_size:
+            end = h.era_offset + h.era_size
+            raise RecordCorrupt(f"the record header places its era region at bytes {h.era_offset}..{end} of a "
+                                f"{h.record_size}-byte area whose structures take {self.geo.size} bytes",
+                                hint="re-create the record with `baton init --reset DISK` (the next backup is full)")
+        return EraRegion(device=self.device or bottom_path(self.area),
+                         extents=physical_extents(self.area, h.era_offset, h.era_size), size=h.era_size)
+
+    def begin_era(self) -> None:
+        """Before a dm owner loads the era target: FLAG_ERA_PENDING and frontend "dm", one durable, fence-checked
+        header write. From here until a fold with ``pending=False`` every opener of the record folds or
+        distrusts. Raises RecordError (with what to run) on a record without an era region."""
+        with self._cond:
+            self._exclusive()
+            why = era_unsupported_reason(self)
+            if why:
+                raise RecordError(why)
+            self.check_fence()
+            self._write_header(replace(self.header, flags=self.header.flags | FLAG_ERA_PENDING, frontend="dm"))
+            self._sync()
+
+    def set_era_folded(self, era: int, *, pending: bool) -> None:
+        """A fold is done: every write of an era < ``era`` is durably marked in this owner's slot (the caller
+        ``mark``ed them first). One durable, fence-checked header write of ``era_folded`` and FLAG_ERA_PENDING
+        (clear it only when no write can reach the era target any more: a clean dm detach). ``era`` may be lower
+        than before only after the era metadata was re-created; then :meth:`distrust` first, so that a crash in
+        between leaves the record distrusted, never trusting a fresh metadata's short history."""
+        if era < 0:
+            raise ValueError(f"era {era} < 0")
+        with self._cond:
+            self._exclusive()
+            if self.header.version < 3:
+                raise RecordError(f"record format v{self.header.version} keeps no era (format v3 does)")
+            self.check_fence()
+            h = self.header
+            flags = h.flags | FLAG_ERA_PENDING if pending else h.flags & ~FLAG_ERA_PENDING
+            self._write_header(replace(h, era_folded=era, flags=flags))
             self._sync()
 
     def detach(self) -> None:
@@ -862,14 +972,20 @@ class Record:
             entry = replace(entry, seq=seq, slot=slot, epoch=self.header.epoch, lineage=self.header.lineage,
                             version=self.header.version)
             self.area.pwrite(self.geo.history_offset(slot), entry.pack())
-            self._write_header(replace(self.header, last_backup=entry.snapshot_id, backup_seq=seq,
-                                       flags=self.header.flags & ~(FLAG_RESET | FLAG_SUSPECT | FLAG_UNTRACKED),
-                                       **self.marker_fields()))
+            # Only a full backup clears the full-backup flags: it read every chunk. An incremental keeps them (a
+            # flag set after its plan, e.g. a distrust during its freeze, still makes the next backup full).
+            full = entry.mode == "full"
+            flags = self.header.flags & ~FULL_FLAGS if full else self.header.flags
+            owed = any(r.hdr.repo_flags & FLAG_DISTRUSTED for r in self.repo_regions() if r is not rr)
+            reason = self.header.distrust_reason if flags & FLAG_DISTRUSTED or owed else ""
+            self._write_header(replace(self.header, last_backup=entry.snapshot_id, backup_seq=seq, flags=flags,
+                                       distrust_reason=reason, **self.marker_fields()))
             self._sync()
-            # The damage that made this record suspect is behind a committed backup now (a full one:
-            # plan_backup chose it because of the damage); the next backup may be incremental again.
-            self.suspect = False
-            self.notes.clear()
+            if full:
+                # The damage that made this record suspect is behind a committed full backup now (plan_backup
+                # chose it because of the damage); the next backup may be incremental again.
+                self.suspect = False
+                self.notes.clear()
             self._clear_region(frozen, backup_id="")
             if rr is not None:
                 self._clear_region(rr)  # generation + 1: its owed set is empty; repo_id and last_backup stay
@@ -900,9 +1016,17 @@ def format_record(area: BlockDev, header: RecordHeader, *, keep_history: bool = 
         raise ValueError("repository regions need record format v2")
     if geo.size > header.record_size:
         raise ValueError(f"record needs {geo.size} bytes, area has {header.record_size}")
+    if header.version < 3 and (header.era_size or header.era_offset):
+        raise ValueError("an era region needs record format v3")
+    if header.era_size and (header.era_offset < geo.size or header.era_offset + header.era_size > header.record_size
+                            or header.era_size < ERA_ZERO_BYTES):
+        raise ValueError(f"era region {header.era_offset}+{header.era_size} does not fit after the record's "
+                         f"{geo.size} bytes of structures in a {header.record_size}-byte area")
     now = time.time_ns()
+    # A fresh record has fresh era metadata (its superblock is zeroed below): nothing to fold, no distrust.
     h = replace(header, lineage=header.lineage or str(uuid.uuid4()), created_ns=header.created_ns or now,
-                updated_ns=now, flags=header.flags | FLAG_CLEAN)
+                updated_ns=now, flags=header.flags & ~(FLAG_ERA_PENDING | FLAG_DISTRUSTED) | FLAG_CLEAN,
+                era_folded=0, distrust_reason="")
     # Page copies of an earlier record in the same area (a re-format, --reset, a restore over a file record)
     # must never count as current: generations start at a random 31-bit value, so an old copy's generation
     # matches only by a ~1 in 2^31 chance (and it must then also pass its checksums).
@@ -916,9 +1040,95 @@ def format_record(area: BlockDev, header: RecordHeader, *, keep_history: bool = 
                            copy=copy, generation=start_gen, page_map=bytes((geo.pages_per_slot + 7) // 8),
                            version=h.version)
             area.pwrite(geo.slot_header_block(r, copy) * BLOCK, s.pack())
+    if h.era_size:
+        # dm-era formats fresh metadata over an all-zero superblock; the rest of the region is its own.
+        area.pwrite(h.era_offset, bytes(ERA_ZERO_BYTES))
     # Header copies last: a crash while formatting leaves no valid header, so nothing half-made is trusted.
     area.sync()
     for copy in (0, 1):
         area.pwrite(copy * BLOCK, replace(h, copy=copy, seq=copy).pack())
     area.sync()
     return Record.load(area, record_offset=h.record_offset)
+
+
+# -------------------------------------------------------------------------------------------- dm-era support
+
+
+def era_room(record: Record) -> tuple[int, int] | None:
+    """(era_offset, era_size) that an era region sized for this record's disk (:func:`era_region_size`) would
+    take at the end of its record area as it is today, or None when the area has no room for it."""
+    h = record.header
+    size = era_region_size(h.data_size, h.chunk_size)
+    off = era_offset_at_end(h.record_size, record.geo.size, size)
+    return None if off is None else (off, size)
+
+
+def _mib(n: int) -> str:
+    return f"{-(-n // ERA_ALIGN)} MiB"
+
+
+def era_unsupported_reason(record: Record) -> str | None:
+    """None when the dm frontend can use this record (it has an era region); else why not and what to run, as
+    one message for the user. Per placement: a v2 record whose area has room is upgraded in place by
+    ``baton init --upgrade`` (history and changes kept); a file record is re-created bigger by ``baton init
+    --reset``; a record-disk slot too small needs a record disk with larger slots; a tail record cannot grow
+    into the data area before it. fuse and nbd always work."""
+    h = record.header
+    if h.version >= 3 and h.era_size:
+        return None
+    disk = record.disk or "DISK"
+    external = h.placement == PLACEMENT_EXTERNAL
+    rec_opt = f" --record {record.spec}" if external and record.spec else " --record external:RECORD_DISK" if \
+        external else ""
+    other = "attach it with --frontend fuse or --frontend nbd, which need no era region"
+    why = (f"record format v{h.version} has no era metadata region (the dm frontend keeps dm-era's metadata in "
+           "the record area; format v3 has one)" if h.version < 3 else "this record has no era metadata region")
+    need = era_region_size(h.data_size, h.chunk_size)
+    if h.version >= 2 and era_room(record) is not None:
+        return (f"{why}. Its record area has room for the {_mib(need)} region: run `baton init --upgrade{rec_opt} "
+                f"{disk}` on a node where the disk is not attached, once every node runs a Baton that reads record "
+                "format v3 (lineage, history and changed chunks are kept: the next backup stays incremental); or "
+                f"{other}")
+    placement = PLACEMENT_NAMES[h.placement]
+    if placement == "file":
+        return (f"{why}, and the record file has no room for the {_mib(need)} region. Re-create it bigger with "
+                f"`baton init --reset {disk}` on a node where the disk is not attached (the file system needs "
+                f"about {_mib(need + record.geo.size)} free; the next backup is full, reason \"record reset\"); or "
+                f"{other}")
+    if placement == "external":
+        area = area_for_era(record.geo.size, need)
+        if area <= h.record_size:
+            return (f"{why}. Re-create it in its slot with `baton init --reset{rec_opt} {disk}` on a node where "
+                    f"the disk is not attached (the next backup is full, reason \"record reset\"); or {other}")
+        return (f"{why}, and its record-disk slot ({_mib(h.record_size)}) is too small for a format-v3 record of "
+                f"this disk ({_mib(area)} with the era region). Format a record disk with larger slots (`baton init "
+                f"RDISK --record-disk --slot-size {-(-area // ERA_ALIGN)}M`) and re-create the record there with "
+                f"`baton init --force --record external:RDISK {disk}` (a new disk identity: the next backup is full); "
+                f"or {other}")
+    return (f"{why}, and a tail record cannot grow: the data area before it is in use. {other[0].upper()}"
+            f"{other[1:]} (a disk initialised by this Baton gets a format-v3 tail record)")
+
+
+def upgrade_for_era(record: Record) -> RecordHeader:
+    """Give a v2 record (not attached) an era region in place and make it v3: the region's first
+    ERA_ZERO_BYTES zeroed (durable), then one header write (durable) with version 3 and the region. Lineage,
+    history, slots and flags stay, so the next backup stays incremental; structures written before keep version
+    2 until rewritten (v2 and v3 slot headers and pages have the same layout). Returns the new header; a
+    record that already has a region is left alone. Raises RecordError with :func:`era_unsupported_reason`
+    when the area has no room (or the record is v1)."""
+    with record._cond:
+        if record.attached:
+            raise RecordError("the record is attached on this node; detach it before upgrading it")
+        h = record.header
+        if h.version >= 3 and h.era_size:
+            return h
+        room = era_room(record)
+        if h.version < 2 or room is None:
+            raise RecordError(era_unsupported_reason(record) or "no era region can be added")
+        off, size = room
+        record.area.pwrite(off, bytes(ERA_ZERO_BYTES))
+        record._sync()
+        record._write_header(replace(h, version=3, era_offset=off, era_size=size, era_folded=0, frontend="",
+                                     distrust_reason="", flags=h.flags & ~(FLAG_ERA_PENDING | FLAG_DISTRUSTED)))
+        record._sync()
+        return record.header

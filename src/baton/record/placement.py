@@ -39,6 +39,7 @@ from baton.format.record import (
     ANCHOR_BLOCKS,
     BLOCK,
     DEFAULT_CHUNK,
+    ERA_ALIGN,
     EXTMAP_MAX,
     EXTMAP_START,
     FLAG_RESET,
@@ -50,11 +51,16 @@ from baton.format.record import (
     PLACEMENT_TAIL,
     RDISK_DATA_START,
     RDISK_MAX_SLOTS,
+    SUPPORTED_VERSIONS,
     Anchor,
     Extent,
+    Geometry,
     RecordDiskSlot,
     RecordDiskSuper,
     RecordHeader,
+    area_for_era,
+    era_offset_at_end,
+    era_region_size,
     extents_crc,
     geometry_for,
     is_chunk_size,
@@ -64,12 +70,12 @@ from baton.format.record import (
     unpack_extmap,
 )
 from baton.record.area import ExtentDev
-from baton.record.core import Record, format_record
+from baton.record.core import Record, format_record, upgrade_for_era
 
 DEFAULT_SLOTS = 4
 DEFAULT_REPOS = 4  # v2 repository regions: repositories a disk stays incremental into, each on its own
 SUPPORTED_FS = ("ext4", "xfs")
-DEFAULT_RDISK_SLOT_SIZE = 64 << 20
+DEFAULT_RDISK_SLOT_SIZE = 256 << 20  # a format-v3 record with its era region: disks up to ~1.3 TiB at 64K chunks
 
 
 @dataclass(frozen=True)
@@ -169,11 +175,16 @@ def _open_dev(path: str, writable: bool) -> DirectDev:
         raise DeviceError(f"cannot open {path}: {e.strerror}") from e
 
 
-def _with_fs_probe(loc: Located) -> Located:
-    """Let the record read the data disk's file-system markers (v2): the superblocks at the start of the data
-    area, read raw (O_DIRECT) through the already open data disk (tail, file) or a read-only open (external)."""
+def _wired(loc: Located) -> Located:
+    """Tell the record where it was found (the device holding its area: the data disk for tail and file, the
+    record disk for external; the data disk; the placement), and let it read the data disk's file-system markers
+    (v2): the superblocks at the start of the data area, read raw (O_DIRECT) through the already open data disk
+    (tail, file) or a read-only open (external)."""
     dev = loc.devs[0] if loc.spec.placement in ("tail", "file") and loc.devs else None
     disk = loc.disk
+    loc.record.device = loc.spec.record_disk if loc.spec.placement == "external" else disk
+    loc.record.disk = disk
+    loc.record.spec = str(loc.spec)
 
     def probe() -> tuple[int, bytes]:
         if dev is not None:
@@ -191,7 +202,7 @@ def _with_fs_probe(loc: Located) -> Located:
 def locate(disk: str, spec: RecordSpec | str | None = None, *, writable: bool = True) -> Located:
     """Find and load the record of ``disk``. Without a spec: the tail anchor, then a file record in ext4/xfs.
     A record on a record disk needs ``external:RECORD_DISK``. Raises RecordNotFound with what was tried."""
-    return _with_fs_probe(_locate(disk, spec, writable=writable))
+    return _wired(_locate(disk, spec, writable=writable))
 
 
 def _locate(disk: str, spec: RecordSpec | str | None = None, *, writable: bool = True) -> Located:
@@ -476,18 +487,23 @@ def _geometry_or_fail(data_size: int, chunk: int, lay: _Layout) -> Any:
 
 def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT_CHUNK,
               nslots: int = DEFAULT_SLOTS, force: bool = False, reset: bool = False, nrepos: int = DEFAULT_REPOS,
-              version: int = FORMAT_VERSION) -> Located:
+              version: int | None = None) -> Located:
     """Create (or with ``reset``, re-create in place with a new lineage) the record of ``disk``.
 
     Default placement: ``file`` when blkid finds ext4/xfs, ``tail`` when it finds nothing. Any other file
     system is refused (the tail would overwrite its end). Refuses a disk in use, or one that already has a
     record unless ``force``/``reset``. The data area of a file or external placement is never written.
+
+    ``version`` None writes format v3 (with its era region for the dm frontend), except where a tail record
+    already ends the disk: a re-init never moves the data area's end, so it keeps the existing tail area and
+    writes the newest format that fits there (a v2 tail record stays v2). An explicit version must fit.
     """
     check_chunk_size(chunk_size)
     if not 2 <= nslots <= 64:
         raise UsageError("--slots must be 2..64")
-    if version not in (1, 2):
-        raise UsageError(f"record format version {version}: this Baton writes versions 1 and 2")
+    if version is not None and version not in SUPPORTED_VERSIONS:
+        raise UsageError(f"record format version {version}: this Baton writes versions "
+                         f"{SUPPORTED_VERSIONS.start}..{SUPPORTED_VERSIONS.stop - 1}")
     if version == 1:
         nrepos = 0
     elif not 1 <= nrepos <= 64:
@@ -534,7 +550,7 @@ def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT
         # disk. A new id is minted only when none of them names one.
         disk_uuid = surviving_disk_uuid(disk, spec, fs) or str(uuid.uuid4())
     flags = FLAG_RESET if (reset or force) else 0
-    lay = _Layout(nslots, nrepos, version)
+    lay = _Layout(nslots, nrepos, version or FORMAT_VERSION, explicit=version is not None)
     if spec.placement == "tail":
         loc = _init_tail(disk, fs, spec, chunk_size, lay, disk_uuid, flags, force)
     elif spec.placement == "file":
@@ -543,7 +559,7 @@ def init_disk(disk: str, *, record: str | None = None, chunk_size: int = DEFAULT
         loc = _init_external(disk, fs, spec, chunk_size, lay, disk_uuid, flags, force or reset)
     # The file system's markers as init leaves them (file placement: after fileprep's mount), so the first
     # attach can tell whether the disk was written while nobody tracked it.
-    _with_fs_probe(loc).record.save_markers()
+    _wired(loc).record.save_markers()
     return loc
 
 
@@ -552,6 +568,10 @@ class _Layout:
     nslots: int
     nrepos: int
     version: int
+    explicit: bool = True  # the version was asked for (False: the default, v3)
+
+    def at(self, version: int) -> _Layout:
+        return replace(self, version=version, nrepos=self.nrepos if version >= 2 else 0)
 
 
 def surviving_disk_uuid(disk: str, spec: RecordSpec, fs: FsInfo) -> str:
@@ -596,11 +616,37 @@ def surviving_disk_uuid(disk: str, spec: RecordSpec, fs: FsInfo) -> str:
 
 
 def _base_header(placement: int, *, chunk: int, lay: _Layout, disk_uuid: str, fs: FsInfo, disk_size: int,
-                 data_size: int, rec_off: int, rec_size: int, pps: int, flags: int, hw: str = "") -> RecordHeader:
+                 data_size: int, rec_off: int, rec_size: int, pps: int, flags: int, hw: str = "",
+                 era: tuple[int, int] = (0, 0)) -> RecordHeader:
     return RecordHeader(placement=placement, nslots=lay.nslots, chunk_size=chunk, disk_uuid=disk_uuid, lineage="",
                         disk_size=disk_size, data_size=data_size, record_offset=rec_off, record_size=rec_size,
                         pages_per_slot=pps, fs_uuid=fs.uuid, flags=flags, hw_id=hw, version=lay.version,
-                        nrepos=lay.nrepos)
+                        nrepos=lay.nrepos, era_offset=era[0], era_size=era[1])
+
+
+def _era_in(area_size: int, geo: Geometry, data_size: int, chunk: int) -> tuple[int, int] | None:
+    """(offset, size) of the era region at the end of an ``area_size``-byte record area, or None if it does
+    not fit after the structures."""
+    size = era_region_size(data_size, chunk)
+    off = era_offset_at_end(area_size, geo.size, size)
+    return None if off is None else (off, size)
+
+
+def tail_layout(size: int, chunk: int, lay: _Layout) -> tuple[int, int, Geometry, tuple[int, int]]:
+    """(data_size, record_size, geometry, (era_offset, era_size)) of a fresh tail record on a ``size``-byte
+    disk. v3: the era region is sized for the whole disk (an upper bound of the data area) and the data area
+    ends on a multiple of 1 MiB (and of the chunk size), so the record area and its era region start 1 MiB
+    aligned on the disk. v1/v2: as before v3 (the data area ends on a chunk; no era region)."""
+    geo = _geometry_or_fail(size, chunk, lay)
+    avail = size - ANCHOR_BLOCKS * BLOCK
+    if lay.version < 3:
+        data_size = (avail - geo.size) // chunk * chunk
+        return data_size, avail - data_size, geo, (0, 0)
+    align = max(chunk, ERA_ALIGN)
+    data_size = (avail - area_for_era(geo.size, era_region_size(size, chunk))) // align * align
+    rec_size = avail - data_size
+    era = _era_in(rec_size, geo, size, chunk) if data_size > 0 else None
+    return data_size, rec_size, geo, era or (0, 0)
 
 
 def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _Layout, disk_uuid: str, flags: int,
@@ -609,19 +655,27 @@ def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _Layout
         raise DeviceError(f"{disk} holds a {fs.type} file system; a tail record would overwrite its end",
                           hint="use --record file (ext4/xfs) or --record external:RECORD_DISK; --force overrides")
     size = device_size(disk)
-    geo = _geometry_or_fail(size, chunk, lay)
-    avail = size - ANCHOR_BLOCKS * BLOCK - geo.size
-    data_size = avail // chunk * chunk
-    if data_size < max(chunk, 1 << 20):
-        raise DeviceError(f"{disk} has {size} bytes: too small for a tail record of {geo.size} bytes plus data",
-                          hint="use a larger disk, a larger --chunk-size, or --record external:RECORD_DISK")
-    rec_size = size - ANCHOR_BLOCKS * BLOCK - data_size
     dev = _open_dev(disk, True)
     try:
+        anchor = _read_anchors(dev, size).best if size >= (ANCHOR_BLOCKS + 1) * BLOCK else None
+        if anchor is not None and anchor.record_offset % chunk == 0 and anchor.record_offset > 0 and \
+                anchor.record_offset + anchor.record_size + ANCHOR_BLOCKS * BLOCK == size:
+            # A tail record ends this disk already (--reset, --force): the data area before it is in use, so
+            # the new record goes into the same area, in the newest format that fits there.
+            data_size, rec_size = anchor.record_offset, anchor.record_size
+            lay, geo, era = _fit_tail_area(disk, data_size, rec_size, chunk, lay)
+        else:
+            data_size, rec_size, geo, era = tail_layout(size, chunk, lay)
+            if data_size < max(chunk, 1 << 20) or (lay.version >= 3 and not era[1]):
+                need = size - ANCHOR_BLOCKS * BLOCK - max(data_size, 0)
+                raise DeviceError(
+                    f"{disk} has {size} bytes: too small for a tail record of {need} bytes plus data",
+                    hint="use a larger disk, a larger --chunk-size, or --record external:RECORD_DISK"
+                    + ("; --record-format 2 needs no era region (no dm frontend)" if lay.version >= 3 else ""))
         area = SubDev(dev, data_size, rec_size)
         hdr = _base_header(PLACEMENT_TAIL, chunk=chunk, lay=lay, disk_uuid=disk_uuid, fs=fs, disk_size=size,
                            data_size=data_size, rec_off=data_size, rec_size=rec_size, pps=geo.pages_per_slot,
-                           flags=flags)
+                           flags=flags, era=era)
         rec = format_record(area, hdr)
         for copy in range(ANCHOR_BLOCKS):
             a = Anchor(disk_uuid=disk_uuid, disk_size=size, record_offset=data_size, record_size=rec_size, copy=copy)
@@ -633,6 +687,28 @@ def _init_tail(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _Layout
         raise
 
 
+def _fit_tail_area(disk: str, data_size: int, rec_size: int, chunk: int,
+                   lay: _Layout) -> tuple[_Layout, Geometry, tuple[int, int]]:
+    """The layout of a record re-created in an existing tail area: the asked version, or (the default) the
+    newest that fits. DeviceError when nothing fits (the data area is never shrunk)."""
+    versions = [lay.version] if lay.explicit else list(range(lay.version, 0, -1))
+    for v in versions:
+        lv = lay.at(v)
+        geo = geometry_for(data_size, chunk, lv.nslots, lv.nrepos)
+        if geo.pages_per_slot > max_pages_per_slot(v) or geo.size > rec_size:
+            continue
+        if v < 3:
+            return lv, geo, (0, 0)
+        era = _era_in(rec_size, geo, data_size, chunk)
+        if era is not None:
+            return lv, geo, era
+    raise DeviceError(
+        f"the tail record area of {disk} ({rec_size} bytes after a {data_size}-byte data area) has no room for a "
+        f"format-v{lay.version} record at {chunk}-byte chunks, and re-creating it never shrinks the data area",
+        hint="keep the record's format and chunk size (`baton init --reset` without --record-format or "
+        "--chunk-size), or use --record external:RECORD_DISK")
+
+
 def _init_file(disk: str, fs: FsInfo, chunk: int, lay: _Layout, disk_uuid: str, flags: int) -> Located:
     if fs.type not in SUPPORTED_FS:
         raise DeviceError(
@@ -641,7 +717,9 @@ def _init_file(disk: str, fs: FsInfo, chunk: int, lay: _Layout, disk_uuid: str, 
         )
     size = device_size(disk)
     geo = _geometry_or_fail(size, chunk, lay)
-    rec_size = (geo.size + (1 << 20) - 1) // (1 << 20) * (1 << 20)
+    # The record file: its structures rounded up to 1 MiB, then (v3) the era region, which ends the file.
+    era = (area_for_era(geo.size, 0), era_region_size(size, chunk)) if lay.version >= 3 else (0, 0)
+    rec_size = area_for_era(geo.size, era[1])
     r = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "baton.record.fileprep", disk,
          str(rec_size)], capture_output=True, text=True, timeout=600,
@@ -666,7 +744,7 @@ def _init_file(disk: str, fs: FsInfo, chunk: int, lay: _Layout, disk_uuid: str, 
         area = ExtentDev(dev, ext)
         hdr = _base_header(PLACEMENT_FILE, chunk=chunk, lay=lay, disk_uuid=disk_uuid, fs=fs, disk_size=size,
                            data_size=size, rec_off=ext[0].physical, rec_size=rec_size, pps=geo.pages_per_slot,
-                           flags=flags)
+                           flags=flags, era=era)
         hdr = replace(hdr, nextents=len(ext), extents_crc=extents_crc(ext))
         for copy in (0, 1):
             area.pwrite((EXTMAP_START + copy) * BLOCK, pack_extmap(ext, copy=copy, disk_uuid=disk_uuid))
@@ -701,9 +779,16 @@ def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _La
         elif sup.slots[idx].in_use and not replace_existing:
             raise DeviceError(f"slot {idx} of {spec.record_disk} is in use", hint="pass --force to overwrite it")
         geo = _geometry_or_fail(size, chunk, lay)
-        if geo.size > sup.slot_size:
-            raise RecordFull(f"a record for {disk} needs {geo.size} bytes; slots of {spec.record_disk} have "
-                             f"{sup.slot_size}", hint="use a larger --chunk-size or a record disk with larger slots")
+        era = _era_in(sup.slot_size, geo, size, chunk) if lay.version >= 3 else (0, 0)
+        need = area_for_era(geo.size, era_region_size(size, chunk)) if lay.version >= 3 else geo.size
+        if need > sup.slot_size or era is None:
+            raise RecordFull(
+                f"a format-v{lay.version} record for {disk} needs {need} bytes"
+                + (" with its era region" if lay.version >= 3 else "")
+                + f"; slots of {spec.record_disk} have {sup.slot_size}",
+                hint=f"use a record disk with slots of at least {-(-need // ERA_ALIGN)}M (`baton init RDISK "
+                f"--record-disk --slot-size {-(-need // ERA_ALIGN)}M`), or a larger --chunk-size"
+                + ("; --record-format 2 needs no era region (no dm frontend)" if lay.version >= 3 else ""))
         slots = list(sup.slots)
         slots[idx] = RecordDiskSlot(True, disk_uuid, size, fs.uuid, hw)
         # The slot's record is formatted before the table names it: a crash in between leaves a free slot.
@@ -711,13 +796,29 @@ def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _La
         area = SubDev(rdev, base, sup.slot_size)
         hdr = _base_header(PLACEMENT_EXTERNAL, chunk=chunk, lay=lay, disk_uuid=disk_uuid, fs=fs,
                            disk_size=size, data_size=size, rec_off=base, rec_size=sup.slot_size,
-                           pps=geo.pages_per_slot, flags=flags, hw=hw)
+                           pps=geo.pages_per_slot, flags=flags, hw=hw, era=era)
         rec = format_record(area, hdr)
         _write_rdisk(rdev, sup, tuple(slots))
         return Located(disk, rec, RecordSpec("external", spec.record_disk, idx), size, [rdev])
     except BaseException:
         rdev.close()
         raise
+
+
+def upgrade_disk(disk: str, *, record: str | None = None) -> Located:
+    """``baton init --upgrade``: give the v2 record of ``disk`` an era region in place (format v3), keeping its
+    lineage, history and changed chunks. Refuses a disk in use on this node; run it where no node has the disk
+    attached. RecordError (with what to run instead) when the record area has no room."""
+    if not os.path.exists(disk):
+        raise DeviceError(f"{disk}: no such file or device")
+    host.check_not_in_use(disk, "init --upgrade")
+    loc = locate(disk, record, writable=True)
+    try:
+        upgrade_for_era(loc.record)
+    except BaseException:
+        loc.close()
+        raise
+    return loc
 
 
 def describe(loc: Located) -> dict[str, Any]:
