@@ -17,6 +17,8 @@ def _human(st: dict[str, Any]) -> str:
                      + (f" (pid {st['pid']}, {st['frontend']}, {st.get('device') or st.get('socket')})"
                         if st.get("state") == "running" else "")
                      + (f" ({st['failure']})" if st.get("failure") else ""))
+        if st.get("frontend_reason"):
+            lines.append(f"frontend {st.get('frontend')}: {st['frontend_reason']}")
         if st.get("failure"):
             lines.append(f"problem: {st['problem']}")
             lines.append(f"  hint: {st['hint']}")
@@ -66,8 +68,11 @@ def command(target: str, record: str | None, as_json: bool) -> None:
     repository: repo_id, last_backup, owed_chunks, full_pending), written_while_not_attached, and bypass_check
     (checkable, fs, changed, why: whether writes to the raw disk, bypassing /dev/baton/NAME, can be noticed).
 
-    For an attached NAME it adds the live daemon: state (running | failed), pid, node, frontend, device (FUSE)
-    or socket (NBD), writes, first_touch, metadata_syncs, bytes_in, bytes_out. A failed attachment adds
+    For an attached NAME it adds the live daemon: state (running | failed), pid, node, frontend (fuse, nbd or
+    dm: the one `attach --frontend auto` chose), frontend_reason (why that one: "auto: fuse, because this
+    kernel has no device-mapper: ..."), device (fuse, dm) or socket (nbd), writes, first_touch, metadata_syncs,
+    bytes_in, bytes_out (fuse, nbd: the dm frontend's writes bypass the daemon; its frontend_stats has the
+    device's reads, writes, bytes_read, bytes_written, folds, chunks_folded, backups_frozen and freeze_ms). A failed attachment adds
     failure ("died": killed or crashed; "fenced": another node took the disk over, with fenced_by,
     epoch_mine, epoch_on_disk and fenced_at), problem and hint; a DISK attached here whose daemon failed shows
     its record plus the same keys.

@@ -51,12 +51,13 @@ def request(name: str, op: dict[str, Any], *, timeout: float | None = 30.0,
 # ------------------------------------------------------------------------------------------------ attach
 
 
-def _cleanup_stale(name: str, st: dict[str, Any]) -> list[str]:
+def _cleanup_stale(name: str, st: dict[str, Any], *, keep_frontend: bool = False) -> list[str]:
     """Remove what NAME's dead daemon left behind (its frontend's leftovers, its files, RUN_DIR/NAME).
 
     The last lines of the dead daemon's log are kept in the returned list ("log: ..."), since its directory
     goes; raises DeviceBusy (keeping everything) while its frontend's leftovers are still in use (a file
-    system on its device is still mounted).
+    system on its device is still mounted). ``keep_frontend``: leave the frontend's leftovers for the next
+    daemon to adopt (a dm stack keeps serving and tracking without its daemon).
     """
     done: list[str] = []
     # A killed daemon can linger for a moment as a dying/zombie process; give init time to reap it.
@@ -65,7 +66,7 @@ def _cleanup_stale(name: str, st: dict[str, Any]) -> list[str]:
     while pid and Path(f"/proc/{pid}").exists() and not pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     kind = str(st.get("frontend") or "")
-    if kind in frontends.kinds():
+    if kind in frontends.kinds() and not keep_frontend:
         config = frontends.FrontendConfig(name=name, run_dir=run_dir(), dev_dir=dev_dir())
         done += frontends.get(kind).cleanup_stale(config)
     tail = log_tail(name)
@@ -81,17 +82,21 @@ def _cleanup_stale(name: str, st: dict[str, Any]) -> list[str]:
     return done
 
 
-def attach(disk: str, *, node: str, name: str | None = None, frontend: str = "fuse", record: str | None = None,
-           tracking: bool = True, nbd_tcp: str | None = None, foreground: bool = False) -> dict[str, Any]:
+def attach(disk: str, *, node: str, name: str | None = None, frontend: str = frontends.AUTO,
+           record: str | None = None, tracking: bool = True, nbd_tcp: str | None = None, foreground: bool = False,
+           cow_size: str | None = None) -> dict[str, Any]:
     """Take ``disk`` over on this node and serve it; returns once the device (or socket) is ready.
 
     Spawns ``baton serve`` (:func:`baton.daemon.server.serve`) as a new session with its stderr in
     RUN_DIR/NAME/daemon.log, and waits for the one line it writes on its ready pipe: the state it published, or
     the error that stopped it (raised here as its Baton class). ``foreground`` execs the daemon instead.
+    ``frontend`` is a kind or ``auto`` (the daemon chooses: :func:`baton.frontends.choose`). A dm stack that
+    NAME's dead daemon left serving is left for the new daemon to adopt when it may be dm again.
     """
     if not node:
         raise UsageError("--node is required (the cluster node name of this machine)")
-    frontends.get(frontend)  # UsageError for an unknown kind, before anything happens
+    if frontend not in frontends.choices():
+        frontends.get(frontend)  # UsageError for an unknown kind, before anything happens
     if not os.path.exists(disk):
         raise DeviceError(f"{disk}: no such file or device")
     name = name or default_name(disk)
@@ -104,10 +109,24 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str = "fu
     # The same disk by any path (a hard link, another device node, a loop device over it), mounted, held or
     # open: refused. A Baton daemon outside this node's RUN_DIR (another "node" simulated on this host) may
     # hold it: this attach is a takeover, and its epoch fences that daemon.
-    check_not_in_use(disk, "attach", allow=lambda u: u.kind == OPEN and u.baton_daemon)
     stale = read_state(name)
-    cleaned = _cleanup_stale(name, stale) if stale is not None else []
+    from baton.frontends.dm import has_leftovers, own_stack_use
+
+    config = frontends.FrontendConfig(name=name, run_dir=run_dir(), dev_dir=dev_dir())
+    # A dm stack NAME's dead daemon left keeps serving and tracking: the new daemon adopts it when it may serve
+    # dm again (it checks that nobody took the disk over since); any other frontend needs it gone first.
+    dm_left = has_leftovers(config) or (stale is not None and stale.get("frontend") == "dm")
+    adopt = dm_left and frontend in (frontends.AUTO, "dm")
+    cleaned: list[str] = []
+    if dm_left and not adopt:
+        cleaned += frontends.get("dm").cleanup_stale(config)
+    own_stack = own_stack_use(name) if adopt else None
+    check_not_in_use(disk, "attach", allow=lambda u: (u.kind == OPEN and u.baton_daemon)
+                     or (own_stack is not None and own_stack(u)))
+    cleaned += _cleanup_stale(name, stale, keep_frontend=adopt) if stale is not None else []
     args = [sys.executable, "-m", "baton", "serve", disk, "--node", node, "--name", name, "--frontend", frontend]
+    if cow_size:
+        args += ["--cow-size", cow_size]
     if record:
         args += ["--record", record]
     if not tracking:

@@ -7,6 +7,7 @@ runs the same backup engine a daemon runs, and detaches again, so the record end
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,8 @@ def offline_backup(disk: str, repo_url: str, *, node: str, name: str, key_file: 
     (NotOwner). With ``if_owner`` both that other owner and a clean record (nobody owns it: the timers on every
     node must not race for it) return ``{"skipped": True, "reason", "name", "node"}`` instead. The disk must not
     be in use on this node (DeviceBusy). The record is taken over for the backup (epoch+1) and detached after
-    it, whatever the outcome.
+    it, whatever the outcome. A record a dm owner left with unfolded era metadata (FLAG_ERA_PENDING) is folded
+    first (:func:`baton.frontends.dm.settle_era`).
     """
     from baton.backup import run_backup
     from baton.repo import Repository
@@ -66,6 +68,16 @@ def offline_backup(disk: str, repo_url: str, *, node: str, name: str, key_file: 
         check_not_in_use(disk, "backup")
         repo = Repository.open(repo_url, key_file=key_file)
         loc.record.attach(node)
+        try:
+            # A dm owner's writes not folded yet (FLAG_ERA_PENDING): fold them through a temporarily loaded era
+            # target, or distrust the record where this node has no dm-era. Never read the metadata offline.
+            from baton.frontends.dm import settle_era
+
+            settle_era(loc.record, loc.disk, name=name, size=loc.data_size)
+        except BaseException:
+            with contextlib.suppress(Exception):  # fenced: the record is another node's now
+                loc.record.detach()
+            raise
         tracker = open_tracker(loc)
         try:
             from baton.freeze import with_consistency  # --freeze/--pre/--post around the freeze point

@@ -57,10 +57,15 @@ class Daemon:
     with (None after a detach)."""
 
     def __init__(self, disk: str, *, node: str, name: str, frontend: str, record: str | None, tracking: bool,
-                 tcp: str | None) -> None:
+                 tcp: str | None, cow_size: str | None = None) -> None:
         self.disk = os.path.realpath(disk)
-        self.node, self.name, self.kind = node, name, frontend
-        self.frontend_cls = frontends.get(frontend)
+        self.node, self.name, self.requested = node, name, frontend
+        if frontend not in frontends.choices():
+            frontends.get(frontend)  # UsageError naming the choices
+        self.kind = frontend  # the kind chosen at start (``auto`` resolved: frontends.choose)
+        self.frontend_reason = ""
+        self.era_settled: str | None = None  # what a userspace attach did about a dm owner's unfolded writes
+        self.cow_size = cow_size  # --cow-size as given (a size or a percentage of the disk)
         self.record_spec, self.tracking, self.tcp = record, tracking, _tcp_address(tcp)
         self.loc: Located | None = None
         self.tracker: Tracker | None = None
@@ -80,17 +85,33 @@ class Daemon:
         """Take over, serve, publish the state file and open the control socket; the state published."""
         loc = locate(self.disk, self.record_spec, writable=True)
         self.loc = loc
-        loc.record.attach(self.node)
+        self.kind, self.frontend_reason = frontends.choose(self.requested, disk=self.disk, record=loc.record)
+        frontend_cls = frontends.get(self.kind)
+        loc.record.attach(self.node, frontend=self.kind)
         if not self.tracking:
             loc.record.distrust()  # unrecorded writes follow: the next backup must be full, and says so
+        if not frontend_cls.folds_era:  # a dm owner's unfolded writes: fold them (dm-era here) or distrust
+            from baton.frontends.dm import settle_era
+
+            self.era_settled = settle_era(loc.record, self.disk, name=self.name, size=loc.data_size)
+            if self.era_settled:
+                log.warning("%s: %s", self.name, self.era_settled)
         self.tracker = open_tracker(loc, tracking=self.tracking)
-        config = FrontendConfig(name=self.name, run_dir=run_dir(), dev_dir=dev_dir(), tcp=self.tcp)
-        self.frontend = self.frontend_cls.create(self.tracker, config)
+        cow_size = None
+        if self.cow_size:  # else the frontend's default
+            from baton.frontends.dm import cow_size_bytes
+
+            cow_size = cow_size_bytes(self.cow_size, loc.data_size, loc.header.chunk_size)
+        config = FrontendConfig(name=self.name, run_dir=run_dir(), dev_dir=dev_dir(), tcp=self.tcp,
+                                disk=self.disk, cow_size=cow_size)
+        self.frontend = frontend_cls.create(self.tracker, config)
         endpoint = self.frontend.start()
         st = {"name": self.name, "pid": os.getpid(), "node": self.node, "disk": self.disk,
-              "record": str(loc.spec), "frontend": self.kind, "device": endpoint.device,
-              "socket": endpoint.socket, "tcp": endpoint.tcp, "epoch": loc.header.epoch, "tracking": self.tracking,
-              "started": self.started}
+              "record": str(loc.spec), "frontend": self.kind, "frontend_reason": self.frontend_reason,
+              "device": endpoint.device, "socket": endpoint.socket, "tcp": endpoint.tcp, "epoch": loc.header.epoch,
+              "tracking": self.tracking, "started": self.started}
+        if self.era_settled:
+            st["era_settled"] = self.era_settled
         write_state(self.name, st)
         self.control = ControlServer(control_path(self.name), self._on_request, name="control")
         self.control.start()
@@ -172,7 +193,8 @@ class Daemon:
         endpoint = self.frontend.endpoint
         return st | {
             "name": self.name, "state": "running" if failure is None else "failed", "pid": os.getpid(),
-            "node": self.node, "frontend": self.kind, "device": endpoint.device if endpoint else None,
+            "node": self.node, "frontend": self.kind, "frontend_reason": self.frontend_reason,
+            "device": endpoint.device if endpoint else None,
             "socket": endpoint.socket if endpoint else None, "tcp": endpoint.tcp if endpoint else None,
             "tracking": self.tracking, "writes": ts["writes"], "reads": ts["reads"],
             "first_touch": ts["first_touch"], "metadata_syncs": ts["metadata_syncs"],
@@ -276,7 +298,7 @@ def _ready_pipe(fd: int) -> Iterator[Callable[[dict[str, Any]], None]]:
 
 
 def serve(disk: str, *, node: str, name: str, frontend: str, record: str | None, tracking: bool,
-          tcp: str | None, ready_fd: int) -> None:
+          tcp: str | None, ready_fd: int, cow_size: str | None = None) -> None:
     """Daemon main: take over, serve, answer the control socket, until detached, fenced or killed.
 
     Returns after a detach; raises the error it ended with otherwise (``Fenced`` when fenced; the error that
@@ -288,7 +310,8 @@ def serve(disk: str, *, node: str, name: str, frontend: str, record: str | None,
     d: Daemon | None = None
     with _ready_pipe(ready_fd) as say:
         try:
-            d = Daemon(disk, node=node, name=name, frontend=frontend, record=record, tracking=tracking, tcp=tcp)
+            d = Daemon(disk, node=node, name=name, frontend=frontend, record=record, tracking=tracking, tcp=tcp,
+                       cow_size=cow_size)
             st = d.start()
             d.watch_fence()
         except BaseException as e:
@@ -303,8 +326,8 @@ def serve(disk: str, *, node: str, name: str, frontend: str, record: str | None,
             # directory goes (unless the frontend left something to clean up, or another daemon owns it).
             remove_run_dir(name)
             raise
-        log.info("attached %s as %s (node %s, epoch %s, %s %s)", disk, name, node, st["epoch"], frontend,
-                 st["device"] or st["socket"] or st["tcp"])
+        log.info("attached %s as %s (node %s, epoch %s, %s %s; %s)", disk, name, node, st["epoch"], st["frontend"],
+                 st["device"] or st["socket"] or st["tcp"], st["frontend_reason"])
         say({"ok": True, "result": st})
 
     def preload() -> None:

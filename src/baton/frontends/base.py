@@ -1,7 +1,9 @@
 """The seam between the per-disk daemon and the ways a tracked disk is served: the :class:`Frontend` ABC.
 
 A frontend serves one tracker (:class:`baton.tracker.TrackerLike`, the write path) to clients: as a block
-device (FUSE file + loop device), as an NBD export, or (next) as a device-mapper stack. The daemon holds a
+device (FUSE file + loop device), as an NBD export, or as a device-mapper stack whose writes the kernel tracks
+(dm-era: the tracker's record is where the frontend folds them, and its point-in-time hook is how a backup
+freezes them). The daemon holds a
 ``Frontend`` and nothing more specific: it never asks which kind it has, never reads a frontend's private
 attributes, and never looks inside an error message. A new frontend is one module that implements this class,
 one line in the registry (:func:`baton.frontends.get`), and a pass of the conformance suite
@@ -11,6 +13,8 @@ Contract, common to every frontend:
 
 * **Record before ack.** A write (and a discard, a write-zeroes) is acknowledged only after ``tracker.write``
   (``discard``, ``write_zeroes``) returned; a flush and a FUA write reach ``tracker.flush`` or ``fua=True``.
+  The dm frontend is the exception that keeps the rule: its writes never reach this process, dm-era commits a
+  chunk's bit to its metadata before the write is issued, and the frontend folds that metadata into the record.
 * **Errors.** An exception from the tracker fails that one request with EIO. :class:`baton.errors.Fenced` also
   shuts the whole frontend down: every later request fails with EIO without reaching the tracker, the device
   or socket goes away, :meth:`Frontend.wait` returns, and :attr:`Frontend.failure` says ``FENCED``.
@@ -86,12 +90,17 @@ class FrontendConfig:
     run_dir: Path  # RUN_DIR: the frontend keeps its private files under RUN_DIR/NAME/
     dev_dir: Path  # BATON_DEV_DIR: a block-device frontend publishes DEV_DIR/NAME
     tcp: tuple[str, int] | None = None
+    disk: str = ""  # the data disk's path (the dm frontend builds its device-mapper stack on it)
+    cow_size: int | None = None  # bytes of a backup's exception store (dm); None: the frontend's default
 
 
 class Frontend(abc.ABC):
     """Serves one tracker to clients. See the module docstring for the contract."""
 
-    kind: ClassVar[str]  # the registry's name for it: "fuse", "nbd"
+    kind: ClassVar[str]  # the registry's name for it: "fuse", "nbd", "dm"
+    # Whether this frontend folds dm-era metadata into the record itself (dm). The daemon settles a record
+    # left with FLAG_ERA_PENDING by a dm owner before any other frontend serves it.
+    folds_era: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod

@@ -11,14 +11,19 @@ Rules (docs/design.md "Write path"):
 * ``begin_backup`` freezes under a write barrier: in-flight writes drain, so every write acknowledged before the
   freeze point is both on disk and in the frozen set.
 * A ``Fenced`` from the record is sticky: every later write fails with it, and the frontend shuts down.
+* A frontend whose writes never reach this process (dm-era) gives the tracker a point-in-time provider
+  (:class:`PointInTime`, ``Tracker.pit``): ``begin_backup`` asks it to freeze (fold the kernel's record of writes
+  into the record, switch to a kernel snapshot) before the record's freeze, the backup reads the frozen image
+  it returns, and ``end_backup`` thaws it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 from baton.device import BlockDev, device_has_data
 from baton.errors import BatonError
@@ -26,6 +31,25 @@ from baton.format.bitmap import Bitmap
 from baton.record.core import Record
 
 CBW_MEMORY_LIMIT = 256 << 20
+
+
+class PointInTime(Protocol):
+    """A frozen image kept by the kernel for a backup (the dm frontend: dm-snapshot over dm-era)."""
+
+    def freeze(self) -> tuple[BlockDev, int]:
+        """Freeze now: fold every write acknowledged so far into the record (marked, durable), and return the
+        device that shows the disk as of this moment, plus the era the fold closed (every write of an earlier era
+        is frozen; 0: no era)."""
+        ...
+
+    def check(self) -> None:
+        """Raise (a BatonError saying why) once the frozen image can no longer be trusted; called after every
+        read of it, and when a read of it failed."""
+        ...
+
+    def thaw(self) -> None:
+        """Drop the frozen image. Never raises."""
+        ...
 
 
 class _RWBarrier:
@@ -128,6 +152,9 @@ class Tracker:
         self._cbw_lock = threading.Lock()
         self._cbw_pending: Bitmap | None = None  # frozen chunks the backup has not read yet
         self._cbw: _CbwStore | None = None
+        self.pit: PointInTime | None = None  # set by a frontend that keeps the point in time in the kernel
+        self._frozen_src: BlockDev | None = None  # the pit's frozen image while a backup runs
+        self.frozen_era = 0  # the era the last freeze's fold closed (0: none); kept after end_backup for the commit
         self._stats_lock = threading.Lock()
         self.stats = {"writes": 0, "reads": 0, "flushes": 0, "discards": 0, "write_zeroes": 0, "bytes_in": 0,
                       "bytes_out": 0, "cbw_copies": 0, "errors": 0}
@@ -254,10 +281,22 @@ class Tracker:
     def begin_backup(self, backup_id: str, *, full: bool = False) -> Bitmap:
         """Freeze point. Drains in-flight writes, freezes the record's set, and arms copy-before-write for the
         chunks this backup will read (the frozen set, or every chunk for a full backup). Returns the frozen
-        bits."""
+        bits. With a point-in-time provider (``pit``) it freezes first (its fold marks what the kernel tracked),
+        and the backup then reads the image it returned."""
         self._barrier.freeze()
         try:
-            frozen = self.record.freeze(backup_id)
+            src: BlockDev | None = None
+            era = 0
+            if self.pit is not None:
+                src, era = self.pit.freeze()
+            try:
+                frozen = self.record.freeze(backup_id)
+            except BaseException:
+                if self.pit is not None and src is not None:
+                    self.pit.thaw()
+                raise
+            self._frozen_src = src
+            self.frozen_era = era
             n = self.record.header.nchunks
             pending = Bitmap.first_n(n) if full else Bitmap.from_bytes(frozen.data[: (n + 7) // 8])
             with self._cbw_lock:
@@ -286,8 +325,17 @@ class Tracker:
             if self._cbw_pending is None or self._cbw is None:
                 raise BatonError("no backup is in progress on this tracker")
         data: bytes | None = None
-        if not (skip_holes and device_has_data(self.data, off, length) is False):
-            data = self.data.pread(off, length)
+        src = self._frozen_src or self.data
+        pit = self.pit if self._frozen_src is not None else None
+        try:
+            if not (skip_holes and device_has_data(src, off, length) is False):
+                data = src.pread(off, length)
+            if pit is not None:
+                pit.check()  # the image was still valid after this read: the read is the frozen content
+        except OSError as e:
+            if pit is not None and e.errno == errno.EIO:
+                pit.check()  # raises why, when the image was dropped (an exception store that overflowed)
+            raise
         with self._cbw_lock:
             pending = self._cbw_pending
             store = self._cbw
@@ -322,6 +370,9 @@ class Tracker:
             store = self._cbw
             self._cbw = None
             self._cbw_pending = None
+            src, self._frozen_src = self._frozen_src, None
+        if src is not None and self.pit is not None:
+            self.pit.thaw()
         if store is None:
             return {"cbw_saved": 0, "cbw_spilled_bytes": 0}
         st = {"cbw_saved": store.saved, "cbw_spilled_bytes": store.spilled_bytes}
