@@ -860,9 +860,9 @@ def era_region_size(data_size: int, chunk_size: int) -> int:
 
 
 def era_offset_at_end(area_size: int, structures_size: int, era_size: int) -> int | None:
-    """Where an ``era_size``-byte region goes in an ``area_size``-byte record area whose other structures take
-    ``structures_size`` bytes: as near the end as 1 MiB alignment allows, never overlapping them. None when it
-    does not fit."""
+    """Where a region of at least ``era_size`` bytes starts in an ``area_size``-byte record area whose other
+    structures take ``structures_size`` bytes: as near the end as 1 MiB alignment allows, never overlapping
+    them (the region then runs to the area's end). None when it does not fit."""
     off = (area_size - era_size) // ERA_ALIGN * ERA_ALIGN
     return off if era_size and off >= structures_size and off >= ERA_ALIGN else None
 

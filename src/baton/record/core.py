@@ -1055,12 +1055,12 @@ def format_record(area: BlockDev, header: RecordHeader, *, keep_history: bool = 
 
 
 def era_room(record: Record) -> tuple[int, int] | None:
-    """(era_offset, era_size) that an era region sized for this record's disk (:func:`era_region_size`) would
-    take at the end of its record area as it is today, or None when the area has no room for it."""
+    """(era_offset, era_size) that an era region for this record's disk would take at the end of its record
+    area as it is today (1 MiB aligned, at least :func:`era_region_size`, up to the area's end), or None when
+    the area has no room for it."""
     h = record.header
-    size = era_region_size(h.data_size, h.chunk_size)
-    off = era_offset_at_end(h.record_size, record.geo.size, size)
-    return None if off is None else (off, size)
+    off = era_offset_at_end(h.record_size, record.geo.size, era_region_size(h.data_size, h.chunk_size))
+    return None if off is None else (off, h.record_size - off)
 
 
 def _mib(n: int) -> str:

@@ -625,11 +625,10 @@ def _base_header(placement: int, *, chunk: int, lay: _Layout, disk_uuid: str, fs
 
 
 def _era_in(area_size: int, geo: Geometry, data_size: int, chunk: int) -> tuple[int, int] | None:
-    """(offset, size) of the era region at the end of an ``area_size``-byte record area, or None if it does
-    not fit after the structures."""
-    size = era_region_size(data_size, chunk)
-    off = era_offset_at_end(area_size, geo.size, size)
-    return None if off is None else (off, size)
+    """(offset, size) of the era region at the end of an ``area_size``-byte record area (1 MiB aligned, at
+    least era_region_size, up to the area's end), or None if it does not fit after the structures."""
+    off = era_offset_at_end(area_size, geo.size, era_region_size(data_size, chunk))
+    return None if off is None else (off, area_size - off)
 
 
 def tail_layout(size: int, chunk: int, lay: _Layout) -> tuple[int, int, Geometry, tuple[int, int]]:
