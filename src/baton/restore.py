@@ -25,6 +25,7 @@ change record on the target follows the restored snapshot's lineage.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import time
@@ -36,8 +37,9 @@ from typing import Any
 
 import blake3
 
-from baton.device import device_size, punch_hole, zero_range
+from baton.device import AlignedWriter, aligned_buffer, device_size, punch_hole, zero_range
 from baton.errors import BatonError, DeviceBusy, DeviceError, RepoCorrupt, RepoError
+from baton.format.repo_index import IndexEntry
 from baton.host import check_not_in_use
 from baton.host.attachments import dev_dir, read_state
 from baton.host.mounts import fstype_of_dev
@@ -46,10 +48,11 @@ from baton.repo import ZERO_ID, Manifest, Repository
 from baton.repo.repository import coalesce
 from baton.util import pid_alive
 
-BATCH = 256                 # chunks per batch (16 MiB of disk at 64 KiB chunks)
-PREFETCH_BATCHES = 4        # batches being fetched and decoded while one is written
+BATCH_BYTES = 8 << 20       # disk bytes per batch (one aligned buffer; 128 chunks at 64 KiB)
+PREFETCH_BATCHES = 4        # batches being fetched and decoded ahead of the one handed to the writes
+WRITE_BATCHES = 3           # batches whose writes may still be in flight
 WRITE_DEPTH = 4             # positional writes to the target in flight
-MAX_IOV = 256               # buffers per pwritev
+DIRECT_WRITES = True        # O_DIRECT writes from the aligned buffers where the target takes them
 
 
 @dataclass(frozen=True)
@@ -207,101 +210,115 @@ def restore(repo: Repository, manifest: Manifest, target_path: str, *,
         raise
 
 
+class _Batch:
+    """BATCH_BYTES of the disk: its chunk ids, the aligned buffer its plaintexts are decoded into, the
+    ranged reads filling it and the writes draining it."""
+
+    def __init__(self, first: int, ids: list[bytes], buf: mmap.mmap) -> None:
+        self.first = first
+        self.ids = ids
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.fetches: list[tuple[list[tuple[bytes, IndexEntry]], Future[None]]] = []
+        self.writes: list[Future[None]] = []
+
+
 def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[[int, int], None] | None,
            workers: int) -> RestoreResult:
+    """The restore pipeline. Per batch of the disk (BATCH_BYTES): the chunks are fetched in coalesced ranged
+    reads, decrypted, decompressed and verified on the worker pool, each straight into the batch's
+    page-aligned buffer at its disk position; this thread then hands the batch's runs of data chunks to the
+    write pool (O_DIRECT from that buffer where the target takes it, so nothing is copied into the page cache
+    and nothing is left to write back), makes its zero chunks holes or zeros, and hashes the whole buffer
+    into the image digest (one call, outside the GIL) while the writes run. PREFETCH_BATCHES batches are
+    fetched ahead; WRITE_BATCHES batches may be writing. Memory bound: (PREFETCH_BATCHES + WRITE_BATCHES +
+    1) buffers of BATCH_BYTES (64 MiB at the defaults) plus the ranged reads in flight (one per worker, up to
+    16 MiB each)."""
     disk = manifest.disk
     target_path, kind = t.path, t.kind
+    cs = disk.chunk_size
+    per_batch = max(1, BATCH_BYTES // cs)
     started = time.monotonic()
     lock = repo.shared_lock("restore")
     try:
         reader = repo.snapshot_reader(manifest)
         fd = _open_target(t, disk.size)
+        sink = AlignedWriter(fd)
+        if DIRECT_WRITES:
+            sink.enable_direct()
         hasher = blake3.blake3()
         written = zero = done = 0
-        zero_buf = bytes(disk.chunk_size)
+        zero_buf = memoryview(bytes(per_batch * cs))
+        free: list[mmap.mmap] = []
+        nbuf = PREFETCH_BATCHES + WRITE_BATCHES + 1
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="baton-restore")
         wpool = ThreadPoolExecutor(max_workers=WRITE_DEPTH, thread_name_prefix="baton-restore-write")
-        pending: deque[tuple[list[tuple[int, bytes]], list[tuple[Any, Future[dict[bytes, bytes]]]]]] = deque()
-        writes: deque[Future[None]] = deque()
+        pending: deque[_Batch] = deque()
+        writing: deque[_Batch] = deque()
         try:
-            batches = _batches(reader.iter_ids(), disk.chunk_count, BATCH)
+            batches = _batches(reader.iter_ids(), disk.chunk_count, per_batch)
             exhausted = False
             while True:
-                # Keep PREFETCH_BATCHES batches of coalesced ranged reads in flight ahead of the writer.
                 while not exhausted and len(pending) < PREFETCH_BATCHES:
-                    batch = next(batches, None)
-                    if batch is None:
+                    if not free and nbuf > 0:
+                        free.append(aligned_buffer(per_batch * cs))
+                        nbuf -= 1
+                    while not free:
+                        free.append(_retire(writing.popleft()))
+                    batch_ids = next(batches, None)
+                    if batch_ids is None:
                         exhausted = True
                         break
-                    items = []
-                    for i, cid in batch:
-                        if cid == ZERO_ID:
-                            continue
-                        entry = repo.find(cid)
-                        if entry is None:
-                            raise RepoCorrupt(f"chunk {i} (disk offset {i * disk.chunk_size}) of snapshot "
-                                              f"{manifest.snapshot_id}: chunk {cid.hex()} is not in the index",
-                                              hint="run `baton verify` to list every damaged chunk")
-                        items.append((cid, entry))
-                    pending.append((batch, [(run, pool.submit(repo.read_chunks, run)) for run in coalesce(items)]))
+                    b = _Batch(batch_ids[0][0], [cid for _i, cid in batch_ids], free.pop())
+                    pending.append(b)
+                    _start_fetch(repo, manifest, b, pool)
                 if not pending:
                     break
-                batch, futs = pending.popleft()
-                plain: dict[bytes, bytes] = {}
-                for run, fut in futs:
+                b = pending.popleft()
+                for run, fut in b.fetches:
                     try:
-                        plain.update(fut.result())
+                        fut.result()
                     except RepoCorrupt as e:
                         raise RepoCorrupt(f"snapshot {manifest.snapshot_id}: {e} (needed for "
-                                          f"{_chunks_naming(batch, run, disk.chunk_size)})",
+                                          f"{_chunks_naming(b, run, cs)})",
                                           hint="run `baton verify` to list every damaged chunk") from e
-                # Contiguous data chunks become one pwritev, contiguous zero chunks one hole or zeroing.
-                seg_off, zero_off, zero_len = -1, -1, 0
-                seg_bufs: list[bytes] = []
-                for i, cid in batch:
-                    length = reader.chunk_length(i)
-                    off = i * disk.chunk_size
-                    if cid == ZERO_ID:
-                        if seg_bufs:
-                            writes.append(wpool.submit(_pwritev_all, fd, seg_bufs, seg_off, target_path))
-                            seg_bufs = []
-                        zero += 1
-                        hasher.update(zero_buf[:length] if length != disk.chunk_size else zero_buf)
-                        if zero_len and zero_off + zero_len == off:
-                            zero_len += length
-                        else:
-                            written += _zero(fd, kind, zero_off, zero_len, zero_buf, target_path)
-                            zero_off, zero_len = off, length
+                b.fetches = []
+                # Runs of data chunks become one write each, runs of zero chunks one hole or zeroing.
+                off0 = b.first * cs
+                length = min(len(b.ids) * cs, disk.size - off0)
+                pos = 0
+                for is_zero, n in _runs_of(b.ids):
+                    seg = min(n * cs, length - pos)
+                    if is_zero:
+                        zero += n
+                        b.view[pos:pos + seg] = zero_buf[:seg]    # a reused buffer holds old data there
+                        written += _zero(sink, kind, off0 + pos, b.view[pos:pos + seg], target_path)
                     else:
-                        data = plain[cid]
-                        hasher.update(data)
-                        if not seg_bufs or len(seg_bufs) >= MAX_IOV:
-                            if seg_bufs:
-                                writes.append(wpool.submit(_pwritev_all, fd, seg_bufs, seg_off, target_path))
-                            seg_off, seg_bufs = off, []
-                        seg_bufs.append(data)
-                        written += length
-                    done += length
-                if seg_bufs:
-                    writes.append(wpool.submit(_pwritev_all, fd, seg_bufs, seg_off, target_path))
-                written += _zero(fd, kind, zero_off, zero_len, zero_buf, target_path)
-                while len(writes) > WRITE_DEPTH * 2:
-                    writes.popleft().result()
+                        b.writes.append(wpool.submit(_write_seg, sink, b.view[pos:pos + seg], off0 + pos,
+                                                     target_path))
+                        written += seg
+                    pos += seg
+                hasher.update(b.view[:length])
+                done += length
+                writing.append(b)
+                while len(writing) > WRITE_BATCHES:
+                    free.append(_retire(writing.popleft()))
                 if progress is not None:
                     progress(done, disk.size)
-            while writes:
-                writes.popleft().result()
+            while writing:
+                _retire(writing.popleft())
             try:
-                os.fsync(fd)
+                sink.sync()
             except OSError as e:
                 raise DeviceError(f"restore target {target_path}: flushing the written data failed: "
                                   f"{e.strerror}", hint="check the device (dmesg), then restore again") from e
         finally:
-            for _b, futs in pending:
-                for _run, f in futs:
+            for b in pending:
+                for _run, f in b.fetches:
                     f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             wpool.shutdown(wait=True, cancel_futures=True)
+            sink.close()
             os.close(fd)
     finally:
         lock.release()
@@ -315,6 +332,61 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
     return result
 
 
+def _start_fetch(repo: Repository, manifest: Manifest, b: _Batch, pool: ThreadPoolExecutor) -> None:
+    """Submit the coalesced ranged reads of batch ``b``; each decodes its chunks into ``b``'s buffer."""
+    cs = manifest.disk.chunk_size
+    slots: dict[bytes, list[int]] = {}
+    items: list[tuple[bytes, IndexEntry]] = []
+    for k, cid in enumerate(b.ids):
+        if cid == ZERO_ID:
+            continue
+        where = slots.get(cid)
+        if where is not None:
+            where.append(k)  # the same chunk twice in a batch: read once, placed twice
+            continue
+        slots[cid] = [k]
+        entry = repo.find(cid)
+        if entry is None:
+            i = b.first + k
+            raise RepoCorrupt(f"chunk {i} (disk offset {i * cs}) of snapshot {manifest.snapshot_id}: chunk "
+                              f"{cid.hex()} is not in the index", hint="run `baton verify` to list every damaged chunk")
+        items.append((cid, entry))
+    view = b.view
+
+    def place(cid: bytes, plain: bytes | memoryview) -> None:
+        n = len(plain)
+        for k in slots[cid]:
+            view[k * cs:k * cs + n] = plain
+
+    b.fetches = [(run, pool.submit(repo.read_run, run, place)) for run in coalesce(items)]
+
+
+def _retire(b: _Batch) -> mmap.mmap:
+    """Wait for batch ``b``'s writes; its buffer is free again."""
+    for f in b.writes:
+        f.result()
+    return b.buf
+
+
+def _runs_of(ids: list[bytes]) -> Iterator[tuple[bool, int]]:
+    """(is zero, count) of the runs of zero and data chunks in ``ids``."""
+    k, n = 0, len(ids)
+    while k < n:
+        z = ids[k] == ZERO_ID
+        j = k + 1
+        while j < n and (ids[j] == ZERO_ID) == z:
+            j += 1
+        yield z, j - k
+        k = j
+
+
+def _write_seg(sink: AlignedWriter, data: memoryview, offset: int, path: str) -> None:
+    try:
+        sink.pwrite(data, offset)
+    except OSError as e:
+        raise DeviceError(f"writing {path} at offset {offset}: {e.strerror}") from e
+
+
 def _batches(ids: Iterator[bytes], n: int, size: int) -> Iterator[list[tuple[int, bytes]]]:
     batch: list[tuple[int, bytes]] = []
     for i in range(n):
@@ -326,58 +398,31 @@ def _batches(ids: Iterator[bytes], n: int, size: int) -> Iterator[list[tuple[int
         yield batch
 
 
-def _chunks_naming(batch: list[tuple[int, bytes]], run: list[tuple[bytes, object]], chunk_size: int) -> str:
-    """"chunk I (disk offset O)" for the chunks in ``batch`` that the failed read ``run`` was to supply (by id,
-    never by searching the error's text)."""
+def _chunks_naming(b: _Batch, run: list[tuple[bytes, IndexEntry]], chunk_size: int) -> str:
+    """"chunk I (disk offset O)" for the chunks of batch ``b`` that the failed read ``run`` was to supply (by
+    id, never by searching the error's text)."""
     ids = {cid for cid, _ in run}
-    hits = [i for i, cid in batch if cid != ZERO_ID and cid in ids]
+    hits = [b.first + k for k, cid in enumerate(b.ids) if cid != ZERO_ID and cid in ids]
     return ", ".join(f"chunk {i} (disk offset {i * chunk_size})" for i in hits[:8]) or "a chunk of this batch"
 
 
-def _zero(fd: int, kind: str, offset: int, length: int, zero_buf: bytes, path: str) -> int:
-    """Make a run of zero chunks read as zeros; returns the bytes written. A restored file ("file": created
-    or truncated) already reads zeros there and keeps the hole; a disk image kept whole ("image") gets a
-    hole punched; a block device is zeroed by the kernel (BLKZEROOUT), or with written zeros if it can't."""
+def _zero(sink: AlignedWriter, kind: str, offset: int, zeros: memoryview, path: str) -> int:
+    """Make ``len(zeros)`` bytes at ``offset`` read as zeros; returns the bytes written. A restored file
+    ("file": created or truncated) already reads zeros there and keeps the hole; a disk image kept whole
+    ("image") gets a hole punched; a block device is zeroed by the kernel (BLKZEROOUT: WRITE ZEROES, or an
+    unmap that reads back zeros, where the device has one), or with written zeros (``zeros``, a zero-filled
+    part of an aligned buffer) if it can't. Whether a device already reads zeros there can't be known
+    without reading it, so a block device is never skipped."""
+    length = len(zeros)
     if length <= 0 or kind == "file":
         return 0
     if kind == "image":
         try:
-            punch_hole(fd, offset, length)
+            punch_hole(sink.fd, offset, length)
             return 0
         except OSError:
             pass
-    elif zero_range(fd, offset, length):
+    elif zero_range(sink.fd, offset, length):
         return length
-    pos = offset
-    while pos < offset + length:
-        n = min(len(zero_buf), offset + length - pos)
-        _pwrite_all(fd, zero_buf[:n] if n != len(zero_buf) else zero_buf, pos, path)
-        pos += n
+    _write_seg(sink, zeros, offset, path)
     return length
-
-
-def _pwritev_all(fd: int, bufs: list[bytes], offset: int, path: str) -> None:
-    """Write ``bufs`` back to back at ``offset`` (one pwritev when the kernel takes it all)."""
-    views = [memoryview(b) for b in bufs]
-    try:
-        while views:
-            n = os.pwritev(fd, views, offset)
-            offset += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
-    except OSError as e:
-        raise DeviceError(f"writing {path} at offset {offset}: {e.strerror}") from e
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int, path: str) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
-    except OSError as e:
-        raise DeviceError(f"writing {path} at offset {offset}: {e.strerror}") from e

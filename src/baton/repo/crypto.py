@@ -64,11 +64,12 @@ def encode_blob(keys: RepoKeys, cid: bytes, data: bytes | memoryview) -> tuple[b
     return payload, flags
 
 
-def decode_blob(keys: RepoKeys, cid: bytes, stored: bytes, flags: int, raw_length: int, *, verify: bool = True
-                ) -> bytes:
-    """The plaintext chunk, checked against ``cid``. RepoCorrupt names the chunk on any failure."""
+def decode_blob(keys: RepoKeys, cid: bytes, stored: bytes | memoryview, flags: int, raw_length: int, *,
+                verify: bool = True) -> bytes | memoryview:
+    """The plaintext chunk, checked against ``cid``. RepoCorrupt names the chunk on any failure. A blob stored
+    raw and unencrypted comes back as ``stored`` itself (a view stays a view: no copy)."""
     name = cid.hex()
-    payload = stored
+    payload: bytes | memoryview = stored
     if flags & BLOB_AES_GCM:
         if keys.data_key is None:
             raise RepoCorrupt(f"chunk {name}: encrypted blob in an unencrypted repository")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,7 +338,7 @@ class Repository:
         with self._lock:
             self._stats["chunks_read"] += 1
             self._stats["bytes_read"] += len(stored)
-        return data
+        return data if isinstance(data, bytes) else bytes(data)
 
     def read_chunks(self, items: list[tuple[bytes, IndexEntry]]) -> dict[bytes, bytes]:
         """Plaintexts of chunks that lie in one pack, fetched with a single ranged read and each verified.
@@ -346,6 +346,20 @@ class Repository:
         ``items`` must share a pack; they are read from the lowest offset to the end of the highest blob, so
         callers keep runs dense (see :func:`coalesce`). RepoCorrupt names the first bad chunk and its pack.
         """
+        out: dict[bytes, bytes] = {}
+
+        def keep(cid: bytes, plain: bytes | memoryview) -> None:
+            out[cid] = plain if isinstance(plain, bytes) else bytes(plain)
+
+        self.read_run(items, keep)
+        return out
+
+    def read_run(self, items: list[tuple[bytes, IndexEntry]],
+                 put: Callable[[bytes, bytes | memoryview], None]) -> None:
+        """:meth:`read_chunks` for a caller that places each plaintext itself (restore copies it into its
+        aligned write buffer): ``put(chunk_id, plaintext)`` per chunk, in ``items`` order, each verified
+        before it is handed over. A plaintext may be a view into the fetched range (a stored-raw chunk is not
+        copied): ``put`` must copy what it keeps. RepoCorrupt names the first bad chunk and its pack."""
         pack_id = items[0][1].pack_id
         start = min(e.offset for _c, e in items)
         end = max(e.offset + e.stored_length for _c, e in items)
@@ -353,19 +367,19 @@ class Repository:
             data = self.store.get_range(pack_key(pack_id), start, end - start)
         except ObjectNotFound as missing:
             raise RepoCorrupt(f"chunk {items[0][0].hex()}: its pack {pack_id.hex()} is missing") from missing
-        out: dict[bytes, bytes] = {}
+        view = memoryview(data)
         for cid, e in items:
-            blob = data[e.offset - start:e.offset - start + e.stored_length]
+            blob = view[e.offset - start:e.offset - start + e.stored_length]
             if len(blob) != e.stored_length:
                 raise RepoCorrupt(f"chunk {cid.hex()}: pack {pack_id.hex()} is truncated")
             try:
-                out[cid] = decode_blob(self.keys, cid, blob, e.flags, e.raw_length)
+                plain = decode_blob(self.keys, cid, blob, e.flags, e.raw_length)
             except RepoCorrupt as err:
                 raise RepoCorrupt(f"{err} in pack {pack_id.hex()}") from err
+            put(cid, plain)
         with self._lock:
             self._stats["chunks_read"] += len(items)
             self._stats["bytes_read"] += len(data)
-        return out
 
     # ----- pages -----------------------------------------------------------------------------------------------
 
