@@ -30,7 +30,7 @@ from typing import Any
 
 from baton.device import data_extents
 from baton.errors import ObjectNotFound, RepoCorrupt, UsageError
-from baton.format.record import FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, HistoryEntry
+from baton.format.record import FLAG_DISTRUSTED, FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, HistoryEntry
 from baton.repo import DiskIdentity, Manifest, Repository
 from baton.repo.writer import BackupWriter
 from baton.tracker.core import Tracker
@@ -65,6 +65,8 @@ def plan_backup(tracker: Tracker, repo: Repository, disk: DiskIdentity, *, full:
     last_backup = state["last_backup"] if state is not None else h.last_backup
     if full:
         return Plan("full", "requested (--full)", None)
+    if flags & FLAG_DISTRUSTED:  # v3, with FLAG_RESET: Record.distrust(reason) kept the reason in the header
+        return Plan("full", (h.distrust_reason or "the record was distrusted")[:200], None)
     if flags & FLAG_RESET:
         return Plan("full", "record reset: its change history starts now", None)
     if flags & FLAG_UNTRACKED:
