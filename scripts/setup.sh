@@ -4,7 +4,8 @@
 # Usage: scripts/setup.sh [runtime|test|bench]
 #   runtime  the tools Baton itself runs (FUSE, loop, blkid, mkfs, debugfs/xfs_db, NBD clients)
 #   test     runtime + what the tests drive: fio, Pacemaker/Corosync, restic, borg, debootstrap and dpkg-dev
-#            (the package test), prometheus (promtool, for the alert rules)
+#            (the package test), prometheus (promtool, for the alert rules), and for the VM tier (tests/vm)
+#            QEMU, dmsetup and thin-provisioning-tools (the guest kernel and busybox are fetched by the tier)
 #   bench    test + plotting
 #
 # Idempotent and quiet: packages already present are not reinstalled, and the virtualenv at .venv is reused.
@@ -15,6 +16,10 @@ level=${1:-runtime}
 runtime_pkgs=(fuse3 libfuse3-3 util-linux e2fsprogs xfsprogs attr kmod qemu-utils libnbd-bin)
 test_pkgs=(fio restic borgbackup pacemaker pacemaker-cli-utils corosync crmsh resource-agents iproute2 procps psmisc
            debootstrap dpkg-dev git prometheus)  # the packaging tier; promtool checks the alert rules
+# The VM tier's guests run the host's userland (dmsetup, era_* tools) and boot a Debian kernel with a busybox
+# initramfs that tests/vm/image.py builds from downloaded .debs (`apt-get download`: busybox-static is not
+# installed here, it would replace the busybox package); without recommends (QEMU's include a GUI).
+vm_pkgs=(qemu-system-x86 qemu-utils dmsetup thin-provisioning-tools)
 pkgs=("${runtime_pkgs[@]}")
 case "$level" in
   runtime) ;;
@@ -41,6 +46,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup.sh: installing ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [ "$level" != runtime ]; then
+  missing=()
+  for p in "${vm_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]} (VM tier)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends \
+      "${missing[@]}" >/dev/null
+  fi
 fi
 
 py=${PYTHON:-python3}

@@ -105,30 +105,24 @@ def _run(args: list[str], *, cwd: Path | None = None, timeout: float = 600) -> s
     return cp.stdout
 
 
-def _candidate(pkg: str) -> str | None:
-    """The version apt would install for ``pkg``, or None when apt does not know it."""
-    try:
-        out = _run(["apt-cache", "policy", pkg], timeout=60)
-    except ImageError:
-        return None
-    m = re.search(r"Candidate:\s*(\S+)", out)
-    return None if m is None or m.group(1) == "(none)" else m.group(1)
-
-
 def resolve_packages() -> tuple[str, str, str]:
-    """(kernel package name, its version, busybox-static version) as apt sees them now."""
-    deps = ""
-    with contextlib.suppress(ImageError):
-        deps = _run(["apt-cache", "depends", KERNEL_META], timeout=60)
-    m = re.search(r"Depends:\s*(linux-image-\d\S*-amd64)\b", deps)
-    if m is None:
-        raise ImageError(f"apt does not know {KERNEL_META} (is this Debian 12 with its package lists? "
-                         "run `apt-get update`)")
-    kpkg = m.group(1)
-    kver, bbver = _candidate(kpkg), _candidate(BUSYBOX)
-    if kver is None or bbver is None:
-        raise ImageError(f"apt has no candidate for {kpkg if kver is None else BUSYBOX} (run `apt-get update`)")
-    return kpkg, kver, bbver
+    """(kernel package name, its version, busybox-static version) as apt sees them now (one apt-cache call)."""
+    try:
+        out = _run(["apt-cache", "show", "--no-all-versions", KERNEL_META, BUSYBOX], timeout=120)
+    except ImageError as e:
+        raise ImageError(f"apt does not know {KERNEL_META} or {BUSYBOX} (is this Debian 12 with its package "
+                         f"lists? run `apt-get update`): {e}") from e
+    fields: dict[str, dict[str, str]] = {}
+    for para in out.split("\n\n"):
+        f = dict(re.findall(r"^(Package|Version|Depends): (.*)$", para, re.M))
+        if "Package" in f:
+            fields[f["Package"]] = f
+    m = re.search(r"(linux-image-\d\S*-amd64) \(= ([^)]+)\)", fields.get(KERNEL_META, {}).get("Depends", ""))
+    bbver = fields.get(BUSYBOX, {}).get("Version")
+    if m is None or bbver is None:
+        raise ImageError(f"apt-cache show {KERNEL_META} {BUSYBOX} names no kernel package or no busybox version "
+                         "(run `apt-get update`)")
+    return m.group(1), m.group(2), bbver
 
 
 def inputs_hash(busybox_version: str) -> str:
