@@ -5,7 +5,11 @@ through writes, kills of the owner at every named point (idle, in the middle of 
 full and incremental backups: after the freeze, after each checkpoint, during an upload, before and after
 the commit), takeovers by other nodes, clean detaches with offline backups, ``--full`` backups, restores,
 forget + prune, backups that alternate between two repositories, repository faults (ENOSPC, a lost index, a
-corrupt pack) and record damage (a header copy, a bitmap page).
+corrupt pack) and record damage (a header copy, a bitmap page). On a format-v3 record (the default layout)
+owners alternate between a userspace frontend (writes through the tracker, marked in Baton's bitmaps) and a
+simulated dm frontend (``SimEra``: writes recorded only in dm-era's metadata, folded into the record at the
+takeover, at every backup's freeze and at a clean detach, with power failures inside the fold; a node without
+dm-era distrusts what a crashed dm owner left; era metadata lost or re-created).
 
 * The shadow disk is the oracle. Every backup that returns (the CLI would exit 0) is restored at once and
   must equal the shadow at its freeze point, byte for byte; earlier ones are restored again at random (after
@@ -44,7 +48,7 @@ from hypothesis.stateful import (
 
 from baton.backup import run_backup
 from baton.errors import BatonError, RepoCorrupt, RepoError, RepoFull
-from baton.format.record import BLOCK, PLACEMENT_TAIL, FormatError, RecordHeader, geometry_for
+from baton.format.record import BLOCK, ERA_ZERO_BYTES, PLACEMENT_TAIL, FormatError, RecordHeader, geometry_for
 from baton.record.core import Record, format_record
 from baton.repo import Repository
 from baton.repo.maintenance import forget, prune
@@ -53,13 +57,15 @@ from baton.storage import open_base_store
 from baton.testing.crashdev import CrashDevice, PowerLoss
 from baton.testing.faulty_storage import Fault, FaultyStore
 from baton.tracker.core import Tracker
+from baton.tracker.era import fold
 
 CHUNK = 4096
 NCHUNKS = 40
 DATA = NCHUNKS * CHUNK
 NODES = ("n1", "n2", "n3")
 BATCH = 4  # chunks per checkpoint: a full backup of this disk stores ten checkpoints
-LAYOUTS = ((2, 2), (2, 2), (2, 1), (1, 0))  # (record format version, repository regions)
+LAYOUTS = ((3, 2), (3, 2), (3, 1), (2, 2), (1, 0))  # (record format version, repository regions)
+ERA_SIZE = ERA_ZERO_BYTES  # the model's era region: dm-era itself is simulated (SimEra), so it stays this small
 STEPS = [0]  # steps executed in this process (the CI run must reach 10,000)
 TOTALS: dict[str, int] = {}  # steps by kind, and backups by outcome, printed after the run
 KILL_POINTS = ("after-freeze", "after-batch", "upload", "before-commit", "after-commit")
@@ -83,22 +89,100 @@ class Killed(BaseException):
     """The owner's process died at a named point (never caught by the engine's error handling)."""
 
 
+class SimEra:
+    """dm-era as the record sees it, loaded over the disk's era metadata (an :class:`baton.tracker.era.EraSource`).
+    Its metadata is the kernel's and survives every crash: dm-era commits a block's writeset bit before it issues
+    the write (kernels with the 2021 fixes), so a write that reached the disk is listed. ``take_snapshot`` opens a
+    new era; ``written_since(F)`` lists the blocks written in eras F .. current-1, as a held snapshot does."""
+
+    def __init__(self) -> None:
+        self.fresh()
+
+    def fresh(self) -> None:
+        """Fresh metadata (a zeroed superblock): era 1, nothing written."""
+        self.era = 1
+        self.last: dict[int, int] = {}  # block -> era of its latest write
+        self.held: int | None = None  # era when the held metadata snapshot was taken
+
+    def write(self, chunks: range) -> None:
+        for c in chunks:
+            self.last[c] = self.era
+
+    def take_snapshot(self) -> int:
+        assert self.held is None, "a metadata snapshot is already held (dm-era refuses a second one)"
+        self.era += 1
+        self.held = self.era
+        return self.era
+
+    def written_since(self, era: int) -> list[int]:
+        assert self.held is not None
+        return [c for c, e in self.last.items() if era <= e < self.held]
+
+    def drop_snapshot(self) -> None:
+        self.held = None
+
+
+class FrozenImage:
+    """The snapshot device of a dm backup: the disk as it was at the freeze."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise OSError(30, "the frozen image is read-only")
+
+    def sync(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class SimPit:
+    """The dm frontend's point in time (``Tracker.pit``): the freeze folds the era metadata into the record,
+    then the backup reads a frozen image."""
+
+    def __init__(self, machine: LifecycleMachine) -> None:
+        self.m = machine
+
+    def freeze(self) -> tuple[FrozenImage, int]:
+        assert self.m.rec is not None
+        res = fold(self.m.rec, self.m.era, pending=True)
+        return FrozenImage(bytes(self.m.ddev.pread(0, DATA))), res.era
+
+    def check(self) -> None:
+        return None
+
+    def thaw(self) -> None:
+        return None
+
+
 class LifecycleMachine(RuleBasedStateMachine):
     @initialize(seed=st.integers(0, 2**32 - 1), layout=st.sampled_from(LAYOUTS))
-    def setup(self, seed: int, layout: tuple[int, int] = (2, 2)) -> None:
-        """``layout`` is (record format version, repository regions): v2 with a region per repository, v2 with
-        one region that the two repositories take from each other, and a v1 record (one last_backup)."""
+    def setup(self, seed: int, layout: tuple[int, int] = (3, 2)) -> None:
+        """``layout`` is (record format version, repository regions): v3 (with its era region: dm owners too) with a
+        region per repository, v3 with one region that the two repositories take from each other, v2, and a v1
+        record (one last_backup)."""
         version, nrepos = layout
         note(f"lifecycle seed {seed}, record v{version} with {nrepos} repository regions")
         self.rng = random.Random(seed)
         geo = geometry_for(DATA, CHUNK, 3, nrepos)
-        self.rdev = CrashDevice(geo.size, seed=seed)
+        era = (geo.size, ERA_SIZE) if version >= 3 else (0, 0)  # v3: the era region after the structures
+        size = geo.size + era[1]
+        self.rdev = CrashDevice(size, seed=seed)
         self.ddev = CrashDevice(DATA, seed=seed + 1)
         self.disk_uuid = str(uuid.uuid4())
         hdr = RecordHeader(placement=PLACEMENT_TAIL, nslots=3, chunk_size=CHUNK, disk_uuid=self.disk_uuid,
-                           lineage="", disk_size=DATA + geo.size, data_size=DATA, record_offset=DATA,
-                           record_size=geo.size, pages_per_slot=geo.pages_per_slot, nrepos=nrepos,
-                           version=version)
+                           lineage="", disk_size=DATA + size, data_size=DATA, record_offset=DATA,
+                           record_size=size, pages_per_slot=geo.pages_per_slot, nrepos=nrepos,
+                           version=version, era_offset=era[0], era_size=era[1])
+        self.version = version
+        self.era = SimEra()  # the disk's era metadata (v3): survives every crash, as dm-era's does
+        self.frontend = ""  # the current owner's: "fuse" (userspace, through the tracker) or "dm" (SimEra)
         format_record(self.rdev, hdr)
         # The disk holds data before Baton sees it (its first backup is full); a few chunks stay zero.
         self.shadow = bytearray(self.rng.randbytes(DATA))
@@ -145,13 +229,36 @@ class LifecycleMachine(RuleBasedStateMachine):
         store = FaultyStore(self.bases[i], rules, seed=self.rng.randrange(1 << 30))
         return Repository.open(self.urls[i], store=store), store
 
-    def _take(self, node: str) -> None:
+    def _take(self, node: str, frontend: str = "", *, dm_here: bool = True, fail_after: int | None = None) -> None:
+        """Take over for ``node`` with ``frontend`` ("dm" only on a v3 record). A dm owner makes FLAG_ERA_PENDING
+        durable, "loads the era target" (any metadata snapshot a dead owner held is dropped) and folds what the
+        metadata holds since era_folded. Any other owner of a record with FLAG_ERA_PENDING folds it through a
+        temporary era target (``dm_here``) or, on a node without dm-era, distrusts the record. ``fail_after``:
+        power fails after that many record I/Os of the fold (the process dies: PowerLoss rises)."""
         rec = Record.load(self.rdev)
-        rec.attach(node)
+        dm = frontend == "dm" and self.version >= 3
+        rec.attach(node, "dm" if dm else "fuse" if frontend else "")
         self.rec = rec
         self.tracker = Tracker(rec, self.ddev, size=DATA, spill_dir=self.tmp)
         self.node = node
         self.state = "attached"
+        self.frontend = "dm" if dm else "fuse"
+        self.era.held = None  # the new era target: a snapshot held by a dead owner's backup is dropped
+        if fail_after is not None:
+            self.rdev.power_fail_after = fail_after
+        if dm:
+            rec.begin_era()
+            fold(rec, self.era, pending=True)
+            self.tracker.pit = SimPit(self)
+        elif rec.era_pending:
+            self._count(f"era-pending-{'fold' if dm_here else 'distrust'}")
+            if dm_here:
+                fold(rec, self.era, pending=False)
+            else:
+                rec.distrust("the previous owner tracked this disk with dm-era and did not detach cleanly; this "
+                             "node has no dm-era to read its changes")
+                rec.set_era_folded(rec.header.era_folded, pending=False)
+        self.rdev.power_fail_after = None
 
     def _write_some(self, n: int) -> None:
         assert self.tracker is not None
@@ -159,7 +266,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             off = self.rng.randrange(0, DATA - 512) // 512 * 512
             ln = min(DATA - off, self.rng.choice([512, 4096, 6144, 3 * CHUNK]))
             data = self.rng.randbytes(ln)
-            self.tracker.write(off, data, fua=True)
+            if self.frontend == "dm":
+                # dm-era: the block's bit is committed before the write is issued; Baton's record is not involved.
+                self.era.write(range(off // CHUNK, (off + ln - 1) // CHUNK + 1))
+                self.ddev.pwrite(off, data)
+                self.ddev.sync()
+            else:
+                self.tracker.write(off, data, fua=True)
             self.shadow[off : off + ln] = data
 
     def _die(self, mode: str) -> None:
@@ -203,7 +316,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self._count("write")
         self._write_some(n)
 
-    @precondition(lambda self: self.state == "attached")
+    @precondition(lambda self: self.state == "attached" and self.frontend != "dm")
     @rule(after=st.integers(0, 5), mode=st.sampled_from(["drop", "keep", "tear"]), rare=st.integers(0, 1))
     def kill_during_write(self, after: int, mode: str, rare: int) -> None:
         """Power fails ``after`` record I/Os into a write's mark: that write was never acknowledged."""
@@ -231,10 +344,22 @@ class LifecycleMachine(RuleBasedStateMachine):
         self._die(mode)
 
     @precondition(lambda self: self.state in ("dead", "detached"))
-    @rule(node=st.sampled_from(NODES))
-    def takeover(self, node: str) -> None:
-        self._count("takeover")
-        self._take(node)
+    @rule(node=st.sampled_from(NODES), frontend=st.sampled_from(["fuse", "dm", "dm"]), dm_here=st.booleans(),
+          fail=st.sampled_from((None,) * 6 + tuple(range(6))), mode=st.sampled_from(["drop", "keep", "tear"]))
+    def takeover(self, node: str, frontend: str = "fuse", dm_here: bool = True, fail: int | None = None,
+                 mode: str = "drop") -> None:
+        """A takeover by a userspace or a dm owner (v3). ``fail``: power fails inside its fold (takeovers of a
+        record whose era is pending), ``fail`` record I/Os in."""
+        self._count(f"takeover-{frontend if self.version >= 3 else 'fuse'}")
+        pending = Record.load(self.rdev).era_pending
+        try:
+            self._take(node, frontend, dm_here=dm_here, fail_after=fail if pending or frontend == "dm" else None)
+        except (PowerLoss, BatonError, OSError) as e:
+            if fail is None:
+                raise
+            note(f"power failed during the takeover's fold: {type(e).__name__}")
+            self.rdev.power_fail_after = None
+            self._die(mode)
 
     @precondition(lambda self: self.state == "attached")
     @rule(rare=st.integers(0, 1))
@@ -243,6 +368,8 @@ class LifecycleMachine(RuleBasedStateMachine):
             return
         self._count("detach")
         assert self.rec is not None
+        if self.frontend == "dm":
+            fold(self.rec, self.era, pending=False)  # the top device is gone: the last fold hands era's writes over
         self.rec.detach()
         self.rec = None
         self.tracker = None
@@ -303,6 +430,8 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     def _end_offline(self) -> None:
         assert self.rec is not None
+        if self.frontend == "dm":
+            fold(self.rec, self.era, pending=False)
         self.rec.detach()
         self.rec = None
         self.tracker = None
@@ -365,7 +494,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         base.put(o.key, bytes(raw))
         self.damaged[repo_i] = True
 
-    @rule(kind=st.sampled_from(["repo_full", "lose_index", "corrupt_pack", "damage_header_copy", "damage_page"]),
+    @rule(kind=st.sampled_from(["repo_full", "lose_index", "corrupt_pack", "damage_header_copy", "damage_page",
+                                "era_metadata_lost"]),
           repo_i=st.integers(0, 1), n=st.integers(0, 1 << 16), rare=st.integers(0, 3))
     def fault(self, kind: str, repo_i: int, n: int, rare: int) -> None:
         """One repository fault or piece of record damage (one step in four draws one: faults are rarer than
@@ -381,8 +511,16 @@ class LifecycleMachine(RuleBasedStateMachine):
         elif self.state != "attached":
             if kind == "damage_header_copy":
                 self.damage_header_copy(n % 2)
+            elif kind == "era_metadata_lost":
+                self.era_metadata_lost()
             else:
                 self.damage_page(n % 8, n // 8 % 2, n // 16 % 8)
+
+    def era_metadata_lost(self) -> None:
+        """The era metadata is gone (damaged, zeroed and loaded fresh, or re-created): whatever it held that was
+        not folded yet is lost, so the next fold must distrust the record (its era is below era_folded)."""
+        self._count("era_metadata_lost")
+        self.era.fresh()
 
     def damage_header_copy(self, copy: int) -> None:
         """One header copy goes bad (both at once needs `init --reset`, covered by the record's own tests)."""
@@ -484,3 +622,73 @@ def test_killed_first_offline_backup_then_takeover_is_not_silently_incomplete() 
         ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"}),
     )
     assert [g[3] for g in m.good] == ["full"]
+
+
+# ---------------------------------------------------------------------------------------------- dm owners (v3)
+
+
+def _plain_backup(**kw: Any) -> tuple[str, dict[str, Any]]:
+    return ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"} | kw)
+
+
+def test_a_crashed_dm_owner_on_a_node_without_dm_era_makes_the_next_backup_full() -> None:
+    """The dm owner's last writes are only in the era metadata; the next owner cannot read it: it distrusts the
+    record, and the next backup is full with that reason (an incremental would miss chunks)."""
+    m = run_steps(
+        ("takeover", {"node": "n1", "frontend": "dm"}),
+        ("write", {"n": 4}),
+        _plain_backup(),
+        ("write", {"n": 3}),
+        ("kill", {"mode": "drop", "rare": 0}),
+        ("takeover", {"node": "n2", "frontend": "fuse", "dm_here": False}),
+        _plain_backup(),
+    )
+    assert [g[3] for g in m.good] == ["full", "full"]
+
+
+def test_a_crashed_dm_owner_is_folded_by_the_next_owner_and_stays_incremental() -> None:
+    m = run_steps(
+        ("takeover", {"node": "n1", "frontend": "dm"}),
+        ("write", {"n": 4}),
+        _plain_backup(),
+        ("write", {"n": 3}),
+        ("kill", {"mode": "tear", "rare": 0}),
+        ("takeover", {"node": "n2", "frontend": "fuse", "dm_here": True}),
+        ("write", {"n": 2}),
+        _plain_backup(writes=2),
+        ("detach", {"rare": 0}),
+        ("takeover", {"node": "n3", "frontend": "dm"}),
+        ("write", {"n": 2}),
+        _plain_backup(writes=1),
+    )
+    assert [g[3] for g in m.good] == ["full", "incremental", "incremental"]
+
+
+@pytest.mark.parametrize("fail", range(6))
+def test_power_fails_inside_a_dm_takeovers_fold(fail: int) -> None:
+    """The fold's marks and its era_folded header write are cut at every record I/O; the next takeover folds
+    the same blocks again (an over-report) and the next backup restores."""
+    m = run_steps(
+        ("takeover", {"node": "n1", "frontend": "dm"}),
+        _plain_backup(),
+        ("write", {"n": 4}),
+        ("kill", {"mode": "keep", "rare": 0}),
+        ("takeover", {"node": "n2", "frontend": "dm", "fail": fail, "mode": "tear"}),
+        ("takeover", {"node": "n3", "frontend": "dm"}),
+        _plain_backup(),
+    )
+    assert [g[3] for g in m.good] == ["full", "incremental"]
+
+
+def test_lost_era_metadata_makes_the_next_backup_full() -> None:
+    m = run_steps(
+        ("takeover", {"node": "n1", "frontend": "dm"}),
+        _plain_backup(),
+        ("write", {"n": 3}),
+        ("kill", {"mode": "drop", "rare": 0}),
+        ("era_metadata_lost", {}),
+        ("takeover", {"node": "n2", "frontend": "dm"}),
+        ("write", {"n": 1}),
+        _plain_backup(),
+    )
+    assert [g[3] for g in m.good] == ["full", "full"]
