@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every test tier in order: lint and types, unit and property, integration (root, FUSE, loop, NBD, S3),
-# faults, the real Pacemaker cluster, and the benchmark smoke run. Stops at the first failing tier.
+# faults, the real Pacemaker cluster, the VM tier (tests/vm: QEMU guests with dm-era and dm-snapshot), and the
+# benchmark smoke run. Stops at the first failing tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -145,8 +145,9 @@ def _compile_sources() -> None:
 class Job:
     """A command submitted to a guest's agent; :meth:`wait` for its :class:`Result`."""
 
-    def __init__(self, guest: Guest, seq: int, cmd: str, timeout: float) -> None:
+    def __init__(self, guest: Guest, seq: int, cmd: str, timeout: float, *, diagnose: bool = True) -> None:
         self.guest, self.seq, self.cmd, self.timeout = guest, seq, cmd, timeout
+        self.diagnose = diagnose  # on timeout: dump the guest's tasks and kill the job (not for those helpers)
         self.base = guest.agent_dir / f"{seq:06d}"
         self.started = time.monotonic()
         self.generation = guest.generation
@@ -181,11 +182,16 @@ class Job:
                 raise VmError(self.guest.describe_failure(f"guest {self.guest.name} went down while running "
                                                           f"job {self.seq}: {self.cmd}"))
             if time.monotonic() > limit:
-                self.guest.dump_tasks()
+                tasks = "(not collected)"
+                if self.diagnose:
+                    tasks = self.guest.dump_tasks()
+                    with contextlib.suppress(VmError):
+                        self.kill()
                 raise VmTimeout(self.guest.describe_failure(
                     f"guest {self.guest.name}: job {self.seq} still running after "
-                    f"{time.monotonic() - self.started:.0f} s: {self.cmd}\n--- stdout so far\n"
-                    f"{self._read('out')[-3000:]}\n--- stderr so far\n{self._read('err')[-3000:]}"))
+                    f"{time.monotonic() - self.started:.0f} s (its process group is killed): {self.cmd}\n"
+                    f"--- stdout so far\n{self._read('out')[-3000:]}\n--- stderr so far\n"
+                    f"{self._read('err')[-3000:]}\n--- guest tasks (SysRq w, l; dmesg tail)\n{tasks}"))
             time.sleep(POLL)
         try:
             rc = int(rc_file.read_text())
@@ -200,7 +206,7 @@ class Job:
         """Signal the job's process group in the guest (not processes that left it, e.g. daemons)."""
         pid = self.pid
         if pid is not None and not self.done() and self.guest.running:
-            self.guest.run(f"kill -{sig} -{pid} 2>/dev/null || true", timeout=30, check=False)
+            self.guest.run_bg(f"kill -{sig} -{pid} 2>/dev/null || true", timeout=30, _diagnose=False).wait()
 
 
 def _indent(label: str, text: str, limit: int = 4000) -> str:
@@ -287,7 +293,7 @@ class Guest:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          preexec_fn=_pdeathsig, start_new_session=True)
         self._started = time.monotonic()
-        lifetime = _env_float("BATON_VM_MAX_SECONDS", 900)
+        lifetime = self.cluster.max_seconds
         self._timer = threading.Timer(lifetime, self._expire, args=(self.proc, lifetime))
         self._timer.daemon = True
         self._timer.start()
@@ -365,7 +371,7 @@ class Guest:
         return base | dict(self.cluster.env) | dict(env or {})
 
     def run_bg(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str = "/",
-               input: str | bytes | None = None, timeout: float = 120) -> Job:
+               input: str | bytes | None = None, timeout: float = 120, _diagnose: bool = True) -> Job:
         """Start ``cmd`` (a shell command line, or an argv list) in the guest and return its :class:`Job`
         without waiting. ``timeout`` only bounds a later :meth:`Job.wait`."""
         if not self.running:
@@ -374,7 +380,7 @@ class Guest:
             cmd = shlex.join(cmd)
         with self._lock:
             seq = next(self._seq)
-        job = Job(self, seq, cmd, timeout)
+        job = Job(self, seq, cmd, timeout, diagnose=_diagnose)
         name = job.base.name
         lines = [f"echo $$ > {shlex.quote(f'{GUEST_SHARE}/agent/{self.name}/{name}.pid')}"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.environment(env).items()]
@@ -451,17 +457,20 @@ class Guest:
                 buf += chunk
         return buf.decode(errors="replace").removesuffix("(qemu) ")
 
-    def dump_tasks(self) -> None:
-        """Blocked and running tasks to the console (SysRq w and l), for a guest that looks stuck."""
+    def dump_tasks(self) -> str:
+        """Blocked and running tasks (SysRq w and l) into the kernel log; returns the log's tail (also in the
+        transcript). For a guest whose agent does not answer, SysRq w goes in through the QEMU monitor and
+        lands on the console only at loglevel 7 (``BATON_VM_APPEND=loglevel=7``)."""
         if not self.running:
-            return
+            return "(guest not running)"
         try:
-            job = self.run_bg("echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger", timeout=10)
-            job.wait()
+            job = self.run_bg("echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger; dmesg | tail -n 300",
+                              timeout=15, _diagnose=False)
+            return job.wait().out[-20000:]
         except VmError:
             with contextlib.suppress(OSError):
                 self.monitor("sendkey alt-sysrq-w")
-        time.sleep(1)
+            return "(the guest's agent did not answer; SysRq w sent through the QEMU monitor)"
 
     def describe_failure(self, what: str) -> str:
         return (f"{what}\n--- {self.console} (tail)\n{_tail(self.console)}\n--- {self.dir / 'qemu.stderr'}\n"
@@ -478,11 +487,13 @@ class VmCluster:
     ``disk_mib``: size of the shared disk (``/dev/vda``, host path :attr:`disk`, sparse, zero-filled);
     ``extra_disks``: more shared disks, name -> MiB (``/dev/vdb``... in order; host paths in :attr:`disks`);
     ``scratch_mib``: each guest's own ext4 scratch disk (``/var/tmp`` in the guest; sparse on the host);
-    ``env``: added to every command's environment."""
+    ``env``: added to every command's environment; ``max_seconds``: each QEMU's lifetime bound (default
+    ``BATON_VM_MAX_SECONDS`` or 900 s; a boot starts it anew)."""
 
     def __init__(self, tmp_path: Path, *, disk_mib: int = 256, guests: Iterable[str] = ("A", "B"),
                  extra_disks: Mapping[str, int] | None = None, mem_mib: int | None = None,
-                 scratch_mib: int = 2048, env: Mapping[str, str] | None = None, image: Image | None = None) -> None:
+                 scratch_mib: int = 2048, env: Mapping[str, str] | None = None, image: Image | None = None,
+                 max_seconds: float | None = None) -> None:
         self.t0 = time.monotonic()
         self.dir = Path(tmp_path) / "vm"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -502,6 +513,7 @@ class VmCluster:
                     f.truncate(sizes[name] << 20)
         self.mem_mib = mem_mib or int(_env_float("BATON_VM_MEM", 512))
         self.scratch_mib = scratch_mib
+        self.max_seconds = max_seconds or _env_float("BATON_VM_MAX_SECONDS", 900)
         self.env = dict(env or {})
         self.image = image or ensure_image()
         self.sockets = Path(tempfile.mkdtemp(prefix="bvm-"))  # short: unix socket paths are limited to 107 bytes
@@ -510,6 +522,7 @@ class VmCluster:
             if not name.replace("-", "").isalnum():
                 raise ValueError(f"guest name {name!r}: use letters, digits and '-'")
             self.guests[name] = Guest(self, name, i)
+        self.closed = False
         _compile_sources()
         LIVE.append(self)
 
@@ -546,6 +559,7 @@ class VmCluster:
 
     def close(self) -> None:
         """Kill every guest (by PID), then delete the disk images unless BATON_VM_KEEP=1. Logs stay."""
+        self.closed = True
         try:
             for g in self.guests.values():
                 g.kill()
