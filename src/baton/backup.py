@@ -320,7 +320,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
             end_ns=int(t_end * 1e9), chunks_read=nread, bytes_read=total,
             chunks_stored=int(stats["chunks_stored"]), bytes_stored=int(stats["bytes_stored"]),
             bytes_deduped=int(stats["chunks_deduplicated"]) * h.chunk_size, mode=plan.mode, result="ok",
-            reason=plan.reason, digest=m.root, epoch=h.epoch)
+            reason=plan.reason, digest=m.root, epoch=h.epoch, era=tracker.frozen_era)
         rec.commit_backup(entry)
         t_commit = time.time()
         if fault:

@@ -40,6 +40,10 @@ from baton.tracker.core import Tracker
 
 log = logging.getLogger("baton.daemon")
 FENCE_HEARTBEAT = 1.0  # seconds between re-reads of the record header
+# A takeover from a dm owner on another node that did not detach waits this long before loading its era
+# metadata: if that owner is still alive, its heartbeat (above) fences it first (top and metadata devices to
+# error), so two era targets never write one metadata. STONITH or SCSI reservations stay the primary fence.
+ERA_FENCE_WAIT = 2.5 * FENCE_HEARTBEAT
 
 
 def _tcp_address(spec: str | None) -> tuple[str, int] | None:
@@ -87,13 +91,17 @@ class Daemon:
         self.loc = loc
         self.kind, self.frontend_reason = frontends.choose(self.requested, disk=self.disk, record=loc.record)
         frontend_cls = frontends.get(self.kind)
+        prev = loc.header
+        fence_wait = ERA_FENCE_WAIT if (not prev.clean and prev.owner and prev.owner != self.node
+                                        and prev.frontend == "dm") else 0.0
         loc.record.attach(self.node, frontend=self.kind)
         if not self.tracking:
             loc.record.distrust()  # unrecorded writes follow: the next backup must be full, and says so
         if not frontend_cls.folds_era:  # a dm owner's unfolded writes: fold them (dm-era here) or distrust
             from baton.frontends.dm import settle_era
 
-            self.era_settled = settle_era(loc.record, self.disk, name=self.name, size=loc.data_size)
+            self.era_settled = settle_era(loc.record, self.disk, name=self.name, size=loc.data_size,
+                                          fence_wait=fence_wait)
             if self.era_settled:
                 log.warning("%s: %s", self.name, self.era_settled)
         self.tracker = open_tracker(loc, tracking=self.tracking)
@@ -103,7 +111,7 @@ class Daemon:
 
             cow_size = cow_size_bytes(self.cow_size, loc.data_size, loc.header.chunk_size)
         config = FrontendConfig(name=self.name, run_dir=run_dir(), dev_dir=dev_dir(), tcp=self.tcp,
-                                disk=self.disk, cow_size=cow_size)
+                                disk=self.disk, cow_size=cow_size, fence_wait=fence_wait)
         self.frontend = frontend_cls.create(self.tracker, config)
         endpoint = self.frontend.start()
         st = {"name": self.name, "pid": os.getpid(), "node": self.node, "disk": self.disk,

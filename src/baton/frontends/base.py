@@ -92,6 +92,10 @@ class FrontendConfig:
     tcp: tuple[str, int] | None = None
     disk: str = ""  # the data disk's path (the dm frontend builds its device-mapper stack on it)
     cow_size: int | None = None  # bytes of a backup's exception store (dm); None: the frontend's default
+    # Seconds to wait after the takeover before loading the previous owner's era metadata (dm): a previous dm
+    # owner on another node that is alive (no STONITH) fences itself within its heartbeat, and must have
+    # switched its metadata device to error before a second era target loads that metadata.
+    fence_wait: float = 0.0
 
 
 class Frontend(abc.ABC):

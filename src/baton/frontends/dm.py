@@ -242,10 +242,10 @@ class Stack:
 
     def create(self, role: str, table: str, **kw: Any) -> str:
         name = self.names.role(role) if role != "top" else self.names.top
-        got = dm.create(name, table, uuid=f"{self.uuid}-{role}", **kw)
+        devno = dm.create(name, table, uuid=f"{self.uuid}-{role}", **kw)
         self.created.append(name)
-        self.devno[role] = got.devno
-        return got.devno
+        self.devno[role] = devno
+        return devno
 
     def load_era(self) -> dm.EraTarget:
         """Create meta, origin and era. Metadata the kernel refuses makes the next backup full with the reason
@@ -389,6 +389,7 @@ class DmFrontend(Frontend):
         self.size = tracker.size
         self.chunk_size = tracker.chunk_size
         self.cow_size = config.cow_size or default_cow_size(self.size, self.chunk_size)
+        self.fence_wait = config.fence_wait
         if self.cow_size < self.chunk_size:
             raise UsageError(f"--cow-size {self.cow_size}: at least one chunk ({self.chunk_size} bytes)")
         self.state_dir = Path(config.run_dir).absolute() / config.name
@@ -548,6 +549,9 @@ class DmFrontend(Frontend):
 
     def _build(self) -> None:
         self.record.begin_era()
+        if self.fence_wait:  # see FrontendConfig.fence_wait
+            log.info("%s: waiting %.1f s for the previous dm owner to fence itself", self.name, self.fence_wait)
+            time.sleep(self.fence_wait)
         self.era = self.stack.load_era()
         self._save()
         self._fold(pending=True)  # nothing writes yet: the top device does not exist
@@ -591,9 +595,9 @@ class DmFrontend(Frontend):
 
     # -- folding -----------------------------------------------------------------------------------------
 
-    def _fold(self, *, pending: bool) -> FoldResult:
+    def _fold(self, *, pending: bool, keep_snapshot: bool = False) -> FoldResult:
         assert self.era is not None
-        res = fold(self.record, self.era, pending=pending)
+        res = fold(self.record, self.era, pending=pending, keep_snapshot=keep_snapshot)
         self._stats["folds"] += 1
         self._stats["chunks_folded"] += res.chunks
         log.info("%s: folded %d chunks written in eras %d..%d into the record", self.name, res.chunks,
@@ -617,7 +621,8 @@ class DmFrontend(Frontend):
         with self._ops:
             if not self.ready:
                 raise DeviceError(f"{self.name}: the dm frontend is not serving")
-            n, st = self.names, self.stack
+            n, st, era = self.names, self.stack, self.era
+            assert era is not None
             if dm.info(n.snap) is not None:
                 raise DeviceBusy(f"{dm.path(n.snap)} already exists: another backup's snapshot")
             spill = Path(spill_dir_default())
@@ -637,22 +642,37 @@ class DmFrontend(Frontend):
                       "devno": cow_devno}
             self._save()
             era_dev = st.devno["era"]
+            # Everything that can happen before the writes stop does: the exception store above, and the top's
+            # next table (snapshot-origin: it only opens the era device) loaded into its inactive slot. While
+            # the top is suspended: the metadata snapshot (the freeze point: it closes the era), the listing
+            # (era_invalidate 0.9 reads live metadata: only while no write reaches era), the marks, the
+            # snapshot device; then resume. The metadata snapshot is dropped after the resume.
+            dm.load(n.top, dm.origin_table(era_dev, st.nsect))
             t0 = time.monotonic()
-            dm.suspend(n.top)
+            made = False
             try:
-                res = self._fold(pending=True)
-                dm.load(n.top, dm.origin_table(era_dev, st.nsect))
-                dm.create(n.snap, dm.snapshot_table(era_dev, cow_devno, st.nsect, st.chunk_sectors),
-                          uuid=f"{st.uuid}-snap", readonly=True)
-            except BaseException:
-                with contextlib.suppress(DeviceError):
-                    dm.dmsetup("clear", n.top)
-                with contextlib.suppress(DeviceError):
+                dm.suspend(n.top)
+                try:
+                    res = self._fold(pending=True, keep_snapshot=True)
+                    dm.create(n.snap, dm.snapshot_table(era_dev, cow_devno, st.nsect, st.chunk_sectors),
+                              uuid=f"{st.uuid}-snap", readonly=True)
+                    made = True
+                finally:
+                    if not made:  # the resume keeps the linear table that is live
+                        dm.dmsetup("clear", n.top)
                     dm.resume(n.top)
-                self._drop_snapshot_devices()
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    dm.dmsetup("clear", n.top)  # an inactive table left by a failed suspend
+                with contextlib.suppress(BaseException):
+                    self._drop_snapshot_devices()
+                with contextlib.suppress(BaseException):
+                    if era.status().held_root is not None:
+                        era.drop_snapshot()
                 raise
-            dm.resume(n.top)
             ms = int((time.monotonic() - t0) * 1000)
+            with contextlib.suppress(DeviceError):
+                era.drop_snapshot()  # a leftover is dropped by the next snapshot's take anyway
             self._stats["freeze_ms"] = ms
             self._stats["freeze_ms_max"] = max(ms, self._stats["freeze_ms_max"])
             self._stats["backups_frozen"] += 1
@@ -947,7 +967,7 @@ def own_stack_use(name: str) -> Callable[[Use], bool]:
 # ---- folding for a userspace owner --------------------------------------------------------------------------
 
 
-def settle_era(record: Record, disk: str, *, name: str, size: int) -> str | None:
+def settle_era(record: Record, disk: str, *, name: str, size: int, fence_wait: float = 0.0) -> str | None:
     """Before a userspace frontend (or an offline backup) uses a record whose last dm owner did not detach
     cleanly (FLAG_ERA_PENDING): fold its era metadata through a temporarily loaded era target, or, on a node
     without dm-era, distrust the record (the next backup is full, with the reason). Returns what was done
@@ -961,6 +981,9 @@ def settle_era(record: Record, disk: str, *, name: str, size: int) -> str | None
         return f"distrusted: {PENDING_NO_DM}"
     names = Names(f"baton-{name}:fold{os.getpid()}")
     stack = Stack(names, record, disk, size)
+    if fence_wait:
+        log.info("%s: waiting %.1f s for the previous dm owner to fence itself", name, fence_wait)
+        time.sleep(fence_wait)
     try:
         era = stack.load_era()
         res = fold(record, era, pending=False)

@@ -97,17 +97,10 @@ def loaded_targets() -> set[str]:
     return {ln.split()[0] for ln in dmsetup("targets").splitlines() if ln.strip()}
 
 
-def dm_support() -> tuple[bool, str]:
-    """Whether this node can run the dm-era frontend, and a sentence saying why (or why not).
+_SUPPORTED: tuple[bool, str] | None = None  # a positive answer, kept for the life of the process
 
-    Needs /dev/mapper/control, the ``era``, ``snapshot-origin`` and ``snapshot`` targets (``modprobe dm-mod
-    dm-era dm-snapshot`` is tried first, quietly), and the tools ``dmsetup``, ``era_invalidate`` and ``losetup``.
-    """
-    modprobe = shutil.which("modprobe")
-    if modprobe:
-        for m in MODULES:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run([modprobe, "-q", m], capture_output=True, timeout=30, check=False)
+
+def _probe() -> tuple[bool, str]:
     if shutil.which("dmsetup") is None:
         return False, "dmsetup is not installed (package dmsetup)"
     why = _control_ok()
@@ -125,6 +118,28 @@ def dm_support() -> tuple[bool, str]:
         if shutil.which(tool) is None:
             return False, f"{tool} is not installed (package {pkg})"
     return True, "device-mapper with the era, snapshot-origin and snapshot targets"
+
+
+def dm_support() -> tuple[bool, str]:
+    """Whether this node can run the dm-era frontend, and a sentence saying why (or why not).
+
+    Needs /dev/mapper/control, the ``era``, ``snapshot-origin`` and ``snapshot`` targets (when they are not
+    loaded yet, ``modprobe dm-mod dm-era dm-snapshot`` is tried, quietly, and the kernel asked again), and the
+    tools ``dmsetup``, ``era_invalidate`` and ``losetup``. A positive answer is kept for the process's life.
+    """
+    global _SUPPORTED
+    if _SUPPORTED is not None:
+        return _SUPPORTED
+    got = _probe()
+    modprobe = shutil.which("modprobe")
+    if not got[0] and modprobe and "not installed" not in got[1]:
+        for m in MODULES:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([modprobe, "-q", m], capture_output=True, timeout=30, check=False)
+        got = _probe()
+    if got[0]:
+        _SUPPORTED = got
+    return got
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -181,24 +196,25 @@ def info(name: str) -> DmDevice | None:
     try:
         got = parse_info(dmsetup(*_INFO_ARGS, name))
     except DeviceError as e:
-        if "No such device" in str(e) or "not found" in str(e).lower():
+        if any(w in str(e) for w in ("does not exist", "No such device", "not found")):
             return None
         raise
     return got[0] if got else None
 
 
-def create(name: str, table: str, *, uuid: str = "", readonly: bool = False) -> DmDevice:
-    """Create and resume ``name`` with ``table`` (lines); the device made."""
+def create(name: str, table: str, *, uuid: str = "", readonly: bool = False) -> str:
+    """Create and resume ``name`` with ``table`` (lines); its device number ``MAJ:MIN``."""
     args = ["create", name]
     if uuid:
         args += ["--uuid", uuid]
     if readonly:
         args.append("--readonly")
     dmsetup(*args, table=table)
-    got = info(name)
-    if got is None:
-        raise DeviceError(f"dmsetup create {name} succeeded but the device is not there")
-    return got
+    try:  # dmsetup made the node itself (no udev) or waited for udev to make it
+        rdev = os.stat(path(name)).st_rdev
+    except OSError as e:
+        raise DeviceError(f"dmsetup create {name} succeeded but {path(name)} is missing ({e.strerror})") from e
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
 
 
 def load(name: str, table: str) -> None:
@@ -399,6 +415,7 @@ class EraTarget:
     def __init__(self, name: str, metadata: str) -> None:
         self.name = name
         self.metadata = metadata
+        self.era = 0  # the current era, as the last status or snapshot left it
 
     def status(self) -> EraStatus:
         st = era_status(self.name)
@@ -406,12 +423,17 @@ class EraTarget:
             raise DeviceError(f"the era target {self.name} reports an error: its metadata can no longer be "
                               "read or committed", hint="see the kernel log (dmesg); the disk's next backup is "
                               "full if the metadata was lost")
+        self.era = st.era
         return st
 
     def take_snapshot(self) -> int:
-        if self.status().held_root is not None:  # left by a backup that died: one may be held at a time
-            message(self.name, "drop_metadata_snap")
-        message(self.name, "take_metadata_snap")
+        try:
+            message(self.name, "take_metadata_snap")
+        except DeviceError:
+            if self.status().held_root is None:
+                raise
+            message(self.name, "drop_metadata_snap")  # left by a backup that died: one is held at a time
+            message(self.name, "take_metadata_snap")
         return self.status().era
 
     def written_since(self, era: int) -> list[int]:

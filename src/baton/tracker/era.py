@@ -56,12 +56,13 @@ class FoldResult:
     beyond: int = 0  # blocks listed beyond the disk's last chunk (ignored; the record was distrusted)
 
 
-def fold(record: Record, source: EraSource, *, pending: bool) -> FoldResult:
+def fold(record: Record, source: EraSource, *, pending: bool, keep_snapshot: bool = False) -> FoldResult:
     """Fold what ``source`` recorded since ``record.header.era_folded`` into ``record`` (attached, owned by
     this node); see the module docstring for the steps. ``pending`` is the FLAG_ERA_PENDING the header keeps:
     True while a dm owner keeps tracking (attach, backup freeze), False when no era target will track this disk
     any more (a clean dm detach, a fold on behalf of a userspace owner). Raises what the source or the record
-    raise (``Fenced`` included); the metadata snapshot is dropped on every path."""
+    raise (``Fenced`` included); the metadata snapshot is dropped on every path, except after success with
+    ``keep_snapshot`` (the caller drops it later: a backup's freeze drops it once writes flow again)."""
     since = record.header.era_folded
     era = source.take_snapshot()
     try:
@@ -70,7 +71,8 @@ def fold(record: Record, source: EraSource, *, pending: bool) -> FoldResult:
                             "already folded into the record, so writes it tracked before may be missing")
             since = 0
         n = record.header.nchunks
-        chunks = sorted(set(source.written_since(since)))
+        # Era 0 in the era array means "never written": fresh metadata starts at era 1.
+        chunks = sorted(set(source.written_since(max(since, 1))))
         beyond = [c for c in chunks if c >= n]
         if beyond:
             chunks = [c for c in chunks if c < n]
@@ -82,5 +84,6 @@ def fold(record: Record, source: EraSource, *, pending: bool) -> FoldResult:
         with contextlib.suppress(Exception):  # the first error is the one to report
             source.drop_snapshot()
         raise
-    source.drop_snapshot()
+    if not keep_snapshot:
+        source.drop_snapshot()
     return FoldResult(since=since, era=era, chunks=len(chunks), beyond=len(beyond))
