@@ -267,3 +267,77 @@ def test_external_region_on_a_loop_device(env: dict[str, str], tmp_path: Path) -
             st = baton(env, "status", d, "--record", f"external:{rdisk}")
             assert st["problems"] == []
             assert sha(d, 0, st["disk_size"]) == hashlib.sha256(bytes(st["disk_size"])).hexdigest()  # never written
+
+
+def _run(env: dict[str, str], *args: str, rc: int) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "baton", *args], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == rc, f"baton {' '.join(args)}: rc {r.returncode}, expected {rc}\n{r.stdout}{r.stderr}"
+    return r
+
+
+def test_v2_tail_record_stays_v2_on_reset_and_says_why_dm_cannot_use_it(env: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    """A tail record re-created in place keeps its area (the data before it is in use): a v2 record stays v2,
+    and --upgrade and the dm frontend's message say what to run instead."""
+    size = 64 * MiB
+    with loop(image(tmp_path / "t2.img", size, fill=0x77)) as dev:
+        out = baton(env, "init", dev, "--record-format", "2")
+        assert out["format_version"] == 2 and out["era"] is None
+        data_size = out["data_size"]
+        before = sha(dev, 0, data_size)
+        r = _run(env, "init", "--upgrade", dev, rc=4)
+        assert "record format v2 has no era metadata region" in r.stderr and "tail record cannot grow" in r.stderr
+        assert "--frontend fuse" in r.stderr, r.stderr
+        again = baton(env, "init", "--reset", dev)
+        assert (again["format_version"], again["data_size"], again["era"]) == (2, data_size, None)
+        assert again["lineage"] != out["lineage"] and again["disk_uuid"] == out["disk_uuid"]
+        r = _run(env, "init", "--reset", "--record-format", "3", dev, rc=3)  # asked for: refused, nothing shrinks
+        assert "never shrinks the data area" in r.stderr, r.stderr
+        assert sha(dev, 0, data_size) == before
+
+
+def test_upgrade_in_place_on_a_record_disk_slot(env: dict[str, str], tmp_path: Path) -> None:
+    """A v2 record in a record-disk slot with room is upgraded in place: lineage, history and changed chunks stay,
+    the next backup is incremental, and the new era region starts zeroed."""
+    with loop(image(tmp_path / "rd.img", 24 * MiB, fill=0xFF)) as rdisk, loop(image(tmp_path / "d.img", 64 * MiB)) as d:
+        baton(env, "init", rdisk, "--record-disk", "--slots", "1", "--slot-size", "16M")
+        spec = f"external:{rdisk}"
+        out = baton(env, "init", d, "--record", spec, "--record-format", "2")
+        assert out["format_version"] == 2
+        repo = tmp_path / "repo"
+        baton(env, "repo", "init", str(repo))
+        first = baton(env, "backup", d, "--repo", str(repo), "--record", spec, "--node", "n1")
+        assert first["mode"] == "full"
+        loc = locate(d, spec, writable=True)  # a change after the backup, marked in the record
+        try:
+            loc.record.attach("n1")
+            loc.record.mark([5, 6])
+            loc.record.detach()
+        finally:
+            loc.close()
+        up = baton(env, "init", "--upgrade", d, "--record", spec)
+        assert up["format_version"] == 3 and up["lineage"] == out["lineage"] and up["dirty_chunks"] == 2
+        assert up["last_backup"]["snapshot"] == first["snapshot"] and up["problems"] == []
+        region, rec, structures = region_of(d, spec)
+        check_region(region, rec, structures, rdisk)
+        assert region.extents == [(2 * BLOCK + rec.header.era_offset, rec.header.era_size)]
+        nxt = baton(env, "backup", d, "--repo", str(repo), "--record", spec, "--node", "n1")
+        assert nxt["mode"] == "incremental" and nxt["chunks_read"] == 2
+        again = _run(env, "init", "--upgrade", d, "--record", spec, rc=0)  # already v3: nothing to do
+        assert "format v3" in again.stderr + again.stdout
+
+
+def test_reset_recreates_a_v2_file_record_as_v3(env: dict[str, str], tmp_path: Path) -> None:
+    need_tool("mkfs.ext4", "debugfs", "e2fsck")
+    with loop(image(tmp_path / "f.img", 64 * MiB)) as dev:
+        subprocess.run(["mkfs.ext4", "-F", "-q", "-b", "4096", dev], check=True, capture_output=True, timeout=120)
+        out = baton(env, "init", dev, "--record-format", "2")
+        assert out["format_version"] == 2
+        r = _run(env, "init", "--upgrade", dev, rc=4)
+        assert f"baton init --reset {dev}" in r.stderr and "record file has no room" in r.stderr, r.stderr
+        again = baton(env, "init", "--reset", dev)
+        assert again["format_version"] == 3 and again["disk_uuid"] == out["disk_uuid"]
+        region, rec, structures = region_of(dev)
+        check_region(region, rec, structures, dev)
+        r = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr

@@ -348,3 +348,28 @@ def test_a_region_that_overlaps_the_structures_is_refused() -> None:
     rec.header = bad
     with pytest.raises(RecordError, match="era region"):
         rec.era_region()
+
+
+def test_a_rewrite_in_place_starts_fresh_era_metadata_and_keeps_history() -> None:
+    """What restore's rewrite (baton.record.after_restore) and --reset do to a v3 record: the era superblock
+    zeroed again, era_folded 0, nothing pending or distrusted; the history ring kept when asked."""
+    dev = v3()
+    rec = Record.load(dev)
+    rec.attach("a", "dm")
+    rec.begin_era()
+    rec.mark([2])
+    rec.freeze("ab" * 16)
+    rec.commit_backup(HistoryEntry(seq=0, snapshot_id="cd" * 16, lineage="", node="a", start_ns=1, end_ns=2,
+                                   chunks_read=1, bytes_read=1, chunks_stored=1, bytes_stored=1, bytes_deduped=0,
+                                   mode="full", result="ok", reason="x", digest="", epoch=0, era=3))
+    rec.set_era_folded(9, pending=True)
+    rec.distrust("why not")
+    h = rec.header
+    dev.durable[h.era_offset : h.era_offset + h.era_size] = b"\x5a" * h.era_size  # dm-era's metadata
+    format_record(dev, replace(h, epoch=h.epoch + 1, owner="", flags=h.flags & ~FLAG_RESET), keep_history=True)
+    new = Record.load(dev)
+    assert (new.header.era_folded, new.era_pending, new.header.distrust_reason) == (0, False, "")
+    assert not new.header.flags & (FLAG_DISTRUSTED | FLAG_RESET)
+    assert bytes(dev.durable[h.era_offset : h.era_offset + ERA_ZERO_BYTES]) == bytes(ERA_ZERO_BYTES)
+    assert bytes(dev.durable[h.era_offset + ERA_ZERO_BYTES : h.era_offset + ERA_ZERO_BYTES + 4]) == b"\x5a" * 4
+    assert [e.era for e in new.history()] == [3]
