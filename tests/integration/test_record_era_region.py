@@ -316,7 +316,8 @@ def test_upgrade_in_place_on_a_record_disk_slot(env: dict[str, str], tmp_path: P
         finally:
             loc.close()
         up = baton(env, "init", "--upgrade", d, "--record", spec)
-        assert up["format_version"] == 3 and up["lineage"] == out["lineage"] and up["dirty_chunks"] == 2
+        assert up["upgraded"] is True and up["format_version"] == 3 and up["lineage"] == out["lineage"]
+        assert up["dirty_chunks"] == 2
         assert up["last_backup"]["snapshot"] == first["snapshot"] and up["problems"] == []
         region, rec, structures = region_of(d, spec)
         check_region(region, rec, structures, rdisk)
@@ -324,7 +325,8 @@ def test_upgrade_in_place_on_a_record_disk_slot(env: dict[str, str], tmp_path: P
         nxt = baton(env, "backup", d, "--repo", str(repo), "--record", spec, "--node", "n1")
         assert nxt["mode"] == "incremental" and nxt["chunks_read"] == 2
         again = _run(env, "init", "--upgrade", d, "--record", spec, rc=0)  # already v3: nothing to do
-        assert "format v3" in again.stderr + again.stdout
+        assert "nothing to upgrade" in again.stdout and "format v3" in again.stdout, again.stdout
+        assert baton(env, "init", "--upgrade", d, "--record", spec)["upgraded"] is False
 
 
 def test_reset_recreates_a_v2_file_record_as_v3(env: dict[str, str], tmp_path: Path) -> None:

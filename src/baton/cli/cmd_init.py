@@ -87,8 +87,9 @@ def command(disk: str, record: str | None, chunk_size: str, node_slots: int, nre
         out = init_record_disk(disk, slots=slots, slot_size=parse_size(slot_size), force=force)
         emit(out, as_json, f"formatted record disk {disk}: {slots} slots of {parse_size(slot_size) >> 20} MiB")
         return
+    changed = True
     if upgrade:
-        loc = upgrade_disk(disk, record=record)
+        loc, changed = upgrade_disk(disk, record=record)
     else:
         loc = init_disk(disk, record=record, chunk_size=parse_size(chunk_size), nslots=node_slots, force=force,
                         reset=reset, nrepos=nrepos, version=version)
@@ -96,10 +97,13 @@ def command(disk: str, record: str | None, chunk_size: str, node_slots: int, nre
         st = describe(loc)
     finally:
         loc.close()
+    if upgrade:
+        st["upgraded"] = changed
     era = st.get("era")
     fmt = f"format v{st['format_version']}" + (f" with a {_mib(era['size'])} era region" if era else
                                                 " (no era region: fuse and nbd only)")
-    human = (f"{'upgraded' if upgrade else 'initialised'} {disk}: record {st['record']} ({fmt}), chunk size "
+    done = "initialised" if not upgrade else "upgraded" if changed else "nothing to upgrade:"
+    human = (f"{done} {disk}: record {st['record']} ({fmt}), chunk size "
              f"{st['chunk_size'] // 1024} KiB, {st['data_size']} bytes tracked, record area {st['record_size']} "
              f"bytes, lineage {st['lineage']}")
     emit(st, as_json, human)

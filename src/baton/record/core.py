@@ -564,7 +564,7 @@ class Record:
         A v2 record detached cleanly is first checked for writes that bypassed Baton (file-system markers
         changed since the detach): if so, FLAG_UNTRACKED is set in the same durable header write. A v3 record
         keeps ``frontend`` ("", "fuse", "nbd" or "dm") in that write; FLAG_ERA_PENDING and ``era_folded`` stay
-        as they are (the caller folds or distrusts what a dm owner left: docs/format.md "dm-era")."""
+        as they are (the caller folds or distrusts what a dm owner left: docs/format.md 1.8)."""
         if frontend not in FRONTEND_CODES:
             raise ValueError(f"unknown frontend {frontend!r} (one of {sorted(FRONTEND_CODES)})")
         with self._lock:

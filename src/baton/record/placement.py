@@ -804,20 +804,22 @@ def _init_external(disk: str, fs: FsInfo, spec: RecordSpec, chunk: int, lay: _La
         raise
 
 
-def upgrade_disk(disk: str, *, record: str | None = None) -> Located:
+def upgrade_disk(disk: str, *, record: str | None = None) -> tuple[Located, bool]:
     """``baton init --upgrade``: give the v2 record of ``disk`` an era region in place (format v3), keeping its
-    lineage, history and changed chunks. Refuses a disk in use on this node; run it where no node has the disk
-    attached. RecordError (with what to run instead) when the record area has no room."""
+    lineage, history and changed chunks. Returns the record and whether it changed (False: it had a region
+    already). Refuses a disk in use on this node; run it where no node has the disk attached. RecordError (with
+    what to run instead) when the record area has no room."""
     if not os.path.exists(disk):
         raise DeviceError(f"{disk}: no such file or device")
     host.check_not_in_use(disk, "init --upgrade")
     loc = locate(disk, record, writable=True)
     try:
+        had = loc.record.era_region() is not None
         upgrade_for_era(loc.record)
     except BaseException:
         loc.close()
         raise
-    return loc
+    return loc, not had
 
 
 def describe(loc: Located) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def main() -> int:
             rec.mark([0, 5, 17, 29])  # then node-a "crashes": no detach, FLAG_ERA_PENDING stays
             rec_b = Record.load(area, record_offset=data_size)
             rec_b.attach("node-b", "dm")
-            rec_b.distrust(REASON)  # before lowering era_folded (docs/format.md "dm-era")
+            rec_b.distrust(REASON)  # before lowering era_folded (docs/format.md 1.5)
             rec_b.set_era_folded(0, pending=True)
             rec_b.mark([31])
             rec_b.set_era_folded(2, pending=False)
