@@ -30,7 +30,7 @@ from typing import Any
 
 from baton.device import data_extents
 from baton.errors import ObjectNotFound, RepoCorrupt, UsageError
-from baton.format.record import FLAG_DISTRUSTED, FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, HistoryEntry
+from baton.format.record import FLAG_DISTRUSTED, FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, FULL_FLAGS, HistoryEntry
 from baton.repo import DiskIdentity, Manifest, Repository
 from baton.repo.writer import BackupWriter
 from baton.tracker.core import Tracker
@@ -227,6 +227,15 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     except BaseException:
         w.abort()
         raise
+    if plan.mode == "incremental" and rec.header.flags & FULL_FLAGS:
+        # The freeze itself found the record untrustworthy (the dm frontend's fold: era metadata re-created, or
+        # listing blocks beyond the disk): the changed set this incremental would read may miss writes. Undo the
+        # freeze (the frozen set goes back to the owner's slot) and back up in full, with the reason.
+        tracker.end_backup()
+        w.abort()
+        rec.abort_backup()
+        return run_backup(tracker, repo, node=node, name=name, full=full, batch_chunks=batch_chunks,
+                          progress=progress, fault=fault, around_freeze=around_freeze)
     t_freeze = time.time()
     n = h.nchunks
     cs = h.chunk_size

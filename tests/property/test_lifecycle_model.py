@@ -692,3 +692,19 @@ def test_lost_era_metadata_makes_the_next_backup_full() -> None:
         _plain_backup(),
     )
     assert [g[3] for g in m.good] == ["full", "full"]
+
+
+def test_era_metadata_lost_under_an_attached_dm_owner_makes_that_backup_full() -> None:
+    """The freeze's fold finds the era metadata re-created (its era is below era_folded) while the owner is
+    attached: the backup planned as incremental before the freeze would read a changed set that misses the writes
+    the lost metadata held. The engine must notice the distrust at the freeze and back up in full instead."""
+    m = run_steps(
+        ("takeover", {"node": "n1", "frontend": "dm"}),
+        _plain_backup(),
+        ("write", {"n": 3}),
+        _plain_backup(),
+        ("write", {"n": 3}),
+        ("era_metadata_lost", {}),
+        _plain_backup(),
+    )
+    assert [g[3] for g in m.good] == ["full", "incremental", "full"]
