@@ -30,7 +30,14 @@ from typing import Any
 
 from baton.device import data_extents
 from baton.errors import ObjectNotFound, RepoCorrupt, UsageError
-from baton.format.record import FLAG_DISTRUSTED, FLAG_RESET, FLAG_SUSPECT, FLAG_UNTRACKED, FULL_FLAGS, HistoryEntry
+from baton.format.record import (
+    FLAG_DISTRUSTED,
+    FLAG_RESET,
+    FLAG_SUSPECT,
+    FLAG_UNTRACKED,
+    FULL_FLAGS,
+    HistoryEntry,
+)
 from baton.repo import DiskIdentity, Manifest, Repository
 from baton.repo.writer import BackupWriter
 from baton.tracker.core import Tracker
