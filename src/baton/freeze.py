@@ -121,7 +121,7 @@ class Consistency:
 
     @contextmanager
     def _around(self) -> Iterator[None]:
-        ran_pre = False
+        ran_pre = reached = False  # --post runs after the freeze point was reached, or to undo a --pre that ran
         try:
             if self.pre:
                 ran_pre = True
@@ -133,11 +133,13 @@ class Consistency:
                                      hint="fix the hook (it runs with sh -c), or run the backup without it")
             if self.freeze:
                 with self._frozen():
+                    reached = True
                     yield
             else:
+                reached = True
                 yield
         finally:
-            if ran_pre and self.post:
+            if (ran_pre or reached) and self.post:
                 self.report["post"] = run_hook(self.post, "post", self.hook_timeout)
 
     @contextmanager

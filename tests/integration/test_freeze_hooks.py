@@ -125,3 +125,6 @@ def test_freeze_and_hooks_attached(env: Env) -> None:
                   "--post", "echo offline-post")
     assert r2["consistency"]["pre"]["output_tail"].strip() == "offline-pre"
     assert r2["consistency"]["post"]["exit_status"] == 0
+    # --post alone runs after the freeze point too (it was dropped silently when no --pre ran)
+    r3 = env.json("backup", str(disk), "--repo", repo, "--node", "n1", "--post", "echo post-alone")
+    assert r3["consistency"]["post"]["output_tail"].strip() == "post-alone"

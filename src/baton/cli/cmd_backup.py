@@ -38,8 +38,9 @@ def _human(r: dict[str, Any]) -> str:
                    "thawed on every path (error, signal, --freeze-timeout).")
 @click.option("--pre", "pre", metavar="CMD", help="Run CMD (sh -c) just before the freeze point; a non-zero exit "
               "stops the backup (e.g. put a database into backup mode).")
-@click.option("--post", "post", metavar="CMD", help="Run CMD (sh -c) just after the freeze point, whenever --pre "
-              "ran; a non-zero exit fails the command (exit 1) after the snapshot was committed.")
+@click.option("--post", "post", metavar="CMD", help="Run CMD (sh -c) just after the freeze point (and whenever "
+              "--pre ran, even if the backup failed); a non-zero exit fails the command (exit 1) after the snapshot "
+              "was committed.")
 @click.option("--hook-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               help="Seconds each of --pre and --post may run (then it is killed and counts as failed).")
 @click.option("--freeze-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
