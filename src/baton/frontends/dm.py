@@ -843,9 +843,9 @@ class DmFrontend(Frontend):
                 log.error("%s: %s fails every I/O from now on (%s)", self.name, dm.path(n.top),
                           "fenced" if fenced else "the daemon stops on an error")
 
-        step("switching the top device to error", error_top)
-        if fenced:
+        if fenced:  # first: from here the era target commits nothing into metadata the new owner loads
             step("switching the metadata device to error", lambda: error_out_metadata(n))
+        step("switching the top device to error", error_top)
         self._close_snapshot()
         step("removing the backup's snapshot", self._drop_snapshot_devices)
         if not fenced:

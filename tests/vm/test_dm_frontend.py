@@ -1,0 +1,274 @@
+"""The dm-era frontend in QEMU guests (this host's kernel has no device-mapper): `baton attach --frontend dm`.
+
+* attach, mkfs.ext4, write, a full then an incremental backup that reads only the changed chunks, every
+  restore compared byte for byte with the device; the daemon killed with -9: I/O and tracking go on, the next
+  attach adopts the stack and the next backup has every write made meanwhile; detach leaves nothing behind;
+* point in time: a backup's snapshot holds the disk as it was at the freeze point while the application
+  rewrites it during the backup; an exception store that overflows fails the backup with the reason while the
+  application's writes succeed;
+* a stale owner (alive, its daemon running) is fenced by another node's takeover: its writes fail with EIO,
+  and the new owner's incremental backup holds every write the old owner had acknowledged;
+* a dm owner's power loss, then a fuse owner on another node (folds the era metadata through a temporarily
+  loaded era target), then dm again: every acknowledged write is in the next backup.
+
+Randomness comes from BATON_SEED (printed). Figures (freeze window, fence latency) are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import textwrap
+from pathlib import Path
+
+from vm.harness import VENV_BIN, Guest, VmCluster
+from vm.image import Image
+
+SEED = int(os.environ.get("BATON_SEED", "20261127"))
+CHUNK = 64 << 10
+DISK_MIB = 128  # 2048 chunks of 64 KiB; the tail record area takes the last few MiB
+DATA_CHUNKS = 1900  # random writes stay below this chunk
+REPO = "/var/tmp/repo"
+
+
+def _sh(g: Guest, cmd: str, timeout: float = 300) -> str:
+    return g.run(cmd, timeout=timeout).out
+
+
+def _dm_devices(g: Guest) -> list[str]:
+    out = _sh(g, "dmsetup ls")
+    return sorted(ln.split()[0] for ln in out.splitlines() if ln.strip() and not ln.startswith("No devices"))
+
+
+def _raw_write(g: Guest, dev: str, rng: random.Random, nchunks: int, lo: int, hi: int, tag: str) -> list[int]:
+    """Write ``nchunks`` distinct chunks (chosen by ``rng`` in [lo, hi)) of ``dev`` with seeded random data, each
+    with O_DIRECT and fsync'd; the chunk numbers written."""
+    chunks = sorted(rng.sample(range(lo, hi), nchunks))
+    seed = rng.randrange(1 << 30)
+    code = textwrap.dedent(f"""
+        import mmap, os, random
+        rng = random.Random({seed})
+        fd = os.open({dev!r}, os.O_WRONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, {CHUNK})
+        for c in {chunks!r}:
+            buf[:] = rng.randbytes({CHUNK})
+            assert os.pwrite(fd, buf, c * {CHUNK}) == {CHUNK}
+        os.fsync(fd)
+        print("{tag}: wrote", len({chunks!r}), "chunks")
+    """)
+    g.python(code)
+    return chunks
+
+
+def _restore_equals(g: Guest, snap: str, against: str, name: str, repo: str = REPO) -> None:
+    out = f"/var/tmp/{name}.img"
+    g.baton("restore", snap, "--repo", repo, "--to", out, json=True)
+    _sh(g, f"cmp {out} {against} && rm -f {out}")
+
+
+def test_attach_backup_restore_then_kill_the_daemon_and_adopt(tmp_path: Path, vm_image: Image) -> None:
+    rng = random.Random(SEED)
+    print(f"BATON_SEED={SEED}")
+    with VmCluster(tmp_path, disk_mib=DISK_MIB, guests=("A",), image=vm_image) as c:
+        (a,) = c.boot("A")
+        a.baton("init", "/dev/vda", json=True)
+        a.baton("repo", "init", REPO, json=True)
+        st = a.baton("attach", "/dev/vda", "--name", "d", json=True)  # the default: auto
+        assert st["frontend"] == "dm" and st["device"] == "/dev/baton/d", st
+        assert st["frontend_reason"].startswith("auto: dm, because"), st
+        assert _sh(a, "readlink /dev/baton/d").strip() == "/dev/mapper/baton-d"
+        assert _dm_devices(a) == ["baton-d", "baton-d:era", "baton-d:meta", "baton-d:origin"]
+
+        # ext4 on the tracked device; no lazy init, so nothing writes behind the test's back once unmounted
+        _sh(a, "mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0 /dev/baton/d && mkdir -p /mnt/d && "
+               "mount /dev/baton/d /mnt/d && head -c 6291456 /dev/urandom > /mnt/d/one && umount /mnt/d")
+        full = a.baton("backup", "d", "--repo", REPO, json=True)
+        assert full["mode"] == "full", full
+
+        _sh(a, "mount /dev/baton/d /mnt/d && head -c 1048576 /dev/urandom > /mnt/d/two && umount /mnt/d")
+        inc = a.baton("backup", "d", "--repo", REPO, json=True)
+        print(f"incremental after a 1 MiB file (16 chunks) on ext4: {inc['chunks_read']} chunks read")
+        assert inc["mode"] == "incremental" and 16 <= inc["chunks_read"] < 64, inc
+
+        # The daemon killed: the device keeps serving and the kernel keeps tracking
+        _sh(a, "kill -9 $(python3 -c 'import json; print(json.load(open(\"/run/baton/d/daemon.json\"))[\"pid\"])')")
+        gone = a.baton("status", "d", json=True)
+        assert gone["failure"] == "died", gone
+        written = _raw_write(a, "/dev/baton/d", rng, 24, 0, DATA_CHUNKS, "after the kill")
+        print(f"chunks written while no daemon ran: {written}")
+        again = a.baton("attach", "/dev/vda", "--name", "d", json=True)
+        assert again["frontend"] == "dm", again
+        live = a.baton("status", "d", json=True)
+        assert live["frontend_stats"]["adopted"] == 1, live["frontend_stats"]
+        assert live["frontend_stats"]["chunks_folded"] == len(written), live["frontend_stats"]
+        after = a.baton("backup", "d", "--repo", REPO, json=True)
+        assert after["mode"] == "incremental" and after["chunks_read"] == len(written), after
+        # a snapshot is a complete index: restoring the last one checks the whole chain byte for byte
+        _restore_equals(a, after["snapshot"], "/dev/baton/d", "adopted")
+        assert live["era"]["pending"] and live["era"]["folded"] >= 3, live["era"]
+
+        a.baton("detach", "d", json=True)
+        assert _dm_devices(a) == []
+        assert _sh(a, "losetup -a").strip() == ""
+        rec = a.baton("status", "/dev/vda", json=True)
+        assert rec["clean"] and not rec["era"]["pending"], rec["era"]
+        assert _sh(a, "test -e /dev/baton/d || echo gone").strip() == "gone"
+
+
+def test_point_in_time_under_writes_and_an_overflowing_exception_store(tmp_path: Path, vm_image: Image) -> None:
+    rng = random.Random(SEED + 1)
+    print(f"BATON_SEED={SEED}")
+    with VmCluster(tmp_path, disk_mib=DISK_MIB, guests=("A",), image=vm_image) as c:
+        (a,) = c.boot("A")
+        a.baton("init", "/dev/vda", json=True)
+        a.baton("repo", "init", REPO, json=True)
+        a.baton("attach", "/dev/vda", "--name", "d", "--frontend", "dm", "--cow-size", "1M", json=True)
+        before = _raw_write(a, "/dev/baton/d", rng, 128, 0, DATA_CHUNKS, "before")
+        # 4 MiB (64 chunks) rewritten right after the freeze point: more than the 1 MiB (16 chunks) exception
+        # store holds. (--post runs only after a --pre: baton.freeze.)
+        _sh(a, "head -c 4194304 /dev/urandom > /var/tmp/pattern")
+        post = "dd if=/var/tmp/pattern of=/dev/baton/d bs=64k seek=100 oflag=direct conv=fsync status=none"
+        err = a.baton("backup", "d", "--repo", REPO, "--pre", "true", "--post", post, json=True, rc=3)
+        print(f"overflow: {err['message']}")
+        assert err["error"] == "DeviceError" and "exception store" in err["message"], err
+        assert "--cow-size" in err["hint"], err
+        # the application's writes went through, and the device still serves, back on its linear table
+        _sh(a, "cmp -n 4194304 /var/tmp/pattern /dev/baton/d --ignore-initial=0:6553600")
+        assert _dm_devices(a) == ["baton-d", "baton-d:era", "baton-d:meta", "baton-d:origin"]
+        assert " linear " in _sh(a, "dmsetup table baton-d")
+
+        # The same store holds 12 rewritten chunks: the snapshot shows the disk as it was at the freeze point
+        # (copied by the --pre hook, when nothing else writes) while the --post hook rewrites 12 of the chunks
+        # the backup is about to read.
+        rewrite = sorted(rng.sample(before, 12))
+        writer = textwrap.dedent(f"""
+            import mmap, os, random
+            rng = random.Random({rng.randrange(1 << 30)})
+            fd = os.open("/dev/baton/d", os.O_WRONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, {CHUNK})
+            for c in {rewrite!r}:
+                buf[:] = rng.randbytes({CHUNK})
+                os.pwrite(fd, buf, c * {CHUNK})
+            os.fsync(fd)
+        """)
+        (c.share / "writer.py").write_text(writer)
+        pre = "dd if=/dev/baton/d of=/var/tmp/atfreeze bs=1M iflag=direct status=none"
+        res = a.baton("backup", "d", "--repo", REPO, "--pre", pre, "--post", "python3 /mnt/share/writer.py",
+                      json=True)
+        print(f"point-in-time backup: {res['mode']} ({res['reason']}), {res['chunks_read']} chunks read, "
+              f"{res['duration_s']} s; chunks rewritten after the freeze point: {rewrite}")
+        assert res["consistency"]["post"]["exit_status"] == 0, res["consistency"]
+        _sh(a, "! cmp -s /var/tmp/atfreeze /dev/baton/d")  # the rewrites reached the device
+        stats = a.baton("status", "d", json=True)["frontend_stats"]
+        print(f"freeze window {stats['freeze_ms']} ms (max {stats['freeze_ms_max']} ms) in a TCG guest")
+        _restore_equals(a, res["snapshot"], "/var/tmp/atfreeze", "pit")
+        a.baton("detach", "d", json=True)
+        assert _dm_devices(a) == []
+
+
+FENCE_PROBE = """
+import os, sys, threading, time, mmap
+from baton.record.core import Record
+from baton.record.placement import locate
+loc = locate("/dev/vda", writable=False)
+area, off = loc.record.area, loc.record.header.record_offset
+first = loc.record.header.epoch
+seen = {}
+def poll():
+    while True:
+        h = Record.read_header(area, record_offset=off)
+        if h.epoch != first:
+            seen["t"] = time.monotonic()
+            print("epoch", h.epoch, h.owner, flush=True)
+            return
+        time.sleep(0.02)
+threading.Thread(target=poll, daemon=True).start()
+fd = os.open("/dev/baton/d", os.O_WRONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 65536)
+i = 0
+open("/var/tmp/probe.ready", "w").write("ok")
+while True:
+    buf[:8] = i.to_bytes(8, "little")
+    try:
+        os.pwrite(fd, buf, (i % 1500) * 65536)
+        os.fsync(fd)
+    except OSError as e:
+        t = time.monotonic()
+        print("write", i, "failed:", e.strerror, flush=True)
+        print("fence_latency_s", round(t - seen["t"], 3) if "t" in seen else None, flush=True)
+        break
+    i += 1
+    with open("/var/tmp/probe.acked", "w") as f:
+        f.write(str(i))
+    time.sleep(0.02)
+"""
+
+
+def test_a_stale_owner_is_fenced_and_the_new_owner_backs_up_its_writes(tmp_path: Path, vm_image: Image) -> None:
+    print(f"BATON_SEED={SEED}")
+    with VmCluster(tmp_path, disk_mib=DISK_MIB, guests=("A", "B"), image=vm_image,
+                   env={"BATON_ERA_FENCE_WAIT": "6"}) as c:
+        a, b = c.boot("A", "B")
+        a.baton("init", "/dev/vda", json=True)
+        b.baton("repo", "init", "/mnt/share/repo", json=True)
+        a.baton("attach", "/dev/vda", "--name", "d", "--frontend", "dm", json=True)
+        a.baton("backup", "d", "--repo", "/mnt/share/repo", json=True)
+        (c.share / "probe.py").write_text(FENCE_PROBE)
+        probe = a.run_bg(f"{VENV_BIN}/python /mnt/share/probe.py", timeout=300)
+        _sh(a, "for i in $(seq 600); do test -e /var/tmp/probe.acked && break; sleep 0.1; done; "
+               "test -e /var/tmp/probe.acked")
+        took = b.baton("attach", "/dev/vda", "--name", "d", "--frontend", "dm", json=True)
+        assert took["epoch"] == 2, took
+        out = probe.wait(120)
+        print(out.out, out.err)
+        assert "failed: Input/output error" in out.out, out
+        latency = re.search(r"fence_latency_s ([\d.]+)", out.out)
+        print(f"fence latency on A (new epoch seen on disk -> first EIO): {latency and latency.group(1)} s")
+        acked = int(_sh(a, "cat /var/tmp/probe.acked"))
+        st = a.baton("status", "d", json=True)
+        assert st["failure"] == "fenced" and st["fenced_by"] == "B", st
+        assert "error" in _sh(a, "dmsetup table baton-d 2>/dev/null || echo error")
+        a.baton("detach", "d", json=True)
+        assert _dm_devices(a) == []
+        # B: every write A acknowledged (the probe's counter, chunks 0..) is in B's incremental backup
+        inc = b.baton("backup", "d", "--repo", "/mnt/share/repo", json=True)
+        assert inc["mode"] == "incremental", inc
+        assert inc["chunks_read"] >= min(acked, 1500), (acked, inc)
+        out_img = "/var/tmp/b.img"
+        b.baton("restore", inc["snapshot"], "--repo", "/mnt/share/repo", "--to", out_img, json=True)
+        _sh(b, f"cmp {out_img} /dev/baton/d")
+        last = (acked - 1) % 1500
+        got = _sh(b, f"dd if={out_img} bs=65536 skip={last} count=1 status=none | od -An -tu8 -N8").split()
+        assert int(got[0]) >= acked - 1, (got, acked)
+        b.baton("detach", "d", json=True)
+
+
+def test_power_loss_of_a_dm_owner_then_fuse_then_dm(tmp_path: Path, vm_image: Image) -> None:
+    rng = random.Random(SEED + 3)
+    print(f"BATON_SEED={SEED}")
+    with VmCluster(tmp_path, disk_mib=DISK_MIB, guests=("A", "B"), image=vm_image) as c:
+        a, b = c.boot("A", "B")
+        a.baton("init", "/dev/vda", json=True)
+        b.baton("repo", "init", "/mnt/share/repo", json=True)
+        a.baton("attach", "/dev/vda", "--name", "d", "--frontend", "dm", json=True)
+        a.baton("backup", "d", "--repo", "/mnt/share/repo", json=True)
+        by_a = _raw_write(a, "/dev/baton/d", rng, 30, 0, DATA_CHUNKS, "A (dm)")
+        a.kill()  # power loss: the era metadata holds A's writes, the record's bitmaps do not
+        st = b.baton("attach", "/dev/vda", "--name", "d", "--frontend", "fuse", json=True)
+        assert st["frontend"] == "fuse" and "folded 30 chunks" in st.get("era_settled", ""), st
+        assert _dm_devices(b) == []  # the temporary era target is gone
+        by_b = _raw_write(b, "/dev/baton/d", rng, 20, 0, DATA_CHUNKS, "B (fuse)")
+        b.baton("detach", "d", json=True)
+        a.boot()
+        a.baton("attach", "/dev/vda", "--name", "d", "--frontend", "dm", json=True)
+        by_a2 = _raw_write(a, "/dev/baton/d", rng, 10, 0, DATA_CHUNKS, "A (dm again)")
+        res = a.baton("backup", "d", "--repo", "/mnt/share/repo", json=True)
+        want = set(by_a) | set(by_b) | set(by_a2)
+        print(f"written since the last backup: {len(want)} chunks; the backup read {res['chunks_read']}")
+        assert res["mode"] == "incremental" and res["chunks_read"] == len(want), res
+        _restore_equals(a, res["snapshot"], "/dev/baton/d", "alternating", repo="/mnt/share/repo")
+        hist = json.loads(_sh(a, "baton status /dev/vda --json"))
+        assert hist["era"]["folded"] > 1, hist["era"]
+        a.baton("detach", "d", json=True)
