@@ -387,17 +387,58 @@ def zero_range(fd: int, offset: int, length: int) -> bool:
 
 _libc: object = None
 
+M_TRIM_THRESHOLD = -1        # mallopt(3) parameters (glibc)
+M_MMAP_THRESHOLD = -3
+BIG_BUFFERS_MMAP = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+BIG_BUFFERS_TRIM = 64 << 20
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+
+def reuse_big_buffers() -> bool:
+    """Let the C allocator reuse freed large buffers instead of mapping fresh memory for each one.
+
+    Why: glibc serves an allocation above its mmap threshold (128 KiB at start, raised only by the frees it
+    sees) with a new ``mmap``, and the kernel then faults in and zeroes every page on first touch. A full
+    backup allocates a new 1 MiB buffer per disk read (the chunks it hands to the writer are views of it), a
+    restore a new buffer per ranged read of a pack: about 214,000 minor page faults for a full backup of the
+    1 GiB benchmark image, 130,000 to 145,000 with this (the 32 MiB pack images stay above any threshold).
+    Process-wide and idempotent; call :func:`release_free_memory` when the work is done. Returns False where
+    the C library has no ``mallopt`` (not glibc): nothing changes there."""
+    libc = _libc_handle()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, BIG_BUFFERS_MMAP)) and \
+        bool(libc.mallopt(M_TRIM_THRESHOLD, BIG_BUFFERS_TRIM))
+
+
+def release_free_memory() -> None:
+    """Give memory the allocator holds free back to the kernel (``malloc_trim``): a long-lived daemon's RSS
+    returns to its idle size after a backup that :func:`reuse_big_buffers` let keep its buffers."""
+    libc = _libc_handle()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc_handle() -> Any:
     import ctypes
     import ctypes.util
 
     global _libc
-    libc: Any = _libc
-    if libc is None:  # loaded once: find_library runs ldconfig, milliseconds a call
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if _libc is None:  # loaded once: find_library runs ldconfig, milliseconds a call
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        except OSError:
+            return None
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
         _libc = libc
+    return _libc
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = _libc_handle()
+    if libc is None:
+        raise OSError(errno.EOPNOTSUPP, "no C library to call fallocate through")
     if libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

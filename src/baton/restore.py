@@ -37,7 +37,15 @@ from typing import Any
 
 import blake3
 
-from baton.device import AlignedWriter, aligned_buffer, device_size, punch_hole, zero_range
+from baton.device import (
+    AlignedWriter,
+    aligned_buffer,
+    device_size,
+    punch_hole,
+    release_free_memory,
+    reuse_big_buffers,
+    zero_range,
+)
 from baton.errors import BatonError, DeviceBusy, DeviceError, RepoCorrupt, RepoError
 from baton.format.repo_index import IndexEntry
 from baton.host import check_not_in_use
@@ -239,6 +247,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
     cs = disk.chunk_size
     per_batch = max(1, BATCH_BYTES // cs)
     started = time.monotonic()
+    reuse_big_buffers()  # a new buffer per ranged read of a pack otherwise: see baton.device
     lock = repo.shared_lock("restore")
     try:
         reader = repo.snapshot_reader(manifest)
@@ -322,6 +331,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
             os.close(fd)
     finally:
         lock.release()
+        release_free_memory()
     result = RestoreResult(manifest.snapshot_id, target_path, kind, disk.size, written, disk.chunk_count, zero,
                            hasher.hexdigest(), round(time.monotonic() - started, 3))
     import baton.record

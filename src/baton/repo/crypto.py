@@ -51,12 +51,14 @@ def blob_aad(keys: RepoKeys, cid: bytes, flags: int) -> bytes:
 
 
 def encode_blob(keys: RepoKeys, cid: bytes, data: bytes | memoryview) -> tuple[bytes, int]:
-    """(stored bytes, BLOB_* flags). Compressed only when that saves at least 1/8 of the size."""
+    """(stored bytes, BLOB_* flags). Compressed only when that saves at least 1/8 of the size. A view is
+    compressed as it is; only a chunk stored raw is copied (the caller's read buffer is not kept)."""
     flags = 0
-    payload: bytes = data if isinstance(data, bytes) else bytes(data)
-    packed = _compressor().compress(payload)
-    if len(packed) <= len(payload) - len(payload) // 8:
+    packed = _compressor().compress(data)
+    if len(packed) <= len(data) - len(data) // 8:
         payload, flags = packed, BLOB_ZSTD
+    else:
+        payload = data if isinstance(data, bytes) else bytes(data)
     if keys.data_key is not None:
         flags |= BLOB_AES_GCM
         nonce = os.urandom(NONCE_LEN)
