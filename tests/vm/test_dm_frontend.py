@@ -127,10 +127,10 @@ def test_point_in_time_under_writes_and_an_overflowing_exception_store(tmp_path:
         a.baton("attach", "/dev/vda", "--name", "d", "--frontend", "dm", "--cow-size", "1M", json=True)
         before = _raw_write(a, "/dev/baton/d", rng, 128, 0, DATA_CHUNKS, "before")
         # 4 MiB (64 chunks) rewritten right after the freeze point: more than the 1 MiB (16 chunks) exception
-        # store holds. (--post runs only after a --pre: baton.freeze.)
+        # store holds.
         _sh(a, "head -c 4194304 /dev/urandom > /var/tmp/pattern")
         post = "dd if=/var/tmp/pattern of=/dev/baton/d bs=64k seek=100 oflag=direct conv=fsync status=none"
-        err = a.baton("backup", "d", "--repo", REPO, "--pre", "true", "--post", post, json=True, rc=3)
+        err = a.baton("backup", "d", "--repo", REPO, "--post", post, json=True, rc=3)
         print(f"overflow: {err['message']}")
         assert err["error"] == "DeviceError" and "exception store" in err["message"], err
         assert "--cow-size" in err["hint"], err

@@ -254,6 +254,7 @@ class Stack:
         self.create("meta", tables["meta"])
         self.create("origin", tables["origin"])
         era_table = dm.era_table(self.devno["meta"], self.devno["origin"], self.nsect, self.chunk_sectors)
+        klog = dm.KernelLog()
         try:
             self.create("era", era_table)
         except DeviceError as e:
@@ -262,9 +263,11 @@ class Stack:
             self._remove_quietly(self.names.era)
             if self.names.era in self.created:
                 self.created.remove(self.names.era)
-            kmsg = "; ".join(dm.kernel_messages("era")) or str(e)
-            log.error("%s: the kernel refused the era metadata: %s; loading fresh metadata", self.names.era, kmsg)
-            self.record.distrust(f"era metadata failed its check: {kmsg}"[:200])
+            said = klog.lines("era:")
+            log.error("%s: the kernel refused the era metadata (%s; %s); loading fresh metadata", self.names.era,
+                      e, "; ".join(said) or "the kernel log says nothing")
+            why = said[0].removeprefix("era: ") if said else str(e)
+            self.record.distrust(f"era metadata failed its check: {why}")
             self.zero_metadata()
             try:
                 self.create("era", era_table)
@@ -272,6 +275,8 @@ class Stack:
                 raise DeviceError(f"the kernel refused even fresh era metadata for {self.disk}: {e2}",
                                   hint="see the kernel log (dmesg); attach with --frontend fuse meanwhile") from e2
             self.record.set_era_folded(0, pending=True)
+        finally:
+            klog.close()
         return dm.EraTarget(self.names.era, dm.path(self.names.meta))
 
     def zero_metadata(self) -> None:

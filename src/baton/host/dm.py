@@ -472,19 +472,24 @@ def io_counters(devno: str) -> dict[str, int]:
             "in_flight": v[8]}
 
 
-def kernel_messages(match: str, limit: int = 3) -> list[str]:
-    """The last ``limit`` kernel log lines containing ``match`` (/dev/kmsg, without blocking; [] when it
-    cannot be read)."""
-    found: list[str] = []
-    try:
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return found
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        while True:
+class KernelLog:
+    """The kernel log from now on: open before a device-mapper call, :meth:`lines` after it fails says what the
+    kernel said about it (the table load's own error is only "Invalid argument"). Quietly empty when /dev/kmsg
+    cannot be read."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.fd = -1
+
+    def lines(self, match: str) -> list[str]:
+        """New lines containing ``match``, without their "device-mapper: " prefix."""
+        found: list[str] = []
+        while self.fd >= 0:
             try:
-                rec = os.read(fd, 8192)
+                rec = os.read(self.fd, 8192)
             except BlockingIOError:
                 break
             except BrokenPipeError:  # a record was overwritten while reading; the next one follows
@@ -493,9 +498,12 @@ def kernel_messages(match: str, limit: int = 3) -> list[str]:
                 break
             if not rec:
                 break
-            text = rec.decode(errors="replace").split(";", 1)[-1].splitlines()[0]
-            if match in text:
-                found.append(text)
-    finally:
-        os.close(fd)
-    return found[-limit:]
+            text = rec.decode(errors="replace").partition(";")[2].splitlines()
+            if text and match in text[0]:
+                found.append(text[0].removeprefix("device-mapper: "))
+        return found
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
