@@ -531,6 +531,8 @@ class DmFrontend(Frontend):
         self.stack.cow = prev.get("cow")
         self.record.begin_era()
         self.era = dm.EraTarget(n.era, dm.path(n.meta))
+        with contextlib.suppress(DeviceError):  # a table a dead freeze loaded and never swapped in
+            dm.dmsetup("clear", n.top)
         if dm.target_of(dm.table(n.top)) != "linear":  # a backup died with its snapshot in place
             dm.load(n.top, dm.linear_table(self.stack.devno["era"], [(0, self.size)]))
             dm.resume(n.top)
