@@ -332,12 +332,26 @@ class Scenario:
     # -- baton ----------------------------------------------------------------------------------------------
 
     def attach(self, g: Guest, frontend: str, *extra: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-        t = time.monotonic()
-        st: dict[str, Any] = g.baton("attach", "/dev/vda", "--name", self.NAME, "--frontend", frontend, *extra,
-                                     json=True, env=env)
-        assert st["frontend"] == frontend, st
+        return self.attached(self.attach_bg(g, frontend, *extra, env=env))
+
+    def attach_bg(self, g: Guest, frontend: str, *extra: str,
+                  env: dict[str, str] | None = None) -> tuple[Job, str]:
+        """Start ``baton attach`` of the disk as NAME in ``g``; :meth:`attached` waits for it."""
+        argv = [str(VENV_BIN / "baton"), "attach", "/dev/vda", "--name", self.NAME, "--frontend", frontend, *extra,
+                "--json"]
+        return g.run_bg(argv, env=env, timeout=300), frontend
+
+    def attached(self, pending: tuple[Job, str]) -> dict[str, Any]:
+        job, frontend = pending
+        r = job.wait()
+        g = job.guest
+        try:
+            st: dict[str, Any] = json.loads(r.out)
+        except ValueError:
+            st = {}
+        assert r.rc == 0 and st.get("frontend") == frontend, f"{g.name}: attach failed ({r.rc}): {r.out}{r.err}"
         self.owner, self.frontend = g.name, frontend
-        print(f"{g.name}: attached with {frontend} in {time.monotonic() - t:.1f} s, epoch {st['epoch']}"
+        print(f"{g.name}: attached with {frontend} in {time.monotonic() - job.started:.1f} s, epoch {st['epoch']}"
               + (f"; {st['era_settled']}" if st.get("era_settled") else ""))
         return st
 
