@@ -23,8 +23,8 @@ Memory bound: MAX_INFLIGHT_BYTES of chunks queued for encoding (the caller's buf
 as much again in encoded results not yet taken, the pack being filled (pack_target, 32 MiB by default) and
 MAX_UPLOADS + 1 packs at the uploader (one waiting as parts; the one being stored held joined): about
 16 + 16 + 32 + 2 x 32 = 128 MiB at the default pack size. While a writer is open the C allocator keeps freed
-large buffers for reuse (``baton.device.reuse_big_buffers``: fewer page faults, about 30 MiB more peak RSS
-in a full backup of the 1 GiB benchmark image); closing the writer gives them back.
+large buffers for reuse (``baton.device.reuse_big_buffers``: a third fewer page faults, and 30-60 MiB more
+peak RSS in a full backup of the 1 GiB benchmark image); closing the writer gives them back.
 
 Concurrency: the writer never touches the repository's chunk index itself; it asks ``Repository.has_chunk``
 (under the repository's lock) and adds entries through ``Repository.write_index_file``. ``_pending`` (chunks
