@@ -994,6 +994,14 @@ def settle_era(record: Record, disk: str, *, name: str, size: int, fence_wait: f
     try:
         era = stack.load_era()
         res = fold(record, era, pending=False)
+    except DeviceError as e:
+        # dm-era is here but this fold failed (the tools, a device in the way): the disk stays usable, the next
+        # backup is full with the reason (a fold's marks that did land only over-report)
+        log.error("%s: folding the previous dm owner's era metadata failed: %s", name, e)
+        reason = f"{PENDING_NO_DM.split(';')[0]}; its era metadata could not be folded here ({e})"
+        record.distrust(reason)
+        record.set_era_folded(record.header.era_folded, pending=False)
+        return f"distrusted: {reason}"
     finally:
         with contextlib.suppress(BatonError):
             stack.remove_era(stale=isinstance(record.broken(), Fenced))
