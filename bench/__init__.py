@@ -17,6 +17,8 @@ Modules, one per benchmark plus the shared kit:
 - :mod:`bench.full`         3. full backup, restore and verify
 - :mod:`bench.scale`        4. attach and planning time against disk size, memory, snapshot metadata
 - :mod:`bench.rollback`     5. rollback after 1 % changed against a full restore of the same snapshot
+- :mod:`bench.guest`        6. the dm-era frontend in a QEMU TCG guest against dm-linear and a bare era stack
+                            (only with ``--only guest``: it boots a guest of the VM test tier)
 - :mod:`bench.report`       markdown summary, plots and the figures block of docs/performance.md
 
 No benchmark asserts speed. A benchmark that cannot run a step records ``{"available": false, "error": ...}``

@@ -1,4 +1,4 @@
-"""``python -m bench [--smoke] [--size 4G] [--reps 3] [--only incremental,tracking,full,scale,rollback] [--out DIR]``
+"""``python -m bench [--smoke] [--size 4G] [--reps 3] [--only incremental,tracking,full,scale,rollback,guest] [--out DIR]``
 
 Runs the selected benchmarks in order and writes, into ``--out`` (default ``bench/results``, or
 ``bench/results/smoke`` with ``--smoke``):
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import SCHEMA_VERSION, full, incremental, report, rollback, scale, tracking
+from bench import SCHEMA_VERSION, full, guest, incremental, report, rollback, scale, tracking
 from bench.batonctl import Baton
 from bench.common import JSON, ColdCache, GiB, MiB, machine, parse_size, tool_versions, unavailable
 from bench.context import Context
@@ -40,7 +40,10 @@ SECTIONS: dict[str, Callable[[Context], JSON]] = {
     "full": full.run,
     "scale": scale.run,
     "rollback": rollback.run,
+    "guest": guest.run,
 }
+OPT_IN = ("guest",)  # boots a QEMU guest for minutes: run only when named in --only
+DEFAULT = [s for s in SECTIONS if s not in OPT_IN]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny sizes and one repetition (CI: keeps it working)")
     p.add_argument("--size", default=None, help="disk image size for incremental, full and rollback (default 4G; smoke 32M)")
     p.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3; smoke 1)")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of: " + ",".join(SECTIONS))
+    p.add_argument("--only", default=",".join(DEFAULT), help="comma-separated subset of: " + ",".join(SECTIONS))
     p.add_argument("--out", default=None, help="results directory (default bench/results[/smoke])")
     p.add_argument("--scratch", default=None, help="scratch directory on the disk to measure (default: under /tmp)")
     p.add_argument("--baton", default=None, help="the baton executable to measure (default: the project's .venv)")
@@ -87,7 +90,7 @@ def render(path: Path) -> int:
     results["plots"] = report.plots(results, img_dir)
     md = report.markdown(results, img_dir, path.parent)
     path.with_suffix(".md").write_text(md)
-    if default and not results.get("smoke") and set(results.get("sections", {})) == set(SECTIONS):
+    if default and not results.get("smoke") and set(results.get("sections", {})) == set(DEFAULT):
         report.update_performance_doc(ROOT / "docs" / "performance.md", results, md)
     return 0
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / fname).write_text(text + "\n")
     for fname in ("latest.md", f"{stamp}.md"):
         (out / fname).write_text(md)
-    if default_out and not a.smoke and set(a.only) == set(SECTIONS):
+    if default_out and not a.smoke and set(a.only) == set(DEFAULT):
         report.update_performance_doc(ROOT / "docs" / "performance.md", results, md)
     ctx.log(f"wrote {out / 'latest.json'} and {out / 'latest.md'}")
     return 0

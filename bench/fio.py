@@ -51,11 +51,9 @@ def first_touch_job(chunk_size: int) -> Job:
     return Job("first-touch-4k-qd16", f"write:{chunk_size - 4096}", "4k", 16)
 
 
-def run_job(job: Job, target: Target, *, offset: int, size: int, scratch: Path, seed: int = 42,
-            runtime_s: float | None = None) -> JSON:
-    """Run ``job`` over ``[offset, offset+size)``; returns IOPS, bandwidth, latencies and the command.
-    Raises StepFailed when fio fails or reports a job error."""
-    out = scratch / f"fio-{job.name}.json"
+def command(job: Job, target: Target, *, offset: int, size: int, out: str, seed: int = 42,
+            runtime_s: float | None = None) -> list[str]:
+    """The fio argv of ``job`` over ``[offset, offset+size)``, writing its JSON report to ``out``."""
     rt = job.runtime_s if runtime_s is None else runtime_s
     cmd = [
         "fio", f"--name={job.name}", *target.args(), f"--rw={job.rw}", f"--bs={job.bs}",
@@ -67,20 +65,19 @@ def run_job(job: Job, target: Target, *, offset: int, size: int, scratch: Path, 
         cmd += ["--time_based", f"--runtime={int(rt * 1000)}ms"]  # fio truncates fractional seconds to 0
         if rt >= 3:
             cmd.append("--ramp_time=1s")  # skip the queue fill-up; pointless for sub-3 s smoke runs
-    m = run(cmd, timeout=max(120.0, rt * 4 + 60))
-    if not m.ok:
-        raise StepFailed(m.error())
+    return cmd
+
+
+def parse(job: Job, text: str, stderr: str = "") -> JSON:
+    """IOPS, bandwidth and latencies from fio's JSON report ``text``; StepFailed for no JSON or a job error."""
     try:
-        text = out.read_text()
         # fio appends its own warnings to the output file; the JSON document is the outermost braces.
         data = json.loads(text[text.index("{"): text.rindex("}") + 1])
-    except (OSError, ValueError) as e:
-        raise StepFailed(f"fio gave no JSON ({e}): {m.stderr[-400:]}") from e
-    finally:
-        out.unlink(missing_ok=True)
+    except ValueError as e:
+        raise StepFailed(f"fio gave no JSON ({e}): {stderr[-400:]}") from e
     j = data["jobs"][0]
     if j.get("error"):
-        raise StepFailed(f"fio job error {j['error']}: {m.stderr[-400:]}")
+        raise StepFailed(f"fio job error {j['error']}: {stderr[-400:]}")
     side = j["read"] if "read" in job.rw else j["write"]
     lat = side.get("clat_ns", {})
     pct = lat.get("percentile", {})
@@ -91,5 +88,23 @@ def run_job(job: Job, target: Target, *, offset: int, size: int, scratch: Path, 
         "lat_mean_us": round(float(lat.get("mean", 0.0)) / 1000, 1),
         "lat_p99_us": round(float(pct.get("99.000000", 0.0)) / 1000, 1),
         "runtime_s": round(float(side.get("runtime", 0)) / 1000, 3),
-        "command": m.command,
     }
+
+
+def run_job(job: Job, target: Target, *, offset: int, size: int, scratch: Path, seed: int = 42,
+            runtime_s: float | None = None) -> JSON:
+    """Run ``job`` over ``[offset, offset+size)``; returns IOPS, bandwidth, latencies and the command.
+    Raises StepFailed when fio fails or reports a job error."""
+    out = scratch / f"fio-{job.name}.json"
+    rt = job.runtime_s if runtime_s is None else runtime_s
+    cmd = command(job, target, offset=offset, size=size, out=str(out), seed=seed, runtime_s=runtime_s)
+    m = run(cmd, timeout=max(120.0, rt * 4 + 60))
+    if not m.ok:
+        raise StepFailed(m.error())
+    try:
+        text = out.read_text()
+    except OSError as e:
+        raise StepFailed(f"fio gave no JSON ({e}): {m.stderr[-400:]}") from e
+    finally:
+        out.unlink(missing_ok=True)
+    return {**parse(job, text, m.stderr), "command": m.command}

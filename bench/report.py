@@ -233,6 +233,11 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
                       f"{_x(v.get('speedup'))} (target ≥ 10x: {met(v.get('speedup_met'))})."]
         lines.append("")
 
+    if "guest" in secs:
+        from bench.guest import markdown as guest_markdown
+
+        lines += guest_markdown(secs["guest"])
+
     if unavailable:
         lines += ["## Unavailable rows", "", *unavailable, ""]
     return "\n".join(lines)
