@@ -69,6 +69,14 @@ def test_attach_backup_restore_then_kill_the_daemon_and_adopt(tmp_path: Path, vm
     print(f"BATON_SEED={SEED}")
     with VmCluster(tmp_path, disk_mib=DISK_MIB, guests=("A",), image=vm_image) as c:
         (a,) = c.boot("A")
+        # a format-v2 record has no era region: dm is refused, saying why and what works, and nothing is left
+        a.baton("init", "/dev/vda", "--record-format", "2", json=True)
+        err = a.baton("attach", "/dev/vda", "--name", "d", "--frontend", "dm", json=True, rc=4)
+        print(f"v2 record: {err['message']}")
+        assert err["error"] == "RecordError" and "record format v2 has no era metadata region" in err["message"]
+        assert "--frontend fuse" in err["message"], err
+        assert _dm_devices(a) == [] and _sh(a, "ls /run/baton 2>/dev/null").strip() == ""
+        _sh(a, f"dd if=/dev/zero of=/dev/vda bs=1M seek={DISK_MIB - 16} count=16 oflag=direct status=none")  # the tail
         a.baton("init", "/dev/vda", json=True)
         a.baton("repo", "init", REPO, json=True)
         st = a.baton("attach", "/dev/vda", "--name", "d", json=True)  # the default: auto
