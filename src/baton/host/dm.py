@@ -427,6 +427,11 @@ class EraTarget:
         return st
 
     def take_snapshot(self) -> int:
+        """take_metadata_snap; the era current after it. The message moves the era on by exactly one, so once
+        a status has told this object the era, no further status is asked (a backup's freeze window is a few
+        process spawns shorter). Should anything else move the era meanwhile, the era returned is too low, and
+        the next fold lists those eras again: an over-report, never an under-report."""
+        known = self.era
         try:
             message(self.name, "take_metadata_snap")
         except DeviceError:
@@ -434,6 +439,10 @@ class EraTarget:
                 raise
             message(self.name, "drop_metadata_snap")  # left by a backup that died: one is held at a time
             message(self.name, "take_metadata_snap")
+            known = self.era
+        if known:
+            self.era = known + 1
+            return self.era
         return self.status().era
 
     def written_since(self, era: int) -> list[int]:
