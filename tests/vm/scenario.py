@@ -385,6 +385,28 @@ class Scenario:
         assert not bad, "\n".join(bad[:20])
         print(f"restore of {snapshot} on the host: {res['disk_size']} bytes, identical to the shadow")
 
+    def power_loss_during_backup(self, g: Guest, *, checkpoints: int) -> None:
+        """Start ``baton backup NAME`` in ``g`` and power ``g`` off once the backup's manifest was written
+        ``checkpoints`` times (its daemon should run with a small BATON_BATCH_CHUNKS); fails if the backup
+        ends first."""
+        before = self.snapshots()
+        job = g.run_bg(f"{VENV_BIN}/baton backup {self.NAME} --repo {self.repo} --json", timeout=600)
+        limit = time.monotonic() + 300
+        seen: list[tuple[int, int]] = []
+        while len(seen) < checkpoints:
+            assert not job.done(), f"the backup ended before its checkpoint {len(seen) + 1}: {job.wait()}"
+            assert time.monotonic() < limit, f"no checkpoint {len(seen) + 1} of the backup after 300 s"
+            new = sorted(self.snapshots() - before)
+            if new:  # the backup's manifest, rewritten at every checkpoint
+                with contextlib.suppress(FileNotFoundError):
+                    st = (self.repo_host / "snapshots" / new[0]).stat()
+                    if not seen or seen[-1] != (st.st_mtime_ns, st.st_size):
+                        seen.append((st.st_mtime_ns, st.st_size))
+                        continue
+            time.sleep(0.05)
+        assert not job.done(), f"the backup ended before the power loss: {job.wait()}"
+        g.kill()
+
     def snapshots(self) -> set[str]:
         d = self.repo_host / "snapshots"
         return set(os.listdir(d)) if d.is_dir() else set()
