@@ -187,6 +187,8 @@ def test_errors_map_to_ocf_codes(ocf_env: Env, tmp_path: Path) -> None:
     e = ocf_env
     assert e.ra("validate-all") == OCF_SUCCESS
     assert e.ra("validate-all", frontend="iscsi") == OCF_ERR_CONFIGURED
+    assert e.ra("validate-all", frontend="auto") == OCF_SUCCESS  # the CLI's default: dm where the kernel has it
+    assert e.ra("validate-all", frontend="dm") == OCF_SUCCESS  # validated here; start says why dm can't run
     assert e.ra("validate-all", disk=str(tmp_path / "absent.img")) == OCF_ERR_INSTALLED
     assert e.ra("start", baton=str(tmp_path / "no-baton")) == OCF_ERR_INSTALLED
     # A disk that was never `baton init`ed is a configuration error (bans the resource cluster-wide).
