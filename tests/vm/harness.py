@@ -254,7 +254,7 @@ class Guest:
             accel_args = ["-accel", "kvm", "-cpu", "host"]
         else:
             accel_args = ["-accel", "tcg,thread=multi", "-cpu", "max"]
-        append = (f"console=ttyS0 panic=-1 quiet loglevel=4 8250.nr_uarts=1 baton_vm.name={self.name} "
+        append = (f"console=ttyS0 panic=-1 quiet loglevel=4 8250.nr_uarts=1 no_timer_check baton_vm.name={self.name} "
                   + os.environ.get("BATON_VM_APPEND", "")).strip()
         argv = [QEMU, "-name", self.name, "-machine", "pc", *accel_args, "-smp", "1", "-m", str(c.mem_mib),
                 "-nodefaults", "-no-user-config", "-vga", "none", "-display", "none", "-no-reboot",
