@@ -159,6 +159,15 @@ def test_group_watches_in_order() -> None:
         ("/dev/a", "n9", "aa", "fuse", 2.0), ("/dev/b", "n2", "", "nbd", 5.0)]
 
 
+def test_watch_accepts_every_attach_frontend_choice() -> None:
+    """auto and dm, as `baton attach --frontend` takes them (the daemon resolves auto when it attaches)."""
+    specs = group_watches([("watch", "/dev/a"), ("node", "n1"), ("frontend", "auto"),
+                           ("watch", "/dev/b"), ("node", "n1"), ("frontend", "dm")])
+    assert [s.frontend for s in specs] == ["auto", "dm"]
+    with pytest.raises(UsageError):
+        group_watches([("watch", "/dev/a"), ("node", "n1"), ("frontend", "iscsi")])
+
+
 @pytest.mark.parametrize("items", [
     [("name", "x"), ("watch", "/dev/a"), ("node", "n")],          # option before any --watch
     [("watch", "/dev/a"), ("node", "n"), ("node", "m")],           # twice in one group

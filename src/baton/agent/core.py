@@ -106,7 +106,8 @@ def group_watches(items: Iterable[tuple[str, Any]], *, default_node: str = "") -
             raise UsageError(f"--probe-interval {interval}: expected 0.1 to 3600 seconds")
         spec = WatchSpec(disk=g["disk"], node=node, name=g.get("name") or "", frontend=g.get("frontend") or "fuse",
                          record=g.get("record"), probe_interval=interval)
-        frontends.get(spec.frontend)  # UsageError for an unknown kind
+        if spec.frontend not in frontends.choices():
+            frontends.get(spec.frontend)  # UsageError naming the kinds
         if spec.attach_name in names:
             raise UsageError(f"two --watch options would both attach as {spec.attach_name}; give --name")
         names.add(spec.attach_name)

@@ -49,8 +49,9 @@ def _ordered(ctx: click.Context, values: dict[str, Sequence[Any]]) -> list[tuple
               help="This node's cluster name, for the --watch before it (before any --watch: for all). "
                    "Default: env BATON_NODE.")
 @click.option("--name", multiple=True, help="Attachment name for the --watch before it (default: DISK's name).")
-@click.option("--frontend", multiple=True, type=click.Choice(frontends.kinds()),
-              help="Frontend for the --watch before it (default fuse).")
+@click.option("--frontend", multiple=True, type=click.Choice(frontends.choices()),
+              help="Frontend for the --watch before it (default fuse; auto: dm where the kernel has it, else "
+                   "fuse).")
 @click.option("--record", multiple=True, metavar="SPEC",
               help="external:RECORD_DISK[#SLOT] for the --watch before it, if its record is on a record disk.")
 @click.option("--probe-interval", multiple=True, type=float, metavar="SECONDS",
