@@ -12,7 +12,8 @@
 #    running); stdout and stderr go to JOB.out and JOB.err, the exit status to JOB.rc (written last, by rename).
 #    The file "poweroff" in that directory makes it sync and power the guest off.
 #
-# Kernel command line: baton_vm.name=NAME (the hostname and the agent directory); baton_vm.hostroot=OPTS
+# Kernel command line: baton_vm.name=NAME (the hostname and the agent directory); baton_vm.checkout=PATH (the
+# checkout, shared as "checkout" and mounted at its host path); baton_vm.hostroot=OPTS
 # (9p mount options of the host root instead of cache=loose).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -38,11 +39,13 @@ fail() {
 }
 
 NAME=guest
+CHECKOUT=
 HOSTROOT_OPTS=cache=loose  # the host's root is read-only and exclusive to this use: cache all of it
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     baton_vm.name=*) NAME=${arg#baton_vm.name=} ;;
     baton_vm.hostroot=*) HOSTROOT_OPTS=${arg#baton_vm.hostroot=} ;;
+    baton_vm.checkout=*) CHECKOUT=${arg#baton_vm.checkout=} ;;
   esac
 done
 hostname "$NAME"
@@ -85,6 +88,12 @@ for d in proc sys dev run tmp mnt; do
   mount -o rbind "/$d" "/host/$d" || fail "cannot bind /$d into /host"
 done
 mount -o bind /scratch /host/var/tmp || fail "cannot bind /scratch onto /host/var/tmp"
+# The checkout (and its venv) at its host path, over whatever the binds above put there (a clone under /tmp).
+if [ -n "$CHECKOUT" ]; then
+  mkdir -p "/host$CHECKOUT" 2>/dev/null
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro${HOSTROOT_OPTS:+,$HOSTROOT_OPTS} checkout \
+    "/host$CHECKOUT" || fail "cannot mount the checkout at $CHECKOUT"
+fi
 
 
 uptime=$(cut -d' ' -f1 /proc/uptime)

@@ -66,6 +66,9 @@ from vm.image import Image, ensure_image
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 VENV_BIN = (REPO / ".venv" / "bin") if (REPO / ".venv" / "bin" / "python").exists() else Path(sys.executable).parent
+# What a guest must see at its host path besides the host root: the checkout, or the venv's directory when the venv
+# lies outside it (a path without spaces: it goes on the kernel command line).
+CHECKOUT = REPO if VENV_BIN.is_relative_to(REPO) else Path(os.path.commonpath([REPO, VENV_BIN]))
 QEMU = "qemu-system-x86_64"
 GUEST_SHARE = "/mnt/share"
 GUEST_PATH = f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -255,6 +258,7 @@ class Guest:
         else:
             accel_args = ["-accel", "tcg,thread=multi", "-cpu", "max"]
         append = (f"console=ttyS0 panic=-1 quiet loglevel=4 8250.nr_uarts=1 no_timer_check baton_vm.name={self.name} "
+                  f"baton_vm.checkout={CHECKOUT} "
                   + os.environ.get("BATON_VM_APPEND", "")).strip()
         argv = [QEMU, "-name", self.name, "-machine", "pc", *accel_args, "-smp", "1", "-m", str(c.mem_mib),
                 "-nodefaults", "-no-user-config", "-vga", "none", "-display", "none", "-no-reboot",
@@ -268,7 +272,11 @@ class Guest:
         argv += ["-drive", f"file={self.scratch},format=raw,if=none,id=scratch,cache=unsafe",
                  "-device", "virtio-blk-pci,drive=scratch,serial=scratch",
                  "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-                 "-virtfs", f"local,path={c.share},mount_tag=share,security_model=none,multidevs=remap"]
+                 "-virtfs", f"local,path={c.share},mount_tag=share,security_model=none,multidevs=remap",
+                 # The checkout again at its own path: under /tmp, /run or /mnt (a CI clone) the host root's copy is
+                 # hidden by the guest's own /tmp, /run and /mnt, which the init binds over them.
+                 "-virtfs", f"local,path={CHECKOUT},mount_tag=checkout,security_model=none,readonly=on,"
+                 "multidevs=remap"]
         return argv
 
     def boot(self, *, timeout: float | None = None, wait: bool = True) -> Guest:
