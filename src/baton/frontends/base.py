@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import abc
 import enum
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -152,3 +154,31 @@ class Frontend(abc.ABC):
     @abc.abstractmethod
     def statistics(self) -> dict[str, int]:
         """Counters over the frontend's life (requests, bytes, errors; per frontend, documented there)."""
+
+
+class ServeLock:
+    """An flock on RUN_DIR/NAME/lock, held by the process serving NAME for as long as it serves it (the FUSE and
+    dm frontends share it: one lock file per attachment name, whichever frontend serves it).
+
+    The kernel drops it when the process dies, however it dies, so it tells a live daemon from a dead one even
+    across pid namespaces. The file is never deleted: deleting a lock file lets two processes lock two
+    different inodes under one name. The descriptor is close-on-exec, so children never inherit the lock.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = state_dir / "lock"
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def try_acquire(self) -> bool:
+        assert self.fd is not None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock
+            self.fd = None

@@ -33,7 +33,6 @@ never the origin (the application's writes go on).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ from typing import Any, ClassVar
 from baton.device import BlockDev, DirectDev
 from baton.errors import BatonError, DeviceBusy, DeviceError, Fenced, RecordError, UsageError
 from baton.frontends import loopdev
-from baton.frontends.base import Endpoint, FailureKind, Frontend, FrontendConfig, FrontendFailure
+from baton.frontends.base import Endpoint, FailureKind, Frontend, FrontendConfig, FrontendFailure, ServeLock
 from baton.host import HOLDER, LOOP, Use, dm
 from baton.host import users as host_users
 from baton.host.attachments import check_name
@@ -325,27 +324,6 @@ def error_out_metadata(names: Names) -> list[str]:
 # ---- the frontend -------------------------------------------------------------------------------------------
 
 
-class _Lock:
-    """flock on RUN_DIR/NAME/lock, held while this process serves NAME (the FUSE frontend uses the same file)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.fd: int | None = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-    def try_acquire(self) -> bool:
-        assert self.fd is not None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def _read_json(p: Path) -> dict[str, Any] | None:
     try:
         data: dict[str, Any] = json.loads(p.read_text())
@@ -409,7 +387,7 @@ class DmFrontend(Frontend):
         self._stopped = threading.Event()
         self._failure: FrontendFailure | None = None
         self._endpoint: Endpoint | None = None
-        self._lock_file: _Lock | None = None
+        self._lock_file: ServeLock | None = None
         self._snap: DirectDev | None = None
         self._stats = {"folds": 0, "chunks_folded": 0, "backups_frozen": 0, "freeze_ms": 0, "freeze_ms_max": 0,
                        "cow_size": self.cow_size, "adopted": 0, "thaw_failures": 0}
@@ -457,7 +435,7 @@ class DmFrontend(Frontend):
             raise DeviceError(f"--frontend dm: {why}", hint="attach with --frontend fuse (or auto, which picks it)")
         if self.record.era_region() is None:
             raise RecordError(era_unsupported_reason(self.record) or "this record has no era metadata region")
-        self._lock_file = _Lock(self.state_dir)
+        self._lock_file = ServeLock(self.state_dir)
         if not self._lock_file.try_acquire():
             self._lock_file.release()
             self._lock_file = None
@@ -901,7 +879,7 @@ class DmFrontend(Frontend):
             present = {}
         if prev is None and not present:
             return []
-        lock = _Lock(state_dir)
+        lock = ServeLock(state_dir)
         try:
             if not lock.try_acquire():
                 raise DeviceBusy(f"{config.name} is served by a live process", hint=f"baton detach {config.name}")

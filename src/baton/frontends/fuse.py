@@ -43,7 +43,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import itertools
 import json
 import logging
@@ -60,7 +59,14 @@ from typing import Any
 
 from baton.errors import BatonError, DeviceBusy, DeviceError, Fenced
 from baton.frontends import loopdev
-from baton.frontends.base import Endpoint, FailureKind, Frontend, FrontendConfig, FrontendFailure
+from baton.frontends.base import (
+    Endpoint,
+    FailureKind,
+    Frontend,
+    FrontendConfig,
+    FrontendFailure,
+    ServeLock,
+)
 from baton.host.attachments import check_name
 
 log = logging.getLogger(__name__)
@@ -245,36 +251,9 @@ def _exiting(pid: int) -> bool:
 
 def _alive(st: State) -> bool:
     """The recorded process still runs. Only decidable from the same pid namespace; elsewhere the lock file
-    (see :class:`_Lock`) is the only evidence, and this returns False."""
+    (see :class:`ServeLock`) is the only evidence, and this returns False."""
     return (st.pid_ns in ("", _pid_ns()) and process_start_time(st.pid) == st.pid_start
             and not _exiting(st.pid))
-
-
-class _Lock:
-    """An flock on RUN_DIR/NAME/lock, held by the serving process for as long as it serves NAME.
-
-    The kernel drops it when the process dies, however it dies, so it tells a live daemon from a dead one even
-    across pid namespaces. The file is never deleted: deleting a lock file lets two processes lock two
-    different inodes under one name. The descriptor is close-on-exec, so children never inherit the lock.
-    """
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = state_dir / "lock"
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-    def try_acquire(self) -> bool:
-        assert self.fd is not None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # drops the flock
-            self.fd = None
 
 
 def _busy_message(name: str, st: State | None) -> str:
@@ -302,7 +281,7 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
     state_dir = Path(run_dir).absolute() / name
     if not (state_dir / "state.json").exists():
         return []
-    lock = _Lock(state_dir)
+    lock = ServeLock(state_dir)
     try:
         if not lock.try_acquire() and not _unwedge_dying_daemon(load_state(state_dir / "state.json"), lock):
             raise DeviceBusy(_busy_message(name, load_state(state_dir / "state.json")),
@@ -312,7 +291,7 @@ def cleanup_stale(name: str, run_dir: Path = Path("/run/baton"), dev_dir: Path =
         lock.release()
 
 
-def _unwedge_dying_daemon(st: State | None, lock: _Lock) -> bool:
+def _unwedge_dying_daemon(st: State | None, lock: ServeLock) -> bool:
     """A killed daemon that cannot finish dying: abort its FUSE connection; True once we hold the lock.
 
     The case: the daemon was the last process of a mount namespace in which a file system on its own device
@@ -431,7 +410,7 @@ class FuseFrontend(Frontend):
         self._conn: int | None = None
         self._fuse_stat: os.stat_result | None = None
         self._diskseq: int | None = None  # of our loop attachment
-        self._lock_file: _Lock | None = None  # held from start() until the device is gone
+        self._lock_file: ServeLock | None = None  # held from start() until the device is gone
         self._dead = False  # fenced/aborted: reject every request without calling the tracker
         self._inflight: dict[int, float] = {}
         self._tokens = itertools.count()
@@ -493,7 +472,7 @@ class FuseFrontend(Frontend):
         return self._failure
 
     def _prepare_dirs(self) -> None:
-        self._lock_file = _Lock(self.state_dir)
+        self._lock_file = ServeLock(self.state_dir)
         if not self._lock_file.try_acquire() and not _unwedge_dying_daemon(load_state(self.state_path),
                                                                           self._lock_file):
             self._lock_file.release()
