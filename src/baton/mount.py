@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -111,25 +110,12 @@ def mount(snapshot: str, repo_url: str, *, name: str | None = None, key_file: st
     finally:
         os.close(w)
         logf.close()
-    buf = b""
-    deadline = time.monotonic() + READY_TIMEOUT
-    with os.fdopen(r, "rb") as rf:
-        while time.monotonic() < deadline and b"\n" not in buf:
-            ready, _, _ = select.select([rf], [], [], 0.5)
-            if ready:
-                chunk = rf.read1(65536)
-                if not chunk:
-                    break
-                buf += chunk
-            elif proc.poll() is not None:
-                break
-    line = buf.split(b"\n", 1)[0]
-    if not line:
+    msg = protocol.read_ready(r, proc, READY_TIMEOUT)
+    if msg is None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
         raise DaemonError(f"the mount daemon of {full} did not become ready (exit status {proc.poll()})",
                           hint=f"see {d / 'mount.log'}")
-    msg = json.loads(line)
     if not msg.get("ok"):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)

@@ -6,9 +6,7 @@ commands; none of them touches a daemon's files or socket in any other way.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -144,27 +142,12 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str = fro
     finally:
         os.close(w)
         logf.close()
-    deadline = time.monotonic() + READY_TIMEOUT
-    buf = b""
-    with os.fdopen(r, "rb") as rf:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([rf], [], [], 0.5)
-            if ready:
-                chunk = rf.read1(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if b"\n" in buf:
-                    break
-            elif proc.poll() is not None:
-                break
-    line = buf.split(b"\n", 1)[0]
-    if not line:
+    msg = protocol.read_ready(r, proc, READY_TIMEOUT)
+    if msg is None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
         raise DaemonError(f"the daemon for {name} did not become ready (exit status {proc.poll()}); see "
                           f"{log_path(name)}")
-    msg = json.loads(line)
     if not msg.get("ok"):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)

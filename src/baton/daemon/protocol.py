@@ -20,7 +20,9 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +56,28 @@ def error_reply(e: BaseException) -> dict[str, Any]:
     if isinstance(e, BatonError):
         return {"ok": False, "error": errors.public_name(e), "message": str(e), "hint": e.hint}
     return {"ok": False, "error": "BatonError", "message": f"{type(e).__name__}: {e}"}
+
+
+def read_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any] | None:
+    """The first line a starting daemon writes to its ready pipe (read end ``fd``, closed here), as a reply
+    (``{"ok": ...}``); None when the daemon exits, closes the pipe or stays silent for ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    with os.fdopen(fd, "rb") as rf:
+        while time.monotonic() < deadline and b"\n" not in buf:
+            ready, _, _ = select.select([rf], [], [], 0.5)
+            if ready:
+                chunk = rf.read1(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            elif proc.poll() is not None:
+                break
+    line = buf.split(b"\n", 1)[0]
+    if not line:
+        return None
+    msg: dict[str, Any] = json.loads(line)
+    return msg
 
 
 def raise_reply(msg: dict[str, Any], default: type[BatonError] = DaemonError) -> None:
