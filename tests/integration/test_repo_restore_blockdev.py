@@ -58,7 +58,7 @@ def _snapshot(tmp_path, size: int):  # type: ignore[no-untyped-def]
 def test_restore_to_loop_device_writes_zero_chunks(loopdev, tmp_path) -> None:  # type: ignore[no-untyped-def]
     dev, _ = loopdev
     repo, m, img = _snapshot(tmp_path, 2 << 20)
-    res = restore(repo, m, dev)
+    res = restore(repo, m, dev, digest=True)
     assert res.target_kind == "block" and res.bytes_written == len(img)
     with open(dev, "rb") as f:
         got = f.read(len(img))

@@ -162,7 +162,8 @@ def test_s3_cli_end_to_end(s3_env: str, tmp_path) -> None:  # type: ignore[no-un
     env["BATON_KEY_FILE"] = key
     p = run("verify", "--repo", s3_env, "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["chunks"] == 4, p.stderr
-    p = run("restore", m.snapshot_id[:8], "--repo", s3_env, "--to", str(tmp_path / "out"), "--json")
+    p = run("restore", m.snapshot_id[:8], "--repo", s3_env, "--to", str(tmp_path / "out"), "--digest",
+            "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["image_digest"] == blake3.blake3(img).hexdigest()
     assert (tmp_path / "out").read_bytes() == img

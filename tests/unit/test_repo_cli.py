@@ -56,10 +56,17 @@ def test_cli_round_trip(tmp_path, capsys) -> None:  # type: ignore[no-untyped-de
     code, out, _ = run(capsys, "restore", ids[1][:8], "--repo", url, "--to", target, "--json")
     res = json.loads(out)
     assert code == 0 and res["disk_size"] == 20 * CS + 7 and res["zero_chunks"] == 3
+    assert res["image_digest"] is None                  # the whole-image hash is asked for (--digest)
     import blake3
 
     with open(target, "rb") as f:
-        assert blake3.blake3(f.read()).hexdigest() == res["image_digest"]
+        restored = f.read()
+    code, out, _ = run(capsys, "restore", ids[1][:8], "--repo", url, "--to", target, "--digest", "--json")
+    assert code == 0 and json.loads(out)["image_digest"] == blake3.blake3(restored).hexdigest()
+    code, out, _ = run(capsys, "restore", ids[1][:8], "--repo", url, "--to", target, "--digest")
+    assert code == 0 and f"image blake3 {blake3.blake3(restored).hexdigest()}" in out
+    code, out, _ = run(capsys, "restore", ids[1][:8], "--repo", url, "--to", target)
+    assert code == 0 and "restored snapshot" in out and "blake3" not in out
     code, out, _ = run(capsys, "forget", "--repo", url, "--keep-last", "1", "--json")
     assert code == 0 and [r["snapshot"] for r in json.loads(out)["removed"]] == [ids[0]]
     code, out, _ = run(capsys, "prune", "--repo", url, "--grace", "0s", "--json")

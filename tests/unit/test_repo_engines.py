@@ -53,7 +53,7 @@ def test_restore_file_is_sparse_and_digest_matches(repo: Repository, tmp_path) -
     m = backup(repo, disk, img)
     target = tmp_path / "out.img"
     target.write_bytes(b"\xff" * (len(img) + 5 * CS))         # old, larger content must vanish
-    res = restore(repo, m, str(target))
+    res = restore(repo, m, str(target), digest=True)
     assert target.read_bytes() == bytes(img)
     assert res.image_digest == blake3.blake3(bytes(img)).hexdigest()
     assert res.zero_chunks == 20 and res.bytes_written == len(img) - 20 * CS
@@ -285,7 +285,7 @@ def test_restore_many_batches_across_packs(repo: Repository, tmp_path) -> None: 
         img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
     img[10 * CS:11 * CS] = img[20 * CS:21 * CS]              # a duplicate inside one batch
     m2 = backup(repo, disk, img, [*changed, 10], parent=m, mode="incremental")
-    res = restore(Repository.open(repo.url), m2, str(tmp_path / "out"))
+    res = restore(Repository.open(repo.url), m2, str(tmp_path / "out"), digest=True)
     assert (tmp_path / "out").read_bytes() == bytes(img)
     assert res.image_digest == blake3.blake3(bytes(img)).hexdigest()
 
