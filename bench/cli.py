@@ -1,4 +1,4 @@
-"""``python -m bench [--smoke] [--size 4G] [--reps 3] [--only incremental,tracking,full,scale,rollback,guest] [--out DIR]``
+"""``python -m bench [--smoke] [--size 4G] [--reps 3] [--only incremental,tracking,full,scale,rollback,memory,guest] [--out DIR]``
 
 Runs the selected benchmarks in order and writes, into ``--out`` (default ``bench/results``, or
 ``bench/results/smoke`` with ``--smoke``):
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import SCHEMA_VERSION, full, guest, incremental, report, rollback, scale, tracking
+from bench import SCHEMA_VERSION, full, guest, incremental, memory, report, rollback, scale, tracking
 from bench.batonctl import Baton
 from bench.common import JSON, ColdCache, GiB, MiB, machine, parse_size, tool_versions, unavailable
 from bench.context import Context
@@ -40,6 +40,7 @@ SECTIONS: dict[str, Callable[[Context], JSON]] = {
     "full": full.run,
     "scale": scale.run,
     "rollback": rollback.run,
+    "memory": memory.run,
     "guest": guest.run,
 }
 OPT_IN = ("guest",)  # boots a QEMU guest for minutes: run only when named in --only

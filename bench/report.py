@@ -233,6 +233,11 @@ def markdown(results: JSON, img_dir: Path, base: Path, *, title: bool = True) ->
                       f"{_x(v.get('speedup'))} (target ≥ 10x: {met(v.get('speedup_met'))})."]
         lines.append("")
 
+    if "memory" in secs:
+        from bench.memory import markdown as memory_markdown
+
+        lines += memory_markdown(secs["memory"])
+
     if "guest" in secs:
         from bench.guest import markdown as guest_markdown
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import need_root, need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("incremental", "tracking", "full", "scale", "rollback")
+SECTIONS = ("incremental", "tracking", "full", "scale", "rollback", "memory")
 
 
 def numbers(node: Any) -> int:
@@ -104,9 +104,17 @@ def test_bench_smoke_writes_complete_results(tmp_path: Path) -> None:
     for peer in ("restic", "borg"):
         assert full[peer]["restore"]["runs"][0]["identical"] is True, full[peer]["restore"]
 
+    # Memory: the backup after the failover is incremental and reads just the changed chunks; both processes'
+    # peaks are measured.
+    mem = data["sections"]["memory"]
+    assert mem["available"], mem
+    assert mem["incremental"]["mode"] == "incremental", mem["incremental"]
+    assert mem["incremental"]["chunks_read"] == mem["changes"]["chunks"]
+    assert mem["incremental"]["together_bytes"] > mem["incremental"]["client_peak_rss_bytes"] > 0
+
     md = (out / "latest.md").read_text()
     for heading in ("## 1. Incremental after failover", "## 2. Tracking cost", "## 3. Full backup",
-                    "## 4. Scale"):
+                    "## 4. Scale", "## 7. Memory"):
         assert heading in md
     assert (out / "img" / "incremental.png").stat().st_size > 0
     assert (out / "img" / "tracking.png").stat().st_size > 0
