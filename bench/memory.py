@@ -100,7 +100,8 @@ def _backup_row(ctx: Context, repo: Path, img: Path, daemon_pid: int | None) -> 
     daemon_peak = proc_rss(daemon_pid, "VmHWM") if daemon_pid else None
     reported = out.get("peak_rss_bytes")
     row: JSON = {k: out.get(k) for k in ("mode", "reason", "chunks_read", "bytes_read", "bytes_stored",
-                                         "chunks_stored", "timings")}
+                                         "chunks_stored", "zero_chunks", "holes_skipped_bytes", "duration_s",
+                                         "plan_s", "read_s", "store_s", "commit_s")}
     row.update({"wall_s": round(m.wall_s, 3), "client_cpu_s": round(m.cpu_s, 3),
                 "client_peak_rss_bytes": m.peak_rss_bytes, "daemon_peak_rss_bytes": daemon_peak,
                 "reported_peak_rss_bytes": reported, "command": m.command})
