@@ -228,7 +228,7 @@ def test_order_checker_catches_a_writer_that_does_not_wait_for_its_uploads(tmp_p
         orig_put = self.repo.store.put_if_absent
 
         def put_later(key: str, data: bytes) -> bool:
-            threading.Thread(target=orig_put, args=(key, data)).start()
+            threading.Thread(target=orig_put, args=(key, bytes(data))).start()  # a copy: the writer reuses its buffer
             return True
 
         self.repo.store.put_if_absent = put_later  # type: ignore[method-assign]

@@ -15,16 +15,21 @@ Pipeline: ``put_run`` (``put`` is a run of one) hands a run of chunks to a threa
 threads, since BLAKE3, zstd and AES-GCM release the GIL and a process pool would copy every chunk across a
 pipe) that hashes (keyed BLAKE3), recognises zero chunks by their id, compresses (zstd-1, one compressor per
 thread) and encrypts (AES-256-GCM); results are taken back in submission order on the caller's thread and
-appended to the current pack as parts; a full pack goes to one uploader thread, which joins, checks, names
-and stores it while the caller goes on. Index pages are stored by a small pool, concurrently. A chunk is
-compressed from the caller's view as it is; only a chunk stored raw is copied.
+copied into the current pack's buffer (one bytearray per pack, the encoded blob freed at once); a full pack
+goes to one uploader thread, which appends the table and trailer, checks, names and stores it while the
+caller fills the next one. Index pages are stored by a small pool, concurrently. A chunk is compressed from
+the caller's view as it is; only a chunk stored raw is copied.
 
-Memory bound: MAX_INFLIGHT_BYTES of chunks queued for encoding (the caller's buffers, held by reference) and
-as much again in encoded results not yet taken, the pack being filled (pack_target, 32 MiB by default) and
-MAX_UPLOADS + 1 packs at the uploader (one waiting as parts; the one being stored held joined): about
-16 + 16 + 32 + 2 x 32 = 128 MiB at the default pack size. While a writer is open the C allocator keeps freed
-large buffers for reuse (``baton.device.reuse_big_buffers``: a third fewer page faults, and 30-60 MiB more
-peak RSS in a full backup of the 1 GiB benchmark image); closing the writer gives them back.
+Memory bound: MAX_INFLIGHT_BYTES (16 MiB) of chunks queued for encoding (the caller's read buffers, held by
+reference) and as much again in encoded results not yet taken, the pack being filled and the pack being
+stored (one buffer each of PACK_BYTES_MAX, just under 32 MiB; MAX_UPLOADS = 0: sealing a pack waits for the
+one before it to be stored, and a stored pack's buffer is filled again): 16 + 16 + 32 + 32 = 96 MiB, plus
+the local store's O_DIRECT bounce buffer (4 MiB, on the uploader thread). Measured: peak RSS of an in-process
+full backup of the 1 GiB benchmark image 176-186 MiB (the interpreter and libraries 33 MiB of it), against
+228-250 MiB with packs joined from parts and one pack waiting; storing each pack before filling the next held
+147-152 MiB but took 0.5-0.9 s longer. While a writer is open the C allocator keeps freed large buffers for
+reuse (``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of
+being faulted in anew); closing the writer gives them back.
 
 Concurrency: the writer never touches the repository's chunk index itself; it asks ``Repository.has_chunk``
 (under the repository's lock) and adds entries through ``Repository.write_index_file``. ``_pending`` (chunks
@@ -35,17 +40,19 @@ it: a stale answer only compresses a chunk that is then deduplicated in order on
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import blake3
 
-from baton.device import release_free_memory, reuse_big_buffers
+from baton.device import BIG_BUFFERS_MMAP, release_free_memory, reuse_big_buffers
 from baton.errors import RepoError, UsageError
 from baton.format.repo_index import PAGE_FANOUT, ZERO_ID, IndexEntry
 from baton.format.repo_pack import (
+    PACK_ENTRY,
     PACK_TAIL,
     PackEntry,
     pack_footer,
@@ -60,11 +67,19 @@ from baton.repo.repository import Repository, pack_key
 from baton.repo.tree import TreeReader
 
 MAX_INFLIGHT_BYTES = 16 << 20  # chunk bytes queued in the encode pool (views of the caller's read buffers)
-MAX_UPLOADS = 1              # sealed packs waiting for the uploader (one stored, one waiting)
+MAX_UPLOADS = 0              # sealed packs waiting while the uploader stores one (0: sealing a pack waits for
+                             # the one before it; 1 was no faster with O_DIRECT pack writes, and held 32 MiB more)
 UPLOADERS = 1                # threads storing packs (2, with MAX_UPLOADS 2, measured no faster on 2 cores)
 INDEX_EVERY_PACKS = 16       # write an index file at least every N packs
 MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages
 PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
+# A pack is sealed before a blob would make it, with its table and trailer, larger than this, whatever the
+# repository's pack_target: each pack is built in one buffer, and below the allocator's mmap threshold (raised
+# to BIG_BUFFERS_MMAP while a writer is open) that buffer reuses the memory of a pack already stored instead of
+# being mapped fresh and faulted in page by page (8,192 faults per 32 MiB pack: about 100,000 of the 137,000
+# minor faults of a full backup of the 1 GiB benchmark image).
+PACK_BYTES_MAX = BIG_BUFFERS_MMAP - (64 << 10)
+FOOTER_SLACK = 28 + PACK_TAIL.size + 64   # an encrypted table's nonce and tag, the trailer, malloc's headers
 
 
 class BackupWriter:
@@ -120,10 +135,11 @@ class BackupWriter:
         self._inflight: deque[tuple[list[tuple[int, int]], Future[list[tuple[bytes, bytes | None, int]]] | None]] \
             = deque()
         self._inflight_bytes = 0
-        self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int]]] = deque()
+        self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int, bytearray]]] = deque()
+        self._spare: list[bytearray] = []  # pack buffers stored and referenced by no one: filled again
         self._unindexed: list[tuple[bytes, IndexEntry]] = []
         self._packs_since_index = 0
-        self._pack: list[bytes] = []
+        self._pack: bytearray | None = None             # the pack being filled, blobs copied in as they come
         self._pack_len = 0
         self._pack_entries: list[PackEntry] = []
         self._zero_cid = chunk_id(repo.keys, bytes(disk.chunk_size))
@@ -353,13 +369,22 @@ class BackupWriter:
         leaf[slot] = cid
 
     def _append(self, cid: bytes, stored: bytes, flags: int, raw_length: int) -> None:
-        if not self._pack:
+        if self._pack is not None and (self._pack_len + len(stored) + FOOTER_SLACK
+                                       + PACK_ENTRY.size * (len(self._pack_entries) + 1) > PACK_BYTES_MAX):
+            self._seal_pack()
+        if self._pack is None:
             head = pack_head(self.repo.keys.encrypted)
-            self._pack.append(head)
+            # One allocation per pack, sized for the whole pack (a blob that does not fit grows it): below the
+            # allocator's mmap threshold, so it reuses the memory of a pack already stored (see PACK_BYTES_MAX).
+            self._pack = self._spare.pop() if self._spare else bytearray(
+                min(PACK_BYTES_MAX, self.repo.config.pack_target + self.disk.chunk_size + FOOTER_SLACK
+                    + PACK_ENTRY.size * 64))
+            self._pack[:len(head)] = head
             self._pack_len = len(head)
         self._pack_entries.append(PackEntry(cid, self._pack_len, len(stored), raw_length, flags))
-        self._pack.append(stored)          # parts, joined once on the uploader (no growing buffer)
-        self._pack_len += len(stored)
+        end = self._pack_len + len(stored)
+        self._pack[self._pack_len:end] = stored  # copied in now: the encoded blob is freed at once
+        self._pack_len = end
         self._pending.add(cid)
         self._stats["chunks_stored"] += 1
         self._stats["bytes_stored"] += len(stored)
@@ -368,48 +393,65 @@ class BackupWriter:
 
     def _seal_pack(self) -> None:
         """Hand the current pack to the uploader thread, which joins, names, checks and stores it (that
-        work then overlaps with this thread's); at most MAX_UPLOADS packs wait for it."""
-        if not self._pack_entries:
+        work then overlaps with this thread's); at most MAX_UPLOADS packs wait for it besides the one it
+        stores."""
+        if self._pack is None or not self._pack_entries:
             return
-        parts, pack_entries, length = self._pack, self._pack_entries, self._pack_len
-        self._pack = []
+        buf, pack_entries, length = self._pack, self._pack_entries, self._pack_len
+        self._pack = None
         self._pack_entries = []
         self._pack_len = 0
         self._stats["packs_written"] += 1
-        self._uploads.append(self._uploader.submit(self._store_pack, parts, pack_entries, length))
         while len(self._uploads) > MAX_UPLOADS:
             self._finish_upload()
+        self._uploads.append(self._uploader.submit(self._store_pack, buf, pack_entries, length))
         self._packs_since_index += 1
         if self._packs_since_index >= INDEX_EVERY_PACKS:
             self._write_index()
         self._lock.refresh()
 
-    def _store_pack(self, parts: list[bytes], pack_entries: list[PackEntry], length: int
-                    ) -> tuple[list[tuple[bytes, IndexEntry]], int]:
-        """(Uploader thread.) Seal, check, name and store one pack; returns its index entries and size."""
-        parts.append(pack_footer(pack_entries, length, self.repo.keys.data_key))
-        data = b"".join(parts)
-        parts.clear()
-        self._check_pack(data, pack_entries)
-        pid = blake3.blake3(data).digest()
-        self.repo.store.put_if_absent(pack_key(pid), data)
-        return [(e.chunk_id, IndexEntry(pid, e.offset, e.stored_length, e.raw_length, e.flags))
-                for e in pack_entries], len(data)
+    def _store_pack(self, buf: bytearray, pack_entries: list[PackEntry], length: int
+                    ) -> tuple[list[tuple[bytes, IndexEntry]], int, bytearray]:
+        """(Uploader thread.) Seal, check, name and store one pack; returns its index entries, its size and
+        the buffer (which the caller fills again if nothing else holds it).
 
-    def _check_pack(self, data: bytes, pack_entries: list[PackEntry]) -> None:
+        ``buf`` holds the blobs in its first ``length`` bytes; the table and trailer go after them, and the
+        store is handed a view of the pack's bytes, not a copy. The buffer keeps its length (its allocation),
+        so filling it again never resizes it. Nothing writes to it while anything else holds it (a store may
+        keep a reference, as obstore's memory store does: see :meth:`_finish_upload`)."""
+        footer = pack_footer(pack_entries, length, self.repo.keys.data_key)
+        size = length + len(footer)
+        buf[length:size] = footer  # grows the buffer only if the table does not fit (small pack_target)
+        view = memoryview(buf)[:size]
+        self._check_pack(view, pack_entries)
+        pid = blake3.blake3(view).digest()
+        self.repo.store.put_if_absent(pack_key(pid), cast(bytes, view))  # any bytes-like object; see above
+        try:
+            view.release()
+        except BufferError:
+            pass  # the store holds the view: _finish_upload will not fill the buffer again
+        return [(e.chunk_id, IndexEntry(pid, e.offset, e.stored_length, e.raw_length, e.flags))
+                for e in pack_entries], size, buf
+
+    def _check_pack(self, data: memoryview, pack_entries: list[PackEntry]) -> None:
         """Re-read the pack we built (its trailer and table) before it leaves the process: a writer bug
         must fail this backup, not surface at restore time."""
-        tail = data[-PACK_TAIL.size:]
+        tail = bytes(data[-PACK_TAIL.size:])
         _f, _n, off, length = parse_pack_tail(tail, len(data), "new pack")
-        table = parse_pack_table(data[off:off + length], tail, "new pack", self.repo.keys.data_key)
+        table = parse_pack_table(bytes(data[off:off + length]), tail, "new pack", self.repo.keys.data_key)
         if table != pack_entries:
             raise RepoError("internal error: a new pack's table does not match what was written")
 
     def _finish_upload(self) -> None:
         fut = self._uploads.popleft()
-        entries, size = fut.result()
+        entries, size, buf = fut.result()
+        del fut  # its result holds the buffer too
         self._stats["pack_bytes"] += size
         self._unindexed.extend(entries)
+        # Filled again only when the store kept no reference to it (the local store does not; obstore's memory
+        # store keeps the object, and then the buffer is its own): 2 = ``buf`` and getrefcount's argument.
+        if sys.getrefcount(buf) == 2 and len(self._spare) <= MAX_UPLOADS:
+            self._spare.append(buf)
 
     def _write_index(self) -> None:
         while self._uploads:
