@@ -42,3 +42,37 @@ def test_big_buffers_are_reused_not_faulted_in_again() -> None:
         assert faults < fresh // 3, f"{faults} page faults of {fresh} possible"
     finally:
         release_free_memory()
+
+
+def test_reader_threads_share_a_few_arenas() -> None:
+    """After reuse_big_buffers, threads started later share at most one arena per core (glibc: 8 per core by
+    default), so each read thread does not keep freed buffers of its own. In a fresh process: arenas are
+    never destroyed, and this one has made its own already."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, os, sys, threading
+from baton.device import BIG_BUFFERS_ARENAS, reuse_big_buffers
+if not reuse_big_buffers():
+    print("skip"); sys.exit(0)
+hold, go = [], threading.Barrier(16)
+def work():
+    hold.append(bytes(bytearray(1 << 20)))  # allocated on this thread, held until every thread has one
+    go.wait()
+ts = [threading.Thread(target=work) for _ in range(16)]
+for t in ts: t.start()
+for t in ts: t.join()
+libc = ctypes.CDLL(None)
+# malloc_info writes XML to a FILE*: count its <heap> elements
+buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+libc.open_memstream.restype = ctypes.c_void_p
+fp = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+libc.malloc_info(0, ctypes.c_void_p(fp)); libc.fclose(ctypes.c_void_p(fp))
+print(buf.value.decode().count("<heap nr="), BIG_BUFFERS_ARENAS)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out == ["skip"]:
+        pytest.skip("the C library has no mallopt (not glibc)")
+    heaps, cap = int(out[0]), int(out[1])
+    assert heaps <= cap, f"{heaps} arenas for 16 threads, expected at most {cap}"
