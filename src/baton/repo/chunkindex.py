@@ -1,112 +1,396 @@
-"""The in-memory chunk index: 8 bytes of RAM per stored chunk, the entries themselves in a memory-mapped file.
+"""The chunk index: a few bytes of RAM per stored chunk, the entries in sorted files read with ``pread``.
 
 A repository's chunk index maps a chunk id to where the chunk is stored (:class:`IndexEntry`). Held as a Python
-dict it cost about 221 bytes per chunk (3.5 GiB per TiB of unique data at 64 KiB chunks). Here:
+dict it cost about 221 bytes per chunk (3.5 GiB per TiB of unique data at 64 KiB chunks). Here it is a small
+log-structured merge tree of sorted **runs** plus a dict:
 
-* the **base** is a sorted table of rows (id, pack number, offset, stored length, raw length, flags), written to
-  an unlinked temporary file and memory-mapped (page cache, which the kernel may drop and re-read, not
-  process memory), plus a sorted ``array('Q')`` of the ids' first 8 bytes in the same order: a lookup is one
-  binary search in RAM and one row read, usually from a cached page;
-* the **overlay** is a dict of entries added since the base was built (this process's backups, other
-  clients' index files loaded by ``Repository.refresh``); it is merged into a new base when it holds more than
-  ``max(MERGE_MIN, len(base) // 8)`` entries, so merging costs O(n log n) over a repository's growth;
-* pack ids are numbered in a small table (one entry per pack, 32 MiB of data each by default).
+* a **run** is a file of fixed-size rows (id, pack number, offset, stored length, raw length, flags; 53 bytes)
+  sorted by id, unlinked at creation under ``BATON_CACHE_DIR`` (default: the system's temporary directory).
+  In RAM a run keeps only its **fences** (the first 8 id bytes of every block of ``BLOCK_ROWS`` rows: 0.125
+  bytes a chunk) and a **Bloom filter** built from id bits 64..159 (ids are BLAKE3 output, already uniform; 8-16
+  bits a chunk, 3 probes: 0.5-3 % false positives). A lookup probes the filter (no I/O when it says no: the common
+  case for a backup's new chunks), else bisects the fences and reads one block (3.4 KiB) with ``os.pread``.
+  ``pread`` rather than ``mmap``: a touched mapped page counts in the process's RSS until the kernel reclaims
+  it, a ``pread`` copy is freed at once, so RSS stays at the stated figure;
+* there are at most two runs: the **base**, and a **small** run (newer, wins over the base) that takes the
+  overlay's entries until it holds more than 1/8 of the base, when both are merged into a new base. A merge of
+  the small run costs O(its size), a merge into the base O(n), so each stored chunk is rewritten about
+  ``len(base) / (16 * MERGE_MIN) + 8`` times over a repository's growth, sequentially;
+* the **overlay** is a dict of entries added since the last merge (this process's backups, small catch-ups
+  of other clients' index files), each held as its packed row (about 180 bytes with the dict); past
+  ``MERGE_MIN`` (32768) entries it is frozen (lookups still see it) and merged into the runs in the background
+  while a new one fills. An adder waits for a running merge only when the new one passes ``MERGE_MIN`` too, so
+  the overlays hold at most ``2 * MERGE_MIN`` entries plus one ``update``'s batch: 6 MiB, 12 MiB at worst;
+* **staged** entries (``update(..., merge=False)``: a first load, or many index files at once) never go
+  through a dict: their rows are partitioned by the first id byte into 256 buckets of one unlinked file, and
+  become visible at the next :meth:`ChunkIndex.maybe_merge`, which moves them into the overlay if few, or merges
+  them into the runs there and then;
+* pack ids are numbered in one table per index (one entry per pack, 32 MiB of data each by default).
 
-RAM: 8 bytes per chunk in the base, about 220 per chunk in the overlay (at most 1/8 of the base between
-merges), so 8-36 bytes per chunk in steady state: at 64 KiB chunks, 128 MiB per TiB of unique data right after
-a merge, 576 MiB just before one. A merge (the first one follows the first load, which reads every index file
-into the overlay) briefly holds the merged entries as a dict, about 220 bytes per chunk, as the index did
-before; it runs after n/8 new entries, in the background.
-The file holds 53 bytes per chunk (848 MiB per TiB) under ``BATON_CACHE_DIR`` (default: the system's temporary
-directory). It is derived state (STYLE 9): rebuilt from the repository's index files by every process that
-loads the index, never read back after a crash.
+Every merge streams: the new entries (overlay snapshot, staged buckets) come out sorted bucket by bucket (a
+bucket of more than ``SUB_ROWS`` rows is split again by the second id byte in memory), and a two-way merge with
+the older run's rows read in order writes the new run sequentially. A later entry for an id wins, as a dict
+update would: staged over the overlay, the overlay over the small run, the small run over the base.
 
-Threads: lookups need no lock (they take one reference to the base); additions and the swap after a merge
-take the index's own lock; merges run on a background thread once the overlay passes its share (a merge
-sorts the whole index in Python: about 7 s per million chunks here), so no backup waits for one.
+Memory, at every point (n chunks; 64 KiB chunks, so n = 16.8 M per TiB of unique data):
+
+* always: fences 0.125 B and Bloom filters 1-2 B a chunk (18-36 MiB per TiB), the pack table (about 150 B a
+  pack, 0.3 B a chunk at 32 MiB packs), the overlays (6-12 MiB, above);
+* during a first load or merge, in addition: 256 bucket buffers of ``SPILL_FLUSH`` bytes (2 MiB), the segment
+  lists (16 B per 8 KiB staged), one bucket's rows twice over when it is split (2 * 53 * n / 256 bytes: 7 MiB
+  per TiB), one sub-bucket expanded into Python objects (at most ``SUB_ROWS`` rows, ~220 B each: 3.6 MiB), a few
+  blocks of ``READ_ROWS`` rows (~0.4 MiB each), the older run's filter while the new one is built (up to 2 B a
+  chunk), the frozen overlay's sorted keys; and the caller's current index file, decoded (a list of Python
+  objects, ~250 B an entry: 2 MiB for a backup's file of 8192 entries, 50 MiB for the 200 000 of a file
+  that prune or rebuild-index wrote);
+* so a few bytes a chunk at 1 TiB, and under 32 B a chunk from about a million chunks up
+  (tests/unit/test_repo_chunkindex_memory.py checks the load and merge peaks); ``python -m bench.indexmem``
+  measures it.
+
+The run files hold 53 bytes a chunk (848 MiB per TiB), twice that while a merge writes the new base. They are
+derived state (STYLE 9): rebuilt from the repository's index files by every process that loads the index,
+never read back after a crash. A merge that fails (the cache directory is full) leaves the index as it was and
+its staged entries staged; a background one records the error (``statistics()["merge_failed"]``).
+
+Threads: lookups take no lock (they read one immutable state: runs and filters; a file closes when the last
+reader lets it go); additions, staging and the swaps around a merge take the index's own lock; one merge runs
+at a time (a second waits), in the background for the overlay, in the caller's thread for staged entries
+(:meth:`ChunkIndex.maybe_merge`, :meth:`ChunkIndex.merge`: merges the overlay's growth starts leave them
+staged).
 """
 
 from __future__ import annotations
 
 import bisect
-import mmap
 import os
 import struct
 import tempfile
 import threading
 from array import array
 from collections.abc import Iterable, Iterator
+from typing import IO
 
 from baton.format.repo_index import IndexEntry
 
 ROW = struct.Struct("<32sIQIIB")  # chunk id, pack number, offset, stored length, raw length, flags
-MERGE_MIN = 65536                 # overlay entries always allowed before a merge
+_TAIL = struct.Struct("<IQIIB")   # a row without its id: how the overlay holds an entry (~180 bytes with the dict)
+_PROBES = struct.Struct("<8xIII")                          # Bloom probes: id bytes 8..19 as three 32-bit words
+_ROW_PROBES = struct.Struct(f"<8xIII{ROW.size - 20}x")     # the same, read straight from a row
+_HIGH = b"\xff" * (ROW.size - 32)                           # id + _HIGH sorts after every row with that id
+BLOCK_ROWS = 64          # rows per fence (one pread on a lookup: 3392 bytes)
+READ_ROWS = 4096         # rows per sequential read of a run while merging (212 KiB)
+SPILL_FLUSH = 8192       # bytes buffered per staging bucket before it is written
+SUB_ROWS = 16384         # a staged bucket with more rows is split by the next id byte before it is sorted
+MERGE_MIN = 32768        # overlay entries before a merge (~6 MiB)
+BLOOM_BITS = 8           # at least this many filter bits per entry (power-of-two sizes: 8-16)
 CACHE_DIR_ENV = "BATON_CACHE_DIR"
 
 
-class _Base:
-    """One immutable base: sorted id prefixes, the mapped rows, the pack table. Replaced whole by a merge, so a
-    reader that took a reference sees one consistent base (the file closes when the last reference goes)."""
+def _tempfile() -> IO[bytes]:
+    return tempfile.TemporaryFile(dir=os.environ.get(CACHE_DIR_ENV) or None, prefix="baton-index-")
 
-    __slots__ = ("file", "map", "pack_no", "packs", "prefixes")
 
-    def __init__(self, prefixes: array[int], map_: mmap.mmap | None, file: object | None, packs: list[bytes],
-                 pack_no: dict[bytes, int]) -> None:
-        self.prefixes = prefixes
-        self.map = map_
+def _split(data: bytes | bytearray) -> list[bytes]:
+    s = ROW.size
+    return [bytes(data[i:i + s]) for i in range(0, len(data), s)] if isinstance(data, bytearray) else \
+        [data[i:i + s] for i in range(0, len(data), s)]
+
+
+def _sort_unique(data: bytes | bytearray) -> list[bytes]:
+    """The rows of ``data`` sorted by id, the last of several rows with one id winning."""
+    rows = _split(data)
+    last = {r[:32]: r for r in rows}
+    if len(last) == len(rows):
+        del last
+        rows.sort()       # ids unique: sorting whole rows sorts by id
+        return rows
+    return sorted(last.values())
+
+
+def _bloom_bits(n: int) -> int:
+    """Filter size in bits for ``n`` entries: a power of two (a mask, not a division, per probe)."""
+    bits = 1024
+    while bits < BLOOM_BITS * n:
+        bits *= 2
+    return bits
+
+
+def _bloom_add(bits: bytearray, data: bytes, mask: int) -> None:
+    for x, y, z in _ROW_PROBES.iter_unpack(data):
+        a = x & mask
+        bits[a >> 3] |= 1 << (a & 7)
+        a = y & mask
+        bits[a >> 3] |= 1 << (a & 7)
+        a = z & mask
+        bits[a >> 3] |= 1 << (a & 7)
+
+
+class _Run:
+    """One immutable sorted run: its file, fences and filter. Replaced whole by a merge."""
+
+    __slots__ = ("bits", "count", "fd", "fences", "file", "mask")
+
+    def __init__(self, file: IO[bytes], count: int, fences: array[int], bits: bytearray) -> None:
         self.file = file
-        self.packs = packs
-        self.pack_no = pack_no
+        self.fd = file.fileno()
+        self.count = count
+        self.fences = fences
+        self.bits = bits
+        self.mask = len(bits) * 8 - 1
 
-    def row(self, cid: bytes) -> int:
-        if not self.prefixes or len(cid) != 32:
-            return -1
+    def find(self, cid: bytes) -> bytes | None:
+        """The row of ``cid``, or None."""
+        if len(cid) != 32:
+            return None
+        x, y, z = _PROBES.unpack_from(cid)
+        bits, mask = self.bits, self.mask
+        a, b, c = x & mask, y & mask, z & mask
+        if not (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
+            return None
         p = int.from_bytes(cid[:8], "big")
-        row = bisect.bisect_left(self.prefixes, p)
-        n = len(self.prefixes)
-        while row < n and self.prefixes[row] == p:
-            if self.cid(row) == cid:
+        f = self.fences
+        lo = max(bisect.bisect_left(f, p) - 1, 0)     # rows with prefix p may start in the block before
+        hi = bisect.bisect_right(f, p)
+        if hi <= lo:
+            return None
+        size = BLOCK_ROWS * ROW.size
+        data = os.pread(self.fd, (hi - lo) * size, lo * size)
+        i = data.find(cid)
+        while i >= 0 and i % ROW.size:
+            i = data.find(cid, i + 1)
+        return data[i:i + ROW.size] if i >= 0 else None
+
+    def chunks(self) -> Iterator[list[bytes]]:
+        """Every row in id order, ``READ_ROWS`` at a time."""
+        step = READ_ROWS * ROW.size
+        for off in range(0, self.count * ROW.size, step):
+            yield _split(os.pread(self.fd, step, off))
+
+
+class _Spill:
+    """Staged rows, partitioned by the first id byte into 256 buckets of one unlinked file, in arrival order."""
+
+    def __init__(self) -> None:
+        self.file: IO[bytes] | None = None
+        self.end = 0
+        self.rows = 0
+        self.bufs = [bytearray() for _ in range(256)]
+        self.segs = [array("Q") for _ in range(256)]   # (offset, length) pairs
+
+    def add(self, row: bytes) -> None:
+        buf = self.bufs[row[0]]
+        buf += row
+        self.rows += 1
+        if len(buf) >= SPILL_FLUSH:
+            self._flush(row[0])
+
+    def absorb(self, later: _Spill) -> None:
+        """Append ``later``'s rows after this spill's own (a failed merge puts its staged rows back)."""
+        for b in range(256):
+            data = later.bucket(b)
+            for i in range(0, len(data), ROW.size):
+                self.add(data[i:i + ROW.size])
+        later.close()
+
+    def _flush(self, b: int) -> None:
+        if self.file is None:
+            self.file = _tempfile()
+        buf = self.bufs[b]
+        os.pwrite(self.file.fileno(), buf, self.end)
+        self.segs[b].extend((self.end, len(buf)))
+        self.end += len(buf)
+        buf.clear()
+
+    def bucket(self, b: int) -> bytes:
+        segs = self.segs[b]
+        parts = [os.pread(self.file.fileno(), segs[i + 1], segs[i]) for i in range(0, len(segs), 2)] \
+            if self.file is not None else []
+        parts.append(bytes(self.bufs[b]))
+        return b"".join(parts)
+
+    def chunks(self) -> Iterator[list[bytes]]:
+        """Every staged row sorted by id, the last one staged for an id only, bucket by bucket."""
+        s = ROW.size
+        for b in range(256):
+            data = self.bucket(b)
+            if len(data) <= SUB_ROWS * s:
+                if data:
+                    yield _sort_unique(data)
+                continue
+            subs = [bytearray() for _ in range(256)]
+            for i in range(0, len(data), s):
+                subs[data[i + 1]] += data[i:i + s]
+            del data
+            for i, sub in enumerate(subs):
+                if sub:
+                    yield _sort_unique(sub)
+                    subs[i] = bytearray()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _nonempty(chunks: Iterable[list[bytes]]) -> Iterator[list[bytes]]:
+    return (c for c in chunks if c)
+
+
+def _merge2(older: Iterable[list[bytes]], newer: Iterable[list[bytes]]) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    """Two streams of sorted unique rows merged into one: (rows, the rows of them from ``newer``) per step.
+
+    A row of ``newer`` replaces the row of ``older`` with its id. Each step takes the whole chunk whose last id
+    is the smaller and the rows of the other stream up to that id, so at most two chunks are held."""
+    old_it, new_it = _nonempty(older), _nonempty(newer)
+    o, n = next(old_it, None), next(new_it, None)
+    while o is not None and n is not None:
+        if o[-1][:32] <= n[-1][:32]:
+            j = bisect.bisect_right(n, o[-1][:32] + _HIGH)
+            take, n = n[:j], n[j:]
+            part = o
+            o = next(old_it, None)
+            if not n:
+                n = next(new_it, None)
+        else:
+            j = bisect.bisect_right(o, n[-1][:32] + _HIGH)
+            part, o = o[:j], o[j:]
+            take = n
+            n = next(new_it, None)
+            if not o:
+                o = next(old_it, None)
+        if take:
+            ids = {r[:32] for r in take}
+            out = [r for r in part if r[:32] not in ids]
+            out += take
+            out.sort()
+        else:
+            out = part
+        yield out, take
+    while o is not None:
+        yield o, []
+        o = next(old_it, None)
+    while n is not None:
+        yield n, n
+        n = next(new_it, None)
+
+
+def _rows_only(pairs: Iterable[tuple[list[bytes], list[bytes]]]) -> Iterator[list[bytes]]:
+    return (rows for rows, _new in pairs)
+
+
+def _write_run(stream: Iterable[tuple[list[bytes], list[bytes]]], bound: int, inherit: _Run | None) -> _Run | None:
+    """Write the merged rows of ``stream`` (at most ``bound``) as a new run. The filter of ``inherit`` (the
+    older input) is copied and only the newer rows are added when it has the size ``bound`` needs."""
+    nbits = _bloom_bits(bound)
+    reuse = inherit is not None and len(inherit.bits) * 8 == nbits
+    bits = bytearray(inherit.bits) if reuse and inherit is not None else bytearray(nbits // 8)
+    mask = nbits - 1
+    f = _tempfile()
+    try:
+        fd = f.fileno()
+        count = off = 0
+        fences = array("Q")
+        pending = bytearray()
+        for rows, new in stream:
+            if not rows:
+                continue
+            for i in range((-count) % BLOCK_ROWS, len(rows), BLOCK_ROWS):
+                fences.append(int.from_bytes(rows[i][:8], "big"))
+            count += len(rows)
+            data = b"".join(rows)
+            _bloom_add(bits, b"".join(new) if reuse else data, mask)
+            pending += data
+            if len(pending) >= 1 << 18:
+                off += os.pwrite(fd, pending, off)
+                pending.clear()
+        while pending:
+            w = os.pwrite(fd, pending, off)
+            off += w
+            del pending[:w]
+    except BaseException:
+        f.close()
+        raise
+    if not count:
+        f.close()
+        return None
+    return _Run(f, count, fences, bits)
+
+
+class _State:
+    """What lookups read: the base and the small run (either may be None). Immutable; swapped whole."""
+
+    __slots__ = ("base", "length", "small")
+
+    def __init__(self, base: _Run | None, small: _Run | None, length: int | None) -> None:
+        self.base = base
+        self.small = small
+        self.length = length      # entries in the base and the small run together, when known
+
+    def find(self, cid: bytes) -> bytes | None:
+        if self.small is not None:
+            row = self.small.find(cid)
+            if row is not None:
                 return row
-            row += 1
-        return -1
+        return self.base.find(cid) if self.base is not None else None
 
-    def cid(self, row: int) -> bytes:
-        assert self.map is not None
-        off = row * ROW.size
-        return self.map[off:off + 32]
+    def chunks(self) -> Iterator[list[bytes]]:
+        if self.base is None:
+            return self.small.chunks() if self.small is not None else iter(())
+        if self.small is None:
+            return self.base.chunks()
+        return _rows_only(_merge2(self.base.chunks(), self.small.chunks()))
 
-    def entry(self, row: int) -> IndexEntry:
-        assert self.map is not None
-        _cid, no, offset, stored, raw, flags = ROW.unpack_from(self.map, row * ROW.size)
-        return IndexEntry(self.packs[no], offset, stored, raw, flags)
+    def __len__(self) -> int:
+        if self.length is None:
+            self.length = sum(len(c) for c in self.chunks())
+        return self.length
 
 
-_EMPTY = _Base(array("Q"), None, None, [], {})
+_EMPTY = _State(None, None, 0)
 
 
 class ChunkIndex:
     """A mapping chunk id -> IndexEntry (``get``, ``in``, ``[]``, ``[]=``, ``update``, ``len``, ``items``).
 
     Lookups may run on several threads while one thread adds (the writer's encode pool asks while the
-    caller's thread adds entries): a merge builds a new base and then swaps it in with one assignment."""
+    caller's thread adds entries): a merge freezes the overlay (lookups still see it), builds new runs, and then
+    swaps them in with one assignment. Ids are 32 bytes (ValueError otherwise)."""
 
     def __init__(self, *, background: bool = True) -> None:
-        self._base = _EMPTY
-        self._overlay: dict[bytes, IndexEntry] = {}
-        self._wlock = threading.Lock()     # additions and the swap after a merge
+        self._state = _EMPTY
+        self._overlay: dict[bytes, bytes] = {}        # id -> _TAIL row
+        self._frozen: dict[bytes, bytes] | None = None  # the overlay a running merge is folding in
+        self._staged: _Spill | None = None
+        self._packs: list[bytes] = []
+        self._pack_no: dict[bytes, int] = {}
+        self._wlock = threading.Lock()     # additions, staging, the pack table and the swaps around a merge
+        self._mlock = threading.Lock()     # one merge at a time
         self._merging: threading.Thread | None = None
         self._background = background
         self.merges = 0
+        self.merge_waits = 0
         self.merge_error: Exception | None = None
 
     # ----- mapping ---------------------------------------------------------------------------------------------
 
+    def _recent(self) -> dict[bytes, bytes]:
+        """A copy of the frozen and live overlays (the live one wins)."""
+        frozen = self._frozen
+        out = dict(frozen) if frozen is not None else {}
+        out.update(self._overlay)
+        return out
+
     def __len__(self) -> int:
-        b = self._base
-        return len(b.prefixes) + sum(1 for c in list(self._overlay) if b.row(c) < 0)
+        st = self._state
+        return len(st) + sum(1 for c in self._recent() if st.find(c) is None)
 
     def __contains__(self, cid: object) -> bool:
-        return isinstance(cid, bytes) and (cid in self._overlay or self._base.row(cid) >= 0)
+        if not isinstance(cid, bytes):
+            return False
+        if cid in self._overlay:
+            return True
+        frozen = self._frozen
+        return (frozen is not None and cid in frozen) or self._state.find(cid) is not None
 
     def __getitem__(self, cid: bytes) -> IndexEntry:
         e = self.get(cid)
@@ -115,37 +399,89 @@ class ChunkIndex:
         return e
 
     def get(self, cid: bytes, default: IndexEntry | None = None) -> IndexEntry | None:
-        e = self._overlay.get(cid)
-        if e is not None:
-            return e
-        b = self._base
-        row = b.row(cid)
-        return b.entry(row) if row >= 0 else default
+        tail = self._overlay.get(cid)
+        if tail is None:
+            frozen = self._frozen
+            if frozen is not None:
+                tail = frozen.get(cid)
+        if tail is not None:
+            return self._entry(tail)
+        row = self._state.find(cid)
+        return self._entry(row[32:]) if row is not None else default
+
+    def _entry(self, tail: bytes) -> IndexEntry:
+        no, offset, stored, raw, flags = _TAIL.unpack(tail)
+        return IndexEntry(self._packs[no], offset, stored, raw, flags)
+
+    def _tail(self, cid: bytes, e: IndexEntry) -> bytes:
+        """``e`` as the overlay holds it (caller holds ``_wlock``)."""
+        if len(cid) != 32:
+            raise ValueError(f"a chunk id is 32 bytes, not {len(cid)}")
+        return _TAIL.pack(self._number(e.pack_id), e.offset, e.stored_length, e.raw_length, e.flags)
 
     def __setitem__(self, cid: bytes, entry: IndexEntry) -> None:
         with self._wlock:
-            self._overlay[cid] = entry
+            self._overlay[cid] = self._tail(cid, entry)
         self._maybe_merge()
 
     def update(self, pairs: Iterable[tuple[bytes, IndexEntry]], *, merge: bool = True) -> None:
-        """Add many entries, then merge at most once. ``merge=False`` while loading many index files (merging
-        after each would sort the growing base again and again); call :meth:`maybe_merge` after the last."""
-        with self._wlock:
-            self._overlay.update(pairs)
+        """Add many entries. ``merge=False`` (loading many index files) stages them instead: they are written
+        to a file, not held in a dict, and become visible at the next :meth:`maybe_merge`, which the caller
+        must call after the last batch (a failing one included)."""
         if merge:
-            self.maybe_merge()
+            with self._wlock:
+                overlay, tail = self._overlay, self._tail
+                for cid, e in pairs:
+                    overlay[cid] = tail(cid, e)
+            self._maybe_merge()
+            return
+        with self._wlock:
+            if self._staged is None:
+                self._staged = _Spill()
+            add, pack, number = self._staged.add, ROW.pack, self._number
+            for cid, e in pairs:
+                if len(cid) != 32:
+                    raise ValueError(f"a chunk id is 32 bytes, not {len(cid)}")
+                add(pack(cid, number(e.pack_id), e.offset, e.stored_length, e.raw_length, e.flags))
+
+    def _number(self, pack_id: bytes) -> int:
+        """The pack's number in this index's table (caller holds ``_wlock``)."""
+        no = self._pack_no.get(pack_id)
+        if no is None:
+            no = self._pack_no[pack_id] = len(self._packs)
+            self._packs.append(pack_id)
+        return no
 
     def maybe_merge(self) -> None:
+        """Make staged entries visible (into the overlay if few, else merged now, in this thread: OSError if the
+        cache directory can't hold the runs, the entries then stay staged), then merge the overlay if due."""
+        with self._wlock:
+            staged = self._staged
+            few = staged is not None and staged.rows + len(self._overlay) <= MERGE_MIN
+            if staged is not None and few:
+                self._staged = None
+                for rows in staged.chunks():
+                    for row in rows:
+                        self._overlay[row[:32]] = row[32:]
+                staged.close()
+        if staged is not None and not few:
+            self.merge()
         self._maybe_merge()
 
     def _maybe_merge(self) -> None:
-        """Start a merge in a background thread when the overlay has grown past its share: a merge sorts
-        the whole index (seconds per million chunks in Python), and it must not sit in a backup's path."""
-        if len(self._overlay) <= max(MERGE_MIN, len(self._base.prefixes) // 8):
+        """Start a merge in a background thread when the overlay has grown past ``MERGE_MIN``: a merge into the
+        base rewrites every row (seconds per million chunks in Python), and it must not sit in a backup's path.
+        When it has grown past that again while a merge still runs, the adder waits for that merge: so the
+        overlay, frozen and live, holds at most ``2 * MERGE_MIN`` entries plus one ``update``'s batch."""
+        if len(self._overlay) <= MERGE_MIN:
             return
         if not self._background:
-            self.merge()
+            self._merge(staged=False)
             return
+        t = self._merging
+        if t is not None and t.is_alive():
+            self.merge_waits += 1
+            t.join()
         with self._wlock:
             if self._merging is not None and self._merging.is_alive():
                 return
@@ -155,8 +491,8 @@ class ChunkIndex:
 
     def _merge_quietly(self) -> None:
         try:
-            self.merge()
-        except Exception as e:  # the index stays correct (base + overlay); statistics() reports it
+            self._merge(staged=False)
+        except Exception as e:  # the index stays correct (runs + overlay); statistics() reports it
             self.merge_error = e
 
     def wait_merged(self) -> None:
@@ -166,72 +502,92 @@ class ChunkIndex:
             t.join()
 
     def items(self) -> Iterator[tuple[bytes, IndexEntry]]:
-        """Every (id, entry): the base in id order, then overlay entries the base lacks or that replace its."""
-        b = self._base
-        overlay = dict(self._overlay)
-        for row in range(len(b.prefixes)):
-            cid = b.cid(row)
-            if cid not in overlay:
-                yield cid, b.entry(row)
-        yield from overlay.items()
+        """Every (id, entry): the runs in id order, then overlay entries the runs lack or that replace theirs."""
+        st = self._state
+        recent = self._recent()
+        for rows in st.chunks():
+            for row in rows:
+                cid = row[:32]
+                if cid not in recent:
+                    yield cid, self._entry(row[32:])
+        for cid, tail in recent.items():
+            yield cid, self._entry(tail)
 
     def __iter__(self) -> Iterator[bytes]:
         return (cid for cid, _e in self.items())
 
-    # ----- base ------------------------------------------------------------------------------------------------
+    # ----- runs ------------------------------------------------------------------------------------------------
 
     def merge(self) -> None:
-        """Fold the overlay into a new base (sorted rows in a new unlinked file). OSError if the cache
-        directory can't hold it."""
-        with self._wlock:
-            folded = dict(self._overlay)
-            base = self._base
-        if not folded:
-            return
-        merged = {c: base.entry(row) for row in range(len(base.prefixes)) for c in (base.cid(row),)}
-        merged.update(folded)
-        new_base = self._build(merged)
-        del merged
-        with self._wlock:
-            # Base first, then the overlay: a reader that misses in the new overlay finds the entry in the new
-            # base. Entries added or replaced since the snapshot stay in the overlay. A new dict, since a dict
-            # emptied by pop keeps its table (40 bytes a slot).
-            self._base = new_base
-            self._overlay = {c: e for c, e in self._overlay.items() if folded.get(c) is not e}
-            self.merges += 1
+        """Fold the overlay and the staged entries into the runs: into the small run, or, once that would
+        hold more than 1/8 of the base, into a new base. OSError if the cache directory can't hold them (the
+        index is then unchanged: the overlay's entries back in the overlay, staged entries still staged)."""
+        self._merge(staged=True)
+
+    def _merge(self, *, staged: bool) -> None:
+        """:meth:`merge`; the merges the overlay's growth starts leave staged entries staged (``staged=False``),
+        so those become visible only where the caller said, at :meth:`maybe_merge` or :meth:`merge`."""
+        with self._mlock:
+            with self._wlock:
+                frozen, spill = self._overlay, self._staged if staged else None
+                if not frozen and (spill is None or not spill.rows):
+                    return
+                # Frozen first, then a new overlay: a reader that misses in the new overlay finds the frozen one.
+                self._frozen = frozen
+                self._overlay = {}
+                if spill is not None:
+                    self._staged = None
+                st = self._state
+            try:
+                new_state = self._merged(st, frozen, spill)
+            except BaseException:
+                with self._wlock:
+                    frozen.update(self._overlay)    # newer entries win
+                    self._overlay = frozen
+                    self._frozen = None
+                    if spill is not None:
+                        if self._staged is not None:
+                            spill.absorb(self._staged)
+                        self._staged = spill
+                raise
+            if spill is not None:
+                spill.close()
+            with self._wlock:
+                # The new runs first, then no frozen overlay: a reader that misses there finds the new runs.
+                self._state = new_state
+                self._frozen = None
+                self.merges += 1
 
     @staticmethod
-    def _build(entries: dict[bytes, IndexEntry]) -> _Base:
-        ids = sorted(entries)
-        if not ids:
-            return _EMPTY
-        packs: list[bytes] = []
-        pack_no: dict[bytes, int] = {}
-        f = tempfile.TemporaryFile(dir=os.environ.get(CACHE_DIR_ENV) or None, prefix="baton-index-")  # noqa: SIM115
-        try:
-            buf = bytearray()
-            for cid in ids:
-                e = entries[cid]
-                no = pack_no.get(e.pack_id)
-                if no is None:
-                    no = pack_no[e.pack_id] = len(packs)
-                    packs.append(e.pack_id)
-                buf += ROW.pack(cid, no, e.offset, e.stored_length, e.raw_length, e.flags)
-                if len(buf) >= 8 << 20:
-                    f.write(buf)
-                    buf.clear()
-            f.write(buf)
-            f.flush()
-            map_ = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        except BaseException:
-            f.close()
-            raise
-        prefixes = array("Q", (int.from_bytes(cid[:8], "big") for cid in ids))
-        return _Base(prefixes, map_, f, packs, pack_no)
+    def _merged(st: _State, frozen: dict[bytes, bytes], staged: _Spill | None) -> _State:
+        keys = sorted(frozen)
+        overlay_chunks = ([k + frozen[k] for k in keys[i:i + READ_ROWS]] for i in range(0, len(keys), READ_ROWS))
+        new: Iterator[list[bytes]] = iter(overlay_chunks) if staged is None else \
+            _rows_only(_merge2(overlay_chunks, staged.chunks()))
+        n_new = len(keys) + (staged.rows if staged is not None else 0)
+        n_base = st.base.count if st.base is not None else 0
+        n_small = st.small.count if st.small is not None else 0
+        if st.base is None or n_small + n_new > n_base // 8:
+            newer = new if st.small is None else _rows_only(_merge2(st.small.chunks(), new))
+            if st.base is None:
+                base = _write_run(((rows, rows) for rows in newer), n_small + n_new, None)
+            else:
+                base = _write_run(_merge2(st.base.chunks(), newer), n_base + n_small + n_new, st.base)
+            return _State(base, None, base.count if base is not None else 0)
+        older: Iterable[list[bytes]] = st.small.chunks() if st.small is not None else ()
+        small = _write_run(_merge2(older, new), n_small + n_new, st.small)
+        return _State(st.base, small, None)
 
     def statistics(self) -> dict[str, int]:
-        b = self._base
-        return {"base_entries": len(b.prefixes), "overlay_entries": len(self._overlay),
+        st = self._state
+        runs = [r for r in (st.base, st.small) if r is not None]
+        staged, frozen = self._staged, self._frozen
+        return {"base_entries": st.base.count if st.base is not None else 0,
+                "small_entries": st.small.count if st.small is not None else 0,
+                "overlay_entries": len(self._overlay) + (len(frozen) if frozen is not None else 0),
+                "staged_entries": staged.rows if staged is not None else 0,
                 "merge_failed": int(self.merge_error is not None),
-                "ram_base_bytes": b.prefixes.itemsize * len(b.prefixes), "packs": len(b.packs),
-                "file_bytes": ROW.size * len(b.prefixes), "merges": self.merges}
+                "ram_filter_bytes": sum(len(r.bits) for r in runs),
+                "ram_fence_bytes": sum(r.fences.itemsize * len(r.fences) for r in runs),
+                "packs": len(self._packs), "file_bytes": ROW.size * sum(r.count for r in runs),
+                "merges": self.merges, "merge_waits": self.merge_waits}

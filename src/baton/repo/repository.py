@@ -135,7 +135,8 @@ class Repository:
 
     def chunk_index(self) -> ChunkIndex:
         """The merged chunk index (loaded once, then kept up to date by this process's writers and
-        :meth:`refresh`): 8 bytes of RAM per chunk plus recent additions, see :mod:`baton.repo.chunkindex`."""
+        :meth:`refresh`): a few bytes of RAM per chunk, the entries in files under ``BATON_CACHE_DIR``, see
+        :mod:`baton.repo.chunkindex`. OSError if that directory can't hold them (nothing stays half-loaded)."""
         with self._lock:
             if self._index is None:
                 self._index = ChunkIndex()
@@ -144,19 +145,34 @@ class Repository:
 
     def reload_index(self, keys: set[str] | None = None) -> None:
         """Load index files not seen yet (other clients' backups since open). ``keys``: the listing of
-        ``index/`` if the caller has one."""
+        ``index/`` if the caller has one.
+
+        The files' entries are staged (written to a file, never all held as Python objects) in key order, so a
+        later file's entry for a chunk wins, and become visible together at the end, also when a file fails to
+        load (a store error, a corrupt file: the error propagates, the files loaded so far count as loaded). If
+        the staged entries can't be made visible (the cache directory is full), the whole in-memory index is
+        dropped and the next use loads it again, rather than working from an index that silently lacks files it
+        counts as loaded (STYLE 9)."""
         with self._lock:
             if self._index is None:
                 self._index = ChunkIndex()
-            if keys is None:
-                keys = {o.key for o in self.store.list("index/")}
-            for key in sorted(keys - self._index_files):
-                entries = self.read_index_file(key)
-                self._index.update(entries, merge=False)
-                self._indexed_packs.update(e.pack_id for _c, e in entries)
-                self._index_files.add(key)
-                self._stats["index_files_loaded"] += 1
-            self._index.maybe_merge()
+            index = self._index
+            try:
+                if keys is None:
+                    keys = {o.key for o in self.store.list("index/")}
+                for key in sorted(keys - self._index_files):
+                    entries = self.read_index_file(key)
+                    index.update(entries, merge=False)
+                    self._indexed_packs.update(e.pack_id for _c, e in entries)
+                    del entries
+                    self._index_files.add(key)
+                    self._stats["index_files_loaded"] += 1
+            finally:
+                try:
+                    index.maybe_merge()
+                except BaseException:
+                    self.invalidate_index()
+                    raise
 
     def refresh(self) -> dict[str, int]:
         """Catch up with what other clients did since this object last looked, without reloading the index.
