@@ -70,11 +70,12 @@ class Measured:
     wall_s: float
     read_bytes: int  # block-layer bytes read by the process and reaped children
     write_bytes: int  # block-layer bytes written (ru_oublock * 512)
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # ru_maxrss: also counts the benchmark's own RSS at fork time (see hwm_bytes)
     cpu_s: float  # user + system
     stdout: str
     stderr: str
     timed_out: bool
+    hwm_bytes: int | None = None  # VmHWM of the command's own process, sampled every 20 ms until it exits
 
     @property
     def ok(self) -> bool:
@@ -100,6 +101,7 @@ class Measured:
             "read_bytes": self.read_bytes,
             "write_bytes": self.write_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "hwm_bytes": self.hwm_bytes,
             "cpu_s": round(self.cpu_s, 3),
         }
 
@@ -140,6 +142,20 @@ def run(
 
         timer = threading.Timer(timeout, _kill)
         timer.start()
+        # ru_maxrss of a child counts the address space it was forked from (this process) before its exec, so
+        # a small command run by a large benchmark reports the benchmark's size. VmHWM is the peak of the
+        # exec'd program alone; sampled until the process is gone (its last sample is within 20 ms of the end).
+        hwm: list[int] = []
+        done = threading.Event()
+
+        def _sample() -> None:
+            while not done.wait(0.02):
+                v = proc_rss(proc.pid, "VmHWM")
+                if v:
+                    hwm.append(v)
+
+        sampler = threading.Thread(target=_sample, daemon=True)
+        sampler.start()
         try:
             _, status, ru = os.wait4(proc.pid, 0)
         except BaseException:
@@ -150,6 +166,8 @@ def run(
             raise
         finally:
             timer.cancel()
+            done.set()
+            sampler.join()
         wall = time.perf_counter() - t0
         # Popen must not try to reap the pid again.
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -160,7 +178,7 @@ def run(
             read_bytes=ru.ru_inblock * 512, write_bytes=ru.ru_oublock * 512,
             peak_rss_bytes=ru.ru_maxrss * 1024, cpu_s=ru.ru_utime + ru.ru_stime,
             stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"),
-            timed_out=fired.is_set(),
+            timed_out=fired.is_set(), hwm_bytes=max(hwm) if hwm else None,
         )
 
 

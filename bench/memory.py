@@ -17,7 +17,8 @@ The disk is a sparse image of ``SIZE`` (1 TiB; 256 MiB in smoke runs) with 64 Ki
    after those writes leaves.
 3. **Incremental after failover.** Node ``C`` attaches (a new daemon process, so its peak RSS covers only the
    attach and this backup) and backs up. Reported: the backup's JSON (mode, chunks read, timings,
-   ``peak_rss_bytes`` of the daemon), the client's own peak RSS, and their sum: the figure the target names.
+   ``peak_rss_bytes`` of the daemon), the client's own peak RSS (VmHWM, sampled), and their sum: the figure
+   the target names.
 
 The repository then holds the seed's chunks plus the changed ones (2 x 10 % of the disk's chunks). The chunk
 index's RAM per stored chunk is reported by ``python -m bench.indexmem`` (up to 16.8 M chunks, a full TiB of
@@ -102,11 +103,13 @@ def _backup_row(ctx: Context, repo: Path, img: Path, daemon_pid: int | None) -> 
     row: JSON = {k: out.get(k) for k in ("mode", "reason", "chunks_read", "bytes_read", "bytes_stored",
                                          "chunks_stored", "zero_chunks", "holes_skipped_bytes", "duration_s",
                                          "plan_s", "read_s", "store_s", "commit_s")}
+    # The client's own peak (VmHWM): its ru_maxrss would count this benchmark's RSS at fork time.
+    client = m.hwm_bytes
     row.update({"wall_s": round(m.wall_s, 3), "client_cpu_s": round(m.cpu_s, 3),
-                "client_peak_rss_bytes": m.peak_rss_bytes, "daemon_peak_rss_bytes": daemon_peak,
-                "reported_peak_rss_bytes": reported, "command": m.command})
+                "client_peak_rss_bytes": client, "client_ru_maxrss_bytes": m.peak_rss_bytes,
+                "daemon_peak_rss_bytes": daemon_peak, "reported_peak_rss_bytes": reported, "command": m.command})
     daemon = daemon_peak if isinstance(daemon_peak, int) else reported
-    row["together_bytes"] = daemon + m.peak_rss_bytes if isinstance(daemon, int) else None
+    row["together_bytes"] = daemon + client if isinstance(daemon, int) and isinstance(client, int) else None
     return row
 
 
