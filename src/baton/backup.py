@@ -201,12 +201,13 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     the writer, whose own pool hashes, compresses and encrypts them (the libraries release the GIL) and whose
     uploader stores sealed packs. Full backups of image files skip holes (see :func:`_full_runs`).
 
-    Memory bound (besides the interpreter, about 80 MiB with its libraries): READ_BYTES of read buffers plus
-    the device's per-thread bounce buffers (READ_DEPTH x 1 MiB at most; 40 MiB in all), one hole run that
-    turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the writer's bound
-    (``baton.repo.writer``: about 130 MiB at 32 MiB packs), and copy-before-write's saved chunks (in memory
-    up to the tracker's limit, then spilled to a file). Measured: 221 MiB peak RSS for a full backup of the
-    1 GiB benchmark image in one process (141 MiB before the pipeline, which took 3x longer).
+    Memory bound (besides the interpreter and its libraries, 33 MiB): READ_BYTES of read buffers plus the
+    device's per-thread bounce buffers (1 MiB for each read thread: about 10 for a full backup, READ_DEPTH at
+    most), one hole run that turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the
+    writer's bound (``baton.repo.writer``: about 96 MiB at 32 MiB packs, plus the store's 4 MiB bounce buffer),
+    and copy-before-write's saved chunks (in memory up to the tracker's limit, then spilled to a file).
+    Measured: 148-151 MiB peak RSS for a full backup of the 1 GiB benchmark image in one process (223-233 MiB
+    before the writer built each pack in one reused buffer and the allocator's arenas were capped).
 
     The result's ``timings``: plan_s (plan, open the writer under the shared lock and catch up the index,
     freeze), read_s (this thread waiting for reads), store_s (this thread in the writer: hashing and

@@ -212,6 +212,7 @@ def test_writer_references_no_pack_before_its_put_returned(tmp_path: Path) -> No
     w.commit()
     assert checking.started >= 20 and checking.checked >= 3
     assert checking.violations == []
+    assert not w._spare and w._pack is None  # no pack buffer outlives the writer's work
 
 
 def test_order_checker_catches_a_writer_that_does_not_wait_for_its_uploads(tmp_path: Path,

@@ -510,4 +510,6 @@ class BackupWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._uploader.shutdown(wait=True, cancel_futures=True)
         self._page_pool.shutdown(wait=True, cancel_futures=True)
+        self._spare.clear()  # the pack buffers go before the allocator is asked to give memory back
+        self._pack = None
         release_free_memory()
