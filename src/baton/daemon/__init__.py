@@ -17,6 +17,8 @@ down, because the in-use check and restore read them too.
 Layer: above the engines (a backup runs inside the daemon) and the frontends; below the agent and the CLI.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from baton.daemon.client import (
     READY_TIMEOUT,
     attach,
@@ -27,8 +29,21 @@ from baton.daemon.client import (
     name_status,
     request,
 )
-from baton.daemon.offline import offline_backup, open_tracker
 from baton.daemon.runtime import default_name
+
+if TYPE_CHECKING:
+    from baton.daemon.offline import offline_backup, open_tracker
+
+
+def __getattr__(name: str) -> Any:
+    """``offline_backup`` and ``open_tracker`` on first use: they bring the tracker and record code, which a
+    client talking to a running daemon (``baton backup NAME``) never needs."""
+    if name in ("offline_backup", "open_tracker"):
+        from baton.daemon import offline
+
+        return getattr(offline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["READY_TIMEOUT", "attach", "backup", "daemon_gone", "default_name", "detach", "disk_status",
            "name_status", "offline_backup", "open_tracker", "request"]

@@ -17,7 +17,6 @@ from typing import Any
 
 from baton import frontends
 from baton.daemon import protocol
-from baton.daemon.offline import offline_backup
 from baton.daemon.runtime import (
     check_name,
     control_path,
@@ -30,9 +29,7 @@ from baton.daemon.runtime import (
     state_path,
 )
 from baton.errors import BatonError, DaemonError, DeviceBusy, DeviceError, NotAttached, UsageError
-from baton.host import OPEN, check_not_in_use
 from baton.host.attachments import attachments, read_state
-from baton.record.placement import describe, locate
 from baton.util import pid_alive
 
 READY_TIMEOUT = 60.0  # seconds `attach` waits for the daemon to say it is ready (or why not)
@@ -109,6 +106,7 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str = fro
     # hold it: this attach is a takeover, and its epoch fences that daemon.
     stale = read_state(name)
     from baton.frontends.dm import has_leftovers, own_stack_use
+    from baton.host import OPEN, check_not_in_use
 
     config = frontends.FrontendConfig(name=name, run_dir=run_dir(), dev_dir=dev_dir())
     # A dm stack NAME's dead daemon left keeps serving and tracking: the new daemon adopts it when it may serve
@@ -221,6 +219,8 @@ def daemon_gone(name: str, st: dict[str, Any]) -> dict[str, Any] | None:
         }
     if pid and pid_alive(pid):
         return None
+    from baton.record.placement import locate
+
     try:  # has the disk moved on since? (a takeover elsewhere advances the epoch)
         loc = locate(str(disk), st.get("record"), writable=False)
         try:
@@ -274,6 +274,8 @@ def disk_status(disk: str, record: str | None = None) -> dict[str, Any]:
                     return name_status(st["name"])
             else:  # attached here, but its daemon died or was fenced: the record plus why nothing tracks it
                 extra = {k: v for k, v in st.items() if k not in ("alive", "state", "epoch")} | gone
+    from baton.record.placement import describe, locate
+
     loc = locate(disk, record, writable=False)
     try:
         return describe(loc) | extra
@@ -328,5 +330,7 @@ def backup(target: str, repo: str, *, node: str, key_file: str | None = None, fu
                     "node": node}
         raise NotAttached(f"{target} is not attached on this node and is not a disk path",
                           hint="run the backup on the node that has it attached, or pass the disk path")
+    from baton.daemon.offline import offline_backup
+
     return offline_backup(target, repo, node=node, name=default_name(target), key_file=key_file, full=full,
                           record=record, if_owner=if_owner, progress=progress, consistency=consistency)

@@ -22,10 +22,13 @@ from __future__ import annotations
 import importlib
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from baton.errors import DeviceError, RecordError, UsageError
 from baton.frontends.base import Endpoint, FailureKind, Frontend, FrontendConfig, FrontendFailure
-from baton.record.core import Record, era_unsupported_reason
+
+if TYPE_CHECKING:  # the record code is imported where it is used: `baton backup NAME` never needs it
+    from baton.record.core import Record
 
 __all__ = ["AUTO", "Endpoint", "FailureKind", "Frontend", "FrontendConfig", "FrontendFailure", "choices", "choose",
            "get", "kinds"]
@@ -76,6 +79,7 @@ def choose(requested: str, *, disk: str, record: Record) -> tuple[str, str]:
     DeviceError or RecordError saying why it cannot run here, and what to run), or for ``auto`` dm where it can
     run and fuse otherwise, the reason naming what was missing."""
     from baton.host.dm import dm_support
+    from baton.record.core import era_unsupported_reason
 
     if requested not in choices():
         get(requested)  # UsageError naming the choices
