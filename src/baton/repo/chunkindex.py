@@ -7,8 +7,8 @@ log-structured merge tree of sorted **runs** plus a dict:
 * a **run** is a file of fixed-size rows (id, pack number, offset, stored length, raw length, flags; 53 bytes)
   sorted by id, unlinked at creation under ``BATON_CACHE_DIR`` (default: the system's temporary directory).
   In RAM a run keeps only its **fences** (the first 8 id bytes of every block of ``BLOCK_ROWS`` rows: 0.125
-  bytes a chunk) and a **Bloom filter** built from id bits 64..159 (ids are BLAKE3 output, already uniform; 8-16
-  bits a chunk, 3 probes: 0.5-3 % false positives). A lookup probes the filter (no I/O when it says no: the common
+  bytes a chunk) and a **Bloom filter** built from id bits 64..159 (ids are BLAKE3 output, already uniform; 8-10
+  bits a chunk, 3 probes: 1.7-3.1 % false positives). A lookup probes the filter (no I/O when it says no: the common
   case for a backup's new chunks), else bisects the fences and reads one block (3.4 KiB) with ``os.pread``.
   ``pread`` rather than ``mmap``: a touched mapped page counts in the process's RSS until the kernel reclaims
   it, a ``pread`` copy is freed at once, so RSS stays at the stated figure;
@@ -34,7 +34,7 @@ update would: staged over the overlay, the overlay over the small run, the small
 
 Memory, at every point (n chunks; 64 KiB chunks, so n = 16.8 M per TiB of unique data):
 
-* always: fences 0.125 B and Bloom filters 1-2 B a chunk (18-36 MiB per TiB), the pack table (about 150 B a
+* always: fences 0.125 B and Bloom filters 1-1.25 B a chunk (18-23 MiB per TiB), the pack table (about 150 B a
   pack, 0.3 B a chunk at 32 MiB packs), the overlays (6-12 MiB, above);
 * during a first load or merge, in addition: 256 bucket buffers of ``SPILL_FLUSH`` bytes (2 MiB), the segment
   lists (16 B per 8 KiB staged), one bucket's rows twice over when it is split (2 * 53 * n / 256 bytes: 7 MiB
@@ -43,9 +43,10 @@ Memory, at every point (n chunks; 64 KiB chunks, so n = 16.8 M per TiB of unique
   chunk), the frozen overlay's sorted keys; and the caller's current index file, decoded (a list of Python
   objects, ~250 B an entry: 2 MiB for a backup's file of 8192 entries, 50 MiB for the 200 000 of a file
   that prune or rebuild-index wrote);
-* so a few bytes a chunk at 1 TiB, and under 32 B a chunk from about a million chunks up
-  (tests/unit/test_repo_chunkindex_memory.py checks the load and merge peaks); ``python -m bench.indexmem``
-  measures it.
+* measured (``python -m bench.indexmem``, RSS above the process's before the load): 2.8 B a chunk at the
+  peak of a first load of 16.8 M entries, 3.5 B with 300 000 additions and their merges after it (60 MiB);
+  7 and 19 B at 1 M entries, where the fixed parts weigh more. tests/unit/test_repo_chunkindex_memory.py checks
+  the peaks of the load and of merges against 32 B a chunk.
 
 The run files hold 53 bytes a chunk (848 MiB per TiB), twice that while a merge writes the new base. They are
 derived state (STYLE 9): rebuilt from the repository's index files by every process that loads the index,
@@ -82,7 +83,8 @@ READ_ROWS = 4096         # rows per sequential read of a run while merging (212 
 SPILL_FLUSH = 8192       # bytes buffered per staging bucket before it is written
 SUB_ROWS = 16384         # a staged bucket with more rows is split by the next id byte before it is sorted
 MERGE_MIN = 32768        # overlay entries before a merge (~6 MiB)
-BLOOM_BITS = 8           # at least this many filter bits per entry (power-of-two sizes: 8-16)
+BLOOM_BITS = 8           # at least this many filter bits per entry (3 probes: 3.1 % false positives at 8)
+BLOOM_SPARE = 1.25       # a new filter has room for this many times its run's entries (10 bits each)
 CACHE_DIR_ENV = "BATON_CACHE_DIR"
 
 
@@ -107,28 +109,22 @@ def _sort_unique(data: bytes | bytearray) -> list[bytes]:
     return sorted(last.values())
 
 
-def _bloom_bits(n: int) -> int:
-    """Filter size in bits for ``n`` entries: a power of two (a mask, not a division, per probe)."""
-    bits = 1024
-    while bits < BLOOM_BITS * n:
-        bits *= 2
-    return bits
-
-
-def _bloom_add(bits: bytearray, data: bytes, mask: int) -> None:
+def _bloom_add(bits: bytearray, data: bytes, nbits: int) -> None:
+    """Set the filter bits of every row in ``data``: bit ``word * nbits >> 32`` for each of three 32-bit words
+    of the id (a multiply and a shift map a uniform word onto any filter size)."""
     for x, y, z in _ROW_PROBES.iter_unpack(data):
-        a = x & mask
+        a = x * nbits >> 32
         bits[a >> 3] |= 1 << (a & 7)
-        a = y & mask
+        a = y * nbits >> 32
         bits[a >> 3] |= 1 << (a & 7)
-        a = z & mask
+        a = z * nbits >> 32
         bits[a >> 3] |= 1 << (a & 7)
 
 
 class _Run:
     """One immutable sorted run: its file, fences and filter. Replaced whole by a merge."""
 
-    __slots__ = ("bits", "count", "fd", "fences", "file", "mask")
+    __slots__ = ("bits", "count", "fd", "fences", "file", "nbits")
 
     def __init__(self, file: IO[bytes], count: int, fences: array[int], bits: bytearray) -> None:
         self.file = file
@@ -136,15 +132,15 @@ class _Run:
         self.count = count
         self.fences = fences
         self.bits = bits
-        self.mask = len(bits) * 8 - 1
+        self.nbits = len(bits) * 8
 
     def find(self, cid: bytes) -> bytes | None:
         """The row of ``cid``, or None."""
         if len(cid) != 32:
             return None
         x, y, z = _PROBES.unpack_from(cid)
-        bits, mask = self.bits, self.mask
-        a, b, c = x & mask, y & mask, z & mask
+        bits, nbits = self.bits, self.nbits
+        a, b, c = x * nbits >> 32, y * nbits >> 32, z * nbits >> 32
         if not (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
             return None
         p = int.from_bytes(cid[:8], "big")
@@ -280,11 +276,14 @@ def _rows_only(pairs: Iterable[tuple[list[bytes], list[bytes]]]) -> Iterator[lis
 
 def _write_run(stream: Iterable[tuple[list[bytes], list[bytes]]], bound: int, inherit: _Run | None) -> _Run | None:
     """Write the merged rows of ``stream`` (at most ``bound``) as a new run. The filter of ``inherit`` (the
-    older input) is copied and only the newer rows are added when it has the size ``bound`` needs."""
-    nbits = _bloom_bits(bound)
-    reuse = inherit is not None and len(inherit.bits) * 8 == nbits
-    bits = bytearray(inherit.bits) if reuse and inherit is not None else bytearray(nbits // 8)
-    mask = nbits - 1
+    older input) is copied and only the newer rows are added while it has ``BLOOM_BITS`` bits for each of
+    ``bound`` entries; else a new one gets ``BLOOM_SPARE`` times that, so the next merges can reuse it."""
+    reuse = inherit is not None and inherit.nbits >= BLOOM_BITS * bound
+    if reuse and inherit is not None:
+        bits, nbits = bytearray(inherit.bits), inherit.nbits
+    else:
+        nbits = max(1024, int(BLOOM_BITS * BLOOM_SPARE * bound) + 7 & ~7)
+        bits = bytearray(nbits // 8)
     f = _tempfile()
     try:
         fd = f.fileno()
@@ -298,7 +297,7 @@ def _write_run(stream: Iterable[tuple[list[bytes], list[bytes]]], bound: int, in
                 fences.append(int.from_bytes(rows[i][:8], "big"))
             count += len(rows)
             data = b"".join(rows)
-            _bloom_add(bits, b"".join(new) if reuse else data, mask)
+            _bloom_add(bits, b"".join(new) if reuse else data, nbits)
             pending += data
             if len(pending) >= 1 << 18:
                 off += os.pwrite(fd, pending, off)
