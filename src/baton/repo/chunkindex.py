@@ -20,7 +20,9 @@ log-structured merge tree of sorted **runs** plus a dict:
   of other clients' index files), each held as its packed row (about 180 bytes with the dict); past
   ``MERGE_MIN`` (32768) entries it is frozen (lookups still see it) and merged into the runs in the background
   while a new one fills. An adder waits for a running merge only when the new one passes ``MERGE_MIN`` too, so
-  the overlays hold at most ``2 * MERGE_MIN`` entries plus one ``update``'s batch: 6 MiB, 12 MiB at worst;
+  the overlays hold at most ``2 * MERGE_MIN`` entries plus one ``update``'s batch: 6 MiB, 12 MiB at worst
+  (``statistics()["merge_waits"]`` counts the waits; ``Repository.write_index_file`` waits holding the
+  repository's lock, so lookups through ``Repository.has_chunk`` wait too);
 * **staged** entries (``update(..., merge=False)``: a first load, or many index files at once) never go
   through a dict: their rows are partitioned by the first id byte into 256 buckets of one unlinked file, and
   become visible at the next :meth:`ChunkIndex.maybe_merge`, which moves them into the overlay if few, or merges
@@ -39,16 +41,19 @@ Memory, at every point (n chunks; 64 KiB chunks, so n = 16.8 M per TiB of unique
 * during a first load or merge, in addition: 256 bucket buffers of ``SPILL_FLUSH`` bytes (2 MiB), the segment
   lists (16 B per 8 KiB staged), one bucket's rows twice over when it is split (2 * 53 * n / 256 bytes: 7 MiB
   per TiB), one sub-bucket expanded into Python objects (at most ``SUB_ROWS`` rows, ~220 B each: 3.6 MiB), a few
-  blocks of ``READ_ROWS`` rows (~0.4 MiB each), the older run's filter while the new one is built (up to 2 B a
-  chunk), the frozen overlay's sorted keys; and the caller's current index file, decoded (a list of Python
-  objects, ~250 B an entry: 2 MiB for a backup's file of 8192 entries, 50 MiB for the 200 000 of a file
-  that prune or rebuild-index wrote);
+  blocks of ``READ_ROWS`` rows (~0.4 MiB each), the older run's filter while the new one is built (1.25 B a
+  chunk), the frozen overlay's sorted keys; and the caller's current index file, decoded
+  (``Repository.read_index_file``: its bytes, its plaintext and a list of Python objects: about 2 MiB for a
+  backup's file of 8192 entries, but 110 MiB of RSS measured for the 200 000 entries of a file that prune,
+  rebuild-index or heal wrote, whatever the repository's size: a streaming decoder would remove it);
 * measured (``python -m bench.indexmem``, RSS above the process's before the load): 2.8 B a chunk at the
   peak of a first load of 16.8 M entries, 3.5 B with 300 000 additions and their merges after it (60 MiB);
   7 and 19 B at 1 M entries, where the fixed parts weigh more. tests/unit/test_repo_chunkindex_memory.py checks
   the peaks of the load and of merges against 32 B a chunk.
 
-The run files hold 53 bytes a chunk (848 MiB per TiB), twice that while a merge writes the new base. They are
+The run files hold 53 bytes a chunk (848 MiB per TiB), twice that while a merge writes the new base: where the
+temporary directory is a tmpfs they take that much of the host's memory (not this process's RSS), so point
+``BATON_CACHE_DIR`` at a disk there. They are
 derived state (STYLE 9): rebuilt from the repository's index files by every process that loads the index,
 never read back after a crash. A merge that fails (the cache directory is full) leaves the index as it was and
 its staged entries staged; a background one records the error (``statistics()["merge_failed"]``).
