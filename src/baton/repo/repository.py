@@ -22,7 +22,7 @@ import blake3
 
 from baton.errors import ObjectNotFound, RepoCorrupt, RepoError, RepoNotFound, UsageError
 from baton.format.repo_envelope import MAGIC_INDEX, MAGIC_PAGE, MAGIC_SNAPSHOT, seal, unseal
-from baton.format.repo_index import ZERO_ID, IndexEntry, decode_index, decode_page, encode_index, encode_page
+from baton.format.repo_index import ZERO_ID, IndexEntry, decode_page, encode_index, encode_page, iter_index
 from baton.repo.chunkindex import ChunkIndex
 from baton.repo.crypto import decode_blob
 from baton.repo.keys import RepoConfig, RepoKeys, create_key_file, new_config, read_key_file, unlock
@@ -161,10 +161,7 @@ class Repository:
                 if keys is None:
                     keys = {o.key for o in self.store.list("index/")}
                 for key in sorted(keys - self._index_files):
-                    entries = self.read_index_file(key)
-                    index.update(entries, merge=False)
-                    self._indexed_packs.update(e.pack_id for _c, e in entries)
-                    del entries
+                    index.update(self._noting_packs(self.iter_index_file(key)), merge=False)
                     self._index_files.add(key)
                     self._stats["index_files_loaded"] += 1
             finally:
@@ -173,6 +170,16 @@ class Repository:
                 except BaseException:
                     self.invalidate_index()
                     raise
+
+    def _noting_packs(self, entries: Iterator[tuple[bytes, IndexEntry]]) -> Iterator[tuple[bytes, IndexEntry]]:
+        """``entries`` passed through, each pack they name added to the packs the loaded index files cover."""
+        packs = self._indexed_packs
+        last = b""
+        for cid, e in entries:
+            if e.pack_id is not last:  # entries of one pack share one bytes object (iter_index)
+                last = e.pack_id
+                packs.add(last)
+            yield cid, e
 
     def refresh(self) -> dict[str, int]:
         """Catch up with what other clients did since this object last looked, without reloading the index.
@@ -238,10 +245,16 @@ class Repository:
         return chunk_id in index
 
     def read_index_file(self, key: str) -> list[tuple[bytes, IndexEntry]]:
+        return list(self.iter_index_file(key))
+
+    def iter_index_file(self, key: str) -> Iterator[tuple[bytes, IndexEntry]]:
+        """The entries of index file ``key``, decoded as they are taken. The whole file is fetched and checked
+        (its name, its seal, its length) before the first entry: RepoCorrupt and the format errors come from
+        this call, never half-way through the entries."""
         data = self.store.get(key)
         if blake3.blake3(data).hexdigest() != key.rsplit("/", 1)[-1]:
             raise RepoCorrupt(f"{key}: content does not match its name")
-        return decode_index(unseal(data, MAGIC_INDEX, key=self.keys.data_key, name=key), key)
+        return iter_index(unseal(data, MAGIC_INDEX, key=self.keys.data_key, name=key), key)
 
     def write_index_file(self, entries: list[tuple[bytes, IndexEntry]]) -> str:
         """Store a chunk-index file; returns its key. The packs it names must already be stored."""
