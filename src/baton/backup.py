@@ -204,7 +204,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     Memory bound (besides the interpreter and its libraries, 33 MiB): READ_BYTES of read buffers plus the
     device's per-thread bounce buffers (1 MiB for each read thread: about 10 for a full backup, READ_DEPTH at
     most), one hole run that turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the
-    writer's bound (``baton.repo.writer``: about 96 MiB at 32 MiB packs, plus the store's 4 MiB bounce buffer),
+    writer's bound (``baton.repo.writer``: about 48 MiB at 16 MiB packs, plus the store's 4 MiB bounce buffer),
     and copy-before-write's saved chunks (in memory up to the tracker's limit, then spilled to a file).
     Measured: 148-151 MiB peak RSS for a full backup of the 1 GiB benchmark image in one process (223-233 MiB
     before the writer built each pack in one reused buffer and the allocator's arenas were capped).

@@ -129,14 +129,17 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str = fro
         args += ["--no-tracking"]
     if nbd_tcp:
         args += ["--tcp", nbd_tcp]
+    from baton.device import daemon_env
+
+    env = daemon_env(os.environ)
     if foreground:
-        os.execv(sys.executable, [*args, "--ready-fd", "-1"])
+        os.execve(sys.executable, [*args, "--ready-fd", "-1"], env)
     log_path(name).parent.mkdir(parents=True, exist_ok=True)
     logf = open(log_path(name), "ab")  # noqa: SIM115 - handed to the child
     r, w = os.pipe()
     try:
         proc = subprocess.Popen([*args, "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True, close_fds=True)
+                                stdout=logf, stderr=logf, start_new_session=True, close_fds=True, env=env)
     finally:
         os.close(w)
         logf.close()

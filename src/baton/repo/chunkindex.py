@@ -27,7 +27,7 @@ log-structured merge tree of sorted **runs** plus a dict:
   through a dict: their rows are partitioned by the first id byte into 256 buckets of one unlinked file, and
   become visible at the next :meth:`ChunkIndex.maybe_merge`, which moves them into the overlay if few, or merges
   them into the runs there and then;
-* pack ids are numbered in one table per index (one entry per pack, 32 MiB of data each by default).
+* pack ids are numbered in one table per index (one entry per pack, 16 MiB of data each by default).
 
 Every merge streams: the new entries (overlay snapshot, staged buckets) come out sorted bucket by bucket (a
 bucket of more than ``SUB_ROWS`` rows is split again by the second id byte in memory), and a two-way merge with
@@ -37,7 +37,7 @@ update would: staged over the overlay, the overlay over the small run, the small
 Memory, at every point (n chunks; 64 KiB chunks, so n = 16.8 M per TiB of unique data):
 
 * always: fences 0.125 B and Bloom filters 1-1.25 B a chunk (18-23 MiB per TiB), the pack table (about 150 B a
-  pack, 0.3 B a chunk at 32 MiB packs), the overlays (6-12 MiB, above);
+  pack, 0.3 B a chunk at 32 MiB packs, 0.6 at 16 MiB), the overlays (6-12 MiB, above);
 * during a first load or merge, in addition: 256 bucket buffers of ``SPILL_FLUSH`` bytes (2 MiB), the segment
   lists (16 B per 8 KiB staged), one bucket's rows twice over when it is split (2 * 53 * n / 256 bytes: 7 MiB
   per TiB), one sub-bucket expanded into Python objects (at most ``SUB_ROWS`` rows, ~220 B each: 3.6 MiB), a few

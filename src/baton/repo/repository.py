@@ -31,7 +31,7 @@ from baton.repo.model import DiskIdentity, Manifest
 from baton.repo.tree import TreeReader
 from baton.storage import ObjectInfo, RetryPolicy, Store, open_store
 
-PACK_TARGET = 32 << 20
+PACK_TARGET = 16 << 20  # new repositories (each keeps its own in its config): see docs/format.md, pack_target
 INDEX_FILE_ENTRIES = 200_000  # entries per index file written by prune, rebuild-index and heal_index (~17 MiB raw)
 CONFIG_KEY = "config"
 KEY_FILE_ENV = "BATON_KEY_FILE"

@@ -20,16 +20,20 @@ goes to one uploader thread, which appends the table and trailer, checks, names 
 caller fills the next one. Index pages are stored by a small pool, concurrently. A chunk is compressed from
 the caller's view as it is; only a chunk stored raw is copied.
 
-Memory bound: MAX_INFLIGHT_BYTES (16 MiB) of chunks queued for encoding (the caller's read buffers, held by
+Memory bound: MAX_INFLIGHT_BYTES (8 MiB) of chunks queued for encoding (the caller's read buffers, held by
 reference) and as much again in encoded results not yet taken, the pack being filled and the pack being
-stored (one buffer each of PACK_BYTES_MAX, just under 32 MiB; MAX_UPLOADS = 0: sealing a pack waits for the
-one before it to be stored, and a stored pack's buffer is filled again): 16 + 16 + 32 + 32 = 96 MiB, plus
-the local store's O_DIRECT bounce buffer (4 MiB, on the uploader thread). Measured: peak RSS of an in-process
-full backup of the 1 GiB benchmark image 176-186 MiB (the interpreter and libraries 33 MiB of it), against
-228-250 MiB with packs joined from parts and one pack waiting; storing each pack before filling the next held
-147-152 MiB but took 0.5-0.9 s longer. While a writer is open the C allocator keeps freed large buffers for
-reuse (``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of
-being faulted in anew); closing the writer gives them back.
+stored (one buffer each of the repository's pack_target plus a chunk, 16 MiB by default and never more than
+PACK_BYTES_MAX, just under 32 MiB; MAX_UPLOADS = 0: sealing a pack waits for the one before it to be stored,
+and a stored pack's buffer is filled again): 8 + 8 + 16 + 16 = 48 MiB at 16 MiB packs (96 MiB at 32 MiB
+packs and a 16 MiB queue, the settings before), plus the local store's O_DIRECT bounce buffer (4 MiB, on the
+uploader thread). While a writer is open the C allocator keeps freed large buffers for reuse
+(``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of being
+faulted in anew); each checkpoint and closing the writer give back what it holds free.
+Measured, in-process full backup of the 1 GiB benchmark image, 3 interleaved runs: peak RSS 118-122 MiB
+(the interpreter and libraries 33 MiB of it) against 146-176 MiB at 32 MiB packs, a 16 MiB queue and a
+64 MiB trim threshold; CPU 2.83-2.95 s against 2.62-2.77 s with the new pack size and queue but the old
+threshold (the allocator gives memory back and faults it in again more often). In the daemon, for an
+incremental of a 64 GiB disk with 10 % changed: 118 MiB against 184 MiB (``python -m bench --only memory``).
 
 Concurrency: the writer never touches the repository's chunk index itself; it asks ``Repository.has_chunk``
 (under the repository's lock) and adds entries through ``Repository.write_index_file``. ``_pending`` (chunks
@@ -66,7 +70,7 @@ from baton.repo.model import MODES, DiskIdentity, Manifest
 from baton.repo.repository import Repository, pack_key
 from baton.repo.tree import TreeReader
 
-MAX_INFLIGHT_BYTES = 16 << 20  # chunk bytes queued in the encode pool (views of the caller's read buffers)
+MAX_INFLIGHT_BYTES = 8 << 20  # chunk bytes queued in the encode pool (views of the caller's read buffers; 16 was no faster)
 MAX_UPLOADS = 0              # sealed packs waiting while the uploader stores one (0: sealing a pack waits for
                              # the one before it; 1 was no faster with O_DIRECT pack writes, and held 32 MiB more)
 UPLOADERS = 1                # threads storing packs (2, with MAX_UPLOADS 2, measured no faster on 2 cores)
@@ -257,6 +261,7 @@ class BackupWriter:
             m = self._manifest(complete=False, info={})
             self.repo.write_manifest(m)
             self._lock.refresh()
+            release_free_memory()  # the batch's freed buffers, scattered through the heap, go back to the kernel
             return m
         except BaseException as e:
             self._broken = e

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from typing import Any, Protocol
 
-from baton.device import BlockDev, device_has_data
+from baton.device import BlockDev, device_has_data, read_view
 from baton.errors import BatonError
 from baton.format.bitmap import Bitmap
 from baton.record.core import Record
@@ -324,12 +324,12 @@ class Tracker:
         with self._cbw_lock:
             if self._cbw_pending is None or self._cbw is None:
                 raise BatonError("no backup is in progress on this tracker")
-        data: bytes | None = None
+        data: memoryview | None = None
         src = self._frozen_src or self.data
         pit = self.pit if self._frozen_src is not None else None
         try:
             if not (skip_holes and device_has_data(src, off, length) is False):
-                data = src.pread(off, length)
+                data = read_view(src, off, length)  # the read lands in memory the chunks' views keep
             if pit is not None:
                 pit.check()  # the image was still valid after this read: the read is the frozen content
         except OSError as e:
@@ -351,7 +351,7 @@ class Tracker:
             pending.clear_range(first, last)  # whole bytes at once, single bits at the edges
         if data is None and not saved:
             return None
-        mv = memoryview(data) if data is not None else None
+        mv = data
         out: list[memoryview | None] = []
         for c in range(first, last):
             got = saved.get(c)
