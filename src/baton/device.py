@@ -429,9 +429,9 @@ def reuse_big_buffers() -> bool:
     every pool thread that reads would otherwise get an arena of its own, each keeping the freed buffers it
     served (peak RSS of a full backup of the 1 GiB benchmark image 149-178 MiB, median 150, against 180-187
     with glibc's 8 arenas per core, no slower). The free memory a heap keeps at its top before giving it back is
-    BIG_BUFFERS_TRIM (4 MiB): with 64 MiB, the daemon's incremental of a 64 GiB disk with 10 % changed, whose
-    reads come in many sizes, peaked about 30 MiB higher; the price is some CPU (memory given back and faulted
-    in again), about 5 % of a full backup's.
+    BIG_BUFFERS_TRIM, 16 MiB, twice the reads in flight: 64 MiB let each arena keep that much spare, and 4 MiB
+    gave freed read buffers back only to fault them in again (55,000 faults instead of 18,000 in
+    tests/unit/test_device_buffers.py, 5-9 % more CPU for a full backup).
     Process-wide and idempotent; call :func:`release_free_memory` when the work is done (the arena cap stays).
     Returns False where the C library has no ``mallopt`` (not glibc): nothing changes there."""
     libc = _libc_handle()

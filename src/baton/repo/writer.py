@@ -29,11 +29,11 @@ packs and a 16 MiB queue, the settings before), plus the local store's O_DIRECT 
 uploader thread). While a writer is open the C allocator keeps freed large buffers for reuse
 (``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of being
 faulted in anew); each checkpoint and closing the writer give back what it holds free.
-Measured, in-process full backup of the 1 GiB benchmark image, 3 interleaved runs: peak RSS 118-122 MiB
-(the interpreter and libraries 33 MiB of it) against 146-176 MiB at 32 MiB packs, a 16 MiB queue and a
-64 MiB trim threshold; CPU 2.83-2.95 s against 2.62-2.77 s with the new pack size and queue but the old
-threshold (the allocator gives memory back and faults it in again more often). In the daemon, for an
-incremental of a 64 GiB disk with 10 % changed: 118 MiB against 184 MiB (``python -m bench --only memory``).
+Measured, in-process full backup of the 1 GiB benchmark image, interleaved runs: peak RSS 113-116 MiB
+(the interpreter and libraries 33 MiB of it) against 146-176 MiB at 32 MiB packs and a 16 MiB queue, with
+CPU 2.47-2.55 s against 2.38-2.75 s. In the daemon, for an incremental of a 64 GiB disk with 10 % changed
+(``BENCH_MEMORY_SIZE=64G python -m bench --only memory``): 102 MiB against 184 MiB, with the reads landing
+in place and the daemon's arenas capped (``baton.device``).
 
 Concurrency: the writer never touches the repository's chunk index itself; it asks ``Repository.has_chunk``
 (under the repository's lock) and adds entries through ``Repository.write_index_file``. ``_pending`` (chunks
