@@ -76,9 +76,6 @@ MAX_UPLOADS = 0              # sealed packs waiting while the uploader stores on
 UPLOADERS = 1                # threads storing packs (2, with MAX_UPLOADS 2, measured no faster on 2 cores)
 INDEX_EVERY_PACKS = 16       # write an index file at least every N packs
 MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages
-BASE_CACHE_PAGES = 4         # pages of the parent's tree kept by the writer: each changed leaf is read once per
-                             # flush (then it is in _changed) and the path above it stays recent; at 64 (the
-                             # reader's default) a 1 TiB disk with scattered changes kept ~19 MiB of leaves
 PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
 # A pack is sealed before a blob would make it, with its table and trailer, larger than this, whatever the
 # repository's pack_target: each pack is built in one buffer, and below the allocator's mmap threshold (raised
@@ -131,7 +128,7 @@ class BackupWriter:
             self._lock.release()
             raise
         root = bytes.fromhex(parent.root) if (parent is not None and mode == "incremental") else ZERO_ID
-        self._base = TreeReader(root, disk.chunk_count, repo.load_page, cache_pages=BASE_CACHE_PAGES)
+        self._base = TreeReader(root, disk.chunk_count, repo.load_page)
         self._fresh = root == ZERO_ID  # chunks not put are zero in the tree (full backup)
         self._changed: dict[int, list[bytes]] = {}
         self._pending: set[bytes] = set()                # in a pack of this writer, not yet in an index file
@@ -478,7 +475,7 @@ class BackupWriter:
         self._seal_pack()
         self._write_index()
         root = self._build_root()
-        self._base = TreeReader(root, self.disk.chunk_count, self.repo.load_page, cache_pages=BASE_CACHE_PAGES)
+        self._base = TreeReader(root, self.disk.chunk_count, self.repo.load_page)
         self._changed = {}
         self._stats["tree_flushes"] += 1
 
