@@ -1,8 +1,9 @@
 """Block-device access: size, O_DIRECT aligned I/O through bounce buffers, FIEMAP-free helpers.
 
 Shared cluster disks are opened with ``O_DIRECT`` so that no node's page cache ever serves data another node has
-since overwritten. Python's ``bytes`` are not aligned, so every transfer goes through a page-aligned ``mmap``
-bounce buffer (one extra memcpy). Unaligned requests are widened to the alignment with a read-modify-write under
+since overwritten. Python's ``bytes`` are not aligned, so transfers go through a page-aligned ``mmap`` bounce
+buffer (one extra memcpy), except a backup's reads (:meth:`DirectDev.pread_view`), which land in an aligned
+region of a heap buffer handed on as a view. Unaligned requests are widened to the alignment with a read-modify-write under
 a lock (only the record layer and odd-sized tails ever need that; frontends send aligned I/O).
 """
 
