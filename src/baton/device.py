@@ -3,8 +3,8 @@
 Shared cluster disks are opened with ``O_DIRECT`` so that no node's page cache ever serves data another node has
 since overwritten. Python's ``bytes`` are not aligned, so transfers go through a page-aligned ``mmap`` bounce
 buffer (one extra memcpy), except a backup's reads (:meth:`DirectDev.pread_view`), which land in an aligned
-region of a heap buffer handed on as a view. Unaligned requests are widened to the alignment with a read-modify-write under
-a lock (only the record layer and odd-sized tails ever need that; frontends send aligned I/O).
+region of a heap buffer handed on as a view. Unaligned requests are widened to the alignment with a
+read-modify-write under a lock (only the record layer and odd-sized tails ever need that; frontends send aligned I/O).
 """
 
 from __future__ import annotations
@@ -210,11 +210,8 @@ class DirectDev:
         end = (offset + length + ALIGN - 1) // ALIGN * ALIGN
         if end - start <= self.max_io:  # one syscall and one copy out of the bounce buffer
             n = end - start
-            buf = self._buf(n)
-            view = memoryview(buf)
-            got = os.preadv(self.fd, [view[:n]], start)
-            if got < n:
-                view[got:n] = bytes(n - got)
+            view = memoryview(self._buf(n))
+            self._read_into(view[:n], start)
             self.bytes_read += length
             skip = offset - start
             data = bytes(view[skip : skip + length])
@@ -225,10 +222,8 @@ class DirectDev:
         while pos < end:
             n = min(end - pos, self.max_io)
             buf = self._buf(n)
-            got = os.preadv(self.fd, [memoryview(buf)[:n]], pos)
+            self._read_into(memoryview(buf)[:n], pos)
             out += buf[:n]
-            if got < n:  # past EOF of a regular file: zeros, like a block device tail would never be
-                out[len(out) - (n - got):] = bytes(n - got)
             pos += n
         self.bytes_read += length
         skip = offset - start
@@ -246,14 +241,18 @@ class DirectDev:
         end = (offset + length + ALIGN - 1) // ALIGN * ALIGN
         if end - start > self.max_io:
             return memoryview(self.pread(offset, length))
-        n = end - start
-        view = aligned_view(n)
-        got = os.preadv(self.fd, [view], start)
-        if got < n:
-            view[got:n] = bytes(n - got)
+        view = aligned_view(end - start)
+        self._read_into(view, start)
         self.bytes_read += length
         skip = offset - start
         return view[skip:skip + length].toreadonly()
+
+    def _read_into(self, view: memoryview, pos: int) -> None:
+        """One aligned read filling ``view`` from ``pos``; past EOF of a regular file, zeros (as a block device
+        would never be short)."""
+        got = os.preadv(self.fd, [view], pos)
+        if got < len(view):
+            view[got:] = bytes(len(view) - got)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)

@@ -351,17 +351,16 @@ class Tracker:
             pending.clear_range(first, last)  # whole bytes at once, single bits at the edges
         if data is None and not saved:
             return None
-        mv = data
         out: list[memoryview | None] = []
         for c in range(first, last):
             got = saved.get(c)
             if got is not None:
                 out.append(memoryview(got))
-            elif mv is None:
+            elif data is None:
                 out.append(None)
             else:
                 lo = (c - first) * cs
-                out.append(mv[lo : lo + min(cs, self.size - c * cs)])
+                out.append(data[lo : lo + min(cs, self.size - c * cs)])
         return out
 
     def end_backup(self) -> dict[str, int]:
