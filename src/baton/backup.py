@@ -201,13 +201,13 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     the writer, whose own pool hashes, compresses and encrypts them (the libraries release the GIL) and whose
     uploader stores sealed packs. Full backups of image files skip holes (see :func:`_full_runs`).
 
-    Memory bound (besides the interpreter and its libraries, 33 MiB): READ_BYTES of read buffers plus the
-    device's per-thread bounce buffers (1 MiB for each read thread: about 10 for a full backup, READ_DEPTH at
-    most), one hole run that turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the
+    Memory bound (besides the interpreter and its libraries, 33 MiB): READ_BYTES of read buffers (the reads
+    land in them directly: ``baton.device.read_view``, no per-thread bounce buffer), one hole run that turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the
     writer's bound (``baton.repo.writer``: about 48 MiB at 16 MiB packs, plus the store's 4 MiB bounce buffer),
     and copy-before-write's saved chunks (in memory up to the tracker's limit, then spilled to a file).
-    Measured: 148-151 MiB peak RSS for a full backup of the 1 GiB benchmark image in one process (223-233 MiB
-    before the writer built each pack in one reused buffer and the allocator's arenas were capped).
+    Measured: 113-116 MiB peak RSS for a full backup of the 1 GiB benchmark image in one process (223-233 MiB
+    before the writer built each pack in one reused buffer, the allocator's arenas were capped and the reads
+    landed in place).
 
     The result's ``timings``: plan_s (plan, open the writer under the shared lock and catch up the index,
     freeze), read_s (this thread waiting for reads), store_s (this thread in the writer: hashing and
