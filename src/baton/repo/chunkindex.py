@@ -74,7 +74,9 @@ import tempfile
 import threading
 from array import array
 from collections.abc import Iterable, Iterator
-from typing import IO
+from typing import IO, NamedTuple
+
+import blake3
 
 from baton.format.repo_index import IndexEntry
 
@@ -94,7 +96,19 @@ CACHE_DIR_ENV = "BATON_CACHE_DIR"
 
 
 def _tempfile() -> IO[bytes]:
-    return tempfile.TemporaryFile(dir=os.environ.get(CACHE_DIR_ENV) or None, prefix="baton-index-")
+    """An unlinked file under ``BATON_CACHE_DIR`` (else the system's temporary directory). Opened with
+    ``O_TMPFILE`` and without ``O_EXCL`` where the file system allows it, so that :mod:`baton.repo.indexcache`
+    can give a finished run a name with ``linkat`` instead of copying it; else a file created and unlinked."""
+    where = os.environ.get(CACHE_DIR_ENV) or None
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag:
+        try:
+            fd = os.open(where or tempfile.gettempdir(), flag | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError:  # no O_TMPFILE on this file system: below, the same place, created and unlinked
+            pass
+        else:
+            return os.fdopen(fd, "w+b")
+    return tempfile.TemporaryFile(dir=where, prefix="baton-index-")
 
 
 def _split(data: bytes | bytearray) -> list[bytes]:
@@ -129,15 +143,18 @@ def _bloom_add(bits: bytearray, data: bytes, nbits: int) -> None:
 class _Run:
     """One immutable sorted run: its file, fences and filter. Replaced whole by a merge."""
 
-    __slots__ = ("bits", "count", "fd", "fences", "file", "nbits")
+    __slots__ = ("aux_digest", "bits", "count", "digest", "fd", "fences", "file", "nbits", "saved")
 
-    def __init__(self, file: IO[bytes], count: int, fences: array[int], bits: bytearray) -> None:
+    def __init__(self, file: IO[bytes], count: int, fences: array[int], bits: bytearray, digest: bytes) -> None:
         self.file = file
         self.fd = file.fileno()
         self.count = count
         self.fences = fences
         self.bits = bits
         self.nbits = len(bits) * 8
+        self.digest = digest            # BLAKE3 of the file's bytes (its rows), computed as they were written
+        self.aux_digest: bytes | None = None   # of its fences and filter as the index cache stores them
+        self.saved: str | None = None   # a name the index cache gave this run's file (baton.repo.indexcache)
 
     def find(self, cid: bytes) -> bytes | None:
         """The row of ``cid``, or None."""
@@ -290,6 +307,7 @@ def _write_run(stream: Iterable[tuple[list[bytes], list[bytes]]], bound: int, in
         nbits = max(1024, int(BLOOM_BITS * BLOOM_SPARE * bound) + 7 & ~7)
         bits = bytearray(nbits // 8)
     f = _tempfile()
+    digest = blake3.blake3()
     try:
         fd = f.fileno()
         count = off = 0
@@ -305,8 +323,10 @@ def _write_run(stream: Iterable[tuple[list[bytes], list[bytes]]], bound: int, in
             _bloom_add(bits, b"".join(new) if reuse else data, nbits)
             pending += data
             if len(pending) >= 1 << 18:
+                digest.update(pending)
                 off += os.pwrite(fd, pending, off)
                 pending.clear()
+        digest.update(pending)
         while pending:
             w = os.pwrite(fd, pending, off)
             off += w
@@ -317,7 +337,7 @@ def _write_run(stream: Iterable[tuple[list[bytes], list[bytes]]], bound: int, in
     if not count:
         f.close()
         return None
-    return _Run(f, count, fences, bits)
+    return _Run(f, count, fences, bits, digest.digest())
 
 
 class _State:
@@ -351,6 +371,15 @@ class _State:
 
 
 _EMPTY = _State(None, None, 0)
+
+
+class Snapshot(NamedTuple):
+    """An index's content at one point (:meth:`ChunkIndex.snapshot`, :meth:`ChunkIndex.restore`)."""
+
+    base: _Run | None
+    small: _Run | None
+    rows: bytes                   # the overlays' entries, ``ROW`` each (pack numbers index ``packs``)
+    packs: tuple[bytes, ...]      # the pack table: pack id by number
 
 
 class ChunkIndex:
@@ -581,6 +610,38 @@ class ChunkIndex:
         older: Iterable[list[bytes]] = st.small.chunks() if st.small is not None else ()
         small = _write_run(_merge2(older, new), n_small + n_new, st.small)
         return _State(st.base, small, None)
+
+    # ----- the persistent cache (baton.repo.indexcache) --------------------------------------------------------
+
+    def snapshot(self) -> Snapshot | None:
+        """What the index holds now, for :mod:`baton.repo.indexcache` to save: the runs (immutable, shared, not
+        copied), the overlays' entries as rows (the live overlay winning over a frozen one) and the pack table.
+        None while entries are staged (not visible yet). Takes the index's lock for the copy of the overlays
+        (at most ``2 * MERGE_MIN`` entries); a running merge is not waited for: its input is the frozen overlay,
+        which is part of the copy, so the runs and the rows together hold every entry exactly as lookups see it."""
+        with self._wlock:
+            if self._staged is not None and self._staged.rows:
+                return None
+            recent = self._recent()
+            rows = b"".join(cid + tail for cid, tail in recent.items())
+            st = self._state
+            return Snapshot(st.base, st.small, rows, tuple(self._packs))
+
+    def restore(self, snap: Snapshot) -> None:
+        """Start from ``snap`` (a saved snapshot, loaded and checked by :mod:`baton.repo.indexcache`). Only on an
+        empty index (ValueError otherwise). ValueError if a row names a pack outside the table."""
+        packs = list(snap.packs)
+        overlay = {row[:32]: row[32:] for row in _split(snap.rows)}
+        if any(no >= len(packs) for no in (_TAIL.unpack(t)[0] for t in overlay.values())):
+            raise ValueError("an overlay row names a pack outside the table")
+        with self._wlock:
+            if self._packs or self._overlay or self._staged is not None or self._state is not _EMPTY:
+                raise ValueError("restore() needs an empty index")
+            self._packs = packs
+            self._pack_no = {p: i for i, p in enumerate(packs)}
+            self._overlay = overlay
+            self._state = _State(snap.base, snap.small, snap.base.count if snap.base is not None and
+                                 snap.small is None else None)
 
     def statistics(self) -> dict[str, int]:
         st = self._state

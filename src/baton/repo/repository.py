@@ -77,10 +77,19 @@ class Repository:
         self._index_files: set[str] = set()
         self._indexed_packs: set[bytes] = set()  # packs that the loaded index files cover
         self._healed = False  # heal_index ran since the index was last (re)loaded from scratch
+        # The index may hold entries of index files it does not count as loaded (forget_index_files until the
+        # next invalidate_index, a file that failed half-way): it must not be saved as a cache then.
+        self._unsaveable = False
+        self._saved_keys: frozenset[str] = frozenset()  # the index files the last cache saved or loaded covers
+        self._save_lock = threading.Lock()               # one cache save at a time
+        self._save_thread: threading.Thread | None = None
+        self._cache_problem = ""                         # why the last cache was not used or not saved
         self._manifests: dict[str, Manifest] = {}
         self._lock = threading.RLock()
         self._stats = {"chunks_read": 0, "bytes_read": 0, "pages_read": 0, "pages_written": 0,
-                       "index_files_loaded": 0}
+                       "index_files_loaded": 0, "index_files_from_cache": 0, "index_cache_hits": 0,
+                       "index_cache_misses": 0, "index_cache_stale": 0, "index_cache_discarded": 0,
+                       "index_cache_saves": 0, "index_cache_save_failed": 0}
 
     # ----- lifecycle -------------------------------------------------------------------------------------------
 
@@ -129,6 +138,7 @@ class Repository:
         return cls(url, st, cfg, unlock(cfg, secret))
 
     def close(self) -> None:
+        self.wait_index_cache_saved()
         self.store.close()
 
     # ----- chunk index -----------------------------------------------------------------------------------------
@@ -139,13 +149,18 @@ class Repository:
         :mod:`baton.repo.chunkindex`. OSError if that directory can't hold them (nothing stays half-loaded)."""
         with self._lock:
             if self._index is None:
-                self._index = ChunkIndex()
                 self.reload_index()
+            assert self._index is not None
             return self._index
 
     def reload_index(self, keys: set[str] | None = None) -> None:
         """Load index files not seen yet (other clients' backups since open). ``keys``: the listing of
         ``index/`` if the caller has one.
+
+        A first load starts from this node's chunk-index cache when it has a valid one for the repository
+        (:mod:`baton.repo.indexcache`: the same key, every index file it covers still listed), so only the
+        files added since are read; else from nothing. A load that read index files saves the cache in a
+        background thread (:meth:`save_index_cache`).
 
         The files' entries are staged (written to a file, never all held as Python objects) in key order, so a
         later file's entry for a chunk wins, and become visible together at the end, also when a file fails to
@@ -153,23 +168,125 @@ class Repository:
         the staged entries can't be made visible (the cache directory is full), the whole in-memory index is
         dropped and the next use loads it again, rather than working from an index that silently lacks files it
         counts as loaded (STYLE 9)."""
+        loaded = 0
         with self._lock:
-            if self._index is None:
+            fresh = self._index is None
+            if fresh:
+                # From nothing: what write_index_file noted while no index was loaded is read again too.
+                self.invalidate_index()
                 self._index = ChunkIndex()
             index = self._index
+            assert index is not None
+            half = False
             try:
                 if keys is None:
                     keys = {o.key for o in self.store.list("index/")}
+                if fresh:
+                    self._load_cached_index(index, keys)
                 for key in sorted(keys - self._index_files):
-                    index.update(self._noting_packs(self.iter_index_file(key)), merge=False)
+                    entries = self.iter_index_file(key)   # fetched and checked whole: errors come from here
+                    half = True
+                    index.update(self._noting_packs(entries), merge=False)
+                    half = False
                     self._index_files.add(key)
                     self._stats["index_files_loaded"] += 1
+                    loaded += 1
             finally:
+                if half:
+                    self._unsaveable = True
                 try:
                     index.maybe_merge()
                 except BaseException:
                     self.invalidate_index()
                     raise
+        if loaded:
+            self.save_index_cache(wait=False)
+
+    # ----- the node-local chunk-index cache (baton.repo.indexcache) -------------------------------------------
+
+    def _load_cached_index(self, index: ChunkIndex, keys: set[str]) -> None:
+        """Start the empty ``index`` from the cache when it is valid for the listing ``keys`` (caller holds the
+        lock). A cache that is missing, stale or fails a check is counted and left alone (the next save
+        replaces it); the index then stays empty and every file is loaded from the repository."""
+        from baton.repo import indexcache
+
+        where = indexcache.cache_dir()
+        if where is None:
+            return
+        try:
+            got = indexcache.load(where, self.keys, keys)
+            if got is not None:
+                index.restore(got.snapshot)
+        except indexcache.Stale as e:
+            self._stats["index_cache_stale"] += 1
+            self._cache_problem = f"load: {e}"
+            return
+        except (indexcache.Discard, ValueError, OSError) as e:
+            self._stats["index_cache_discarded"] += 1
+            self._cache_problem = f"load: {e}"
+            return
+        if got is None:
+            self._stats["index_cache_misses"] += 1
+            return
+        self._index_files = set(got.keys)
+        self._indexed_packs = set(got.snapshot.packs)   # the packs the covered index files name: heal skips them
+        self._saved_keys = got.keys
+        self._stats["index_cache_hits"] += 1
+        self._stats["index_files_from_cache"] += len(got.keys)
+
+    def save_index_cache(self, *, wait: bool = True) -> None:
+        """Save the loaded chunk index as this node's cache of the repository (:mod:`baton.repo.indexcache`),
+        unless it covers no index file beyond the last cache saved or loaded. ``wait=False``: in a background
+        thread (a first load's save writes the runs' names and its fences and filters; later saves rewrite
+        only a small manifest). Never raises: a cache that can't be written (no usable directory, read-only,
+        ENOSPC) is counted (``index_cache_save_failed``) and the caller carries on without it.
+
+        The index and the set of index files it covers are taken together under the repository's lock, so
+        the cache holds exactly the entries of the files it names (write_index_file adds both under it)."""
+        from baton.repo import indexcache
+
+        with self._lock:
+            index = self._index
+            if index is None or self._unsaveable or self._index_files <= self._saved_keys:
+                return
+            snap = index.snapshot()
+            if snap is None:
+                return
+            covered = frozenset(self._index_files)
+        if wait:
+            self._save_cached(indexcache, snap, covered)
+            return
+        t = threading.Thread(target=self._save_cached, args=(indexcache, snap, covered),
+                             name="baton-index-cache-save")
+        with self._lock:
+            self._save_thread = t
+        t.start()
+
+    def _save_cached(self, indexcache: Any, snap: Any, covered: frozenset[str]) -> None:
+        with self._save_lock:
+            with self._lock:
+                if covered <= self._saved_keys:   # a newer snapshot was saved meanwhile
+                    return
+            try:
+                where = indexcache.cache_dir()
+                if where is None:
+                    raise OSError("no usable cache directory")
+                indexcache.save(where, self.keys, snap, covered)
+            except Exception as e:  # derived state: a backup never fails for its cache
+                with self._lock:
+                    self._stats["index_cache_save_failed"] += 1
+                    self._cache_problem = f"save: {e}"
+                return
+            with self._lock:
+                self._saved_keys = covered
+                self._stats["index_cache_saves"] += 1
+
+    def wait_index_cache_saved(self) -> None:
+        """Wait for a background cache save (tests, and :meth:`close`)."""
+        with self._lock:
+            t = self._save_thread
+        if t is not None:
+            t.join()
 
     def _noting_packs(self, entries: Iterator[tuple[bytes, IndexEntry]]) -> Iterator[tuple[bytes, IndexEntry]]:
         """``entries`` passed through, each pack they name added to the packs the loaded index files cover."""
@@ -329,10 +446,15 @@ class Repository:
             self._index_files = set()
             self._indexed_packs = set()
             self._healed = False
+            self._unsaveable = False
+            self._saved_keys = frozenset()
 
     def forget_index_files(self, keys: list[str]) -> None:
+        """Stop counting ``keys`` as loaded (prune deleted them). Their entries stay in the index until
+        :meth:`invalidate_index`, so until then it is never saved as a cache."""
         with self._lock:
             self._index_files.difference_update(keys)
+            self._unsaveable = True
 
     def lookup(self, chunk_id: bytes) -> IndexEntry:
         entry = self.find(chunk_id)
@@ -458,8 +580,12 @@ class Repository:
     # ----- snapshots -------------------------------------------------------------------------------------------
 
     def write_manifest(self, m: Manifest) -> None:
+        """Store a manifest. After a complete one (a backup's commit) the chunk index is saved as this node's
+        cache (:meth:`save_index_cache`, in this thread: a process killed after the commit has passed it)."""
         self.store.put(snapshot_key(m.snapshot_id),
                        seal(MAGIC_SNAPSHOT, m.encode_body(), compress=True, key=self.keys.data_key))
+        if m.complete:
+            self.save_index_cache()
 
     def read_manifest(self, snapshot_id: str) -> Manifest:
         """One manifest. Complete manifests never change, so they are cached; partial ones are re-read
@@ -553,6 +679,7 @@ class Repository:
     def statistics(self) -> dict[str, Any]:
         with self._lock:
             mine: dict[str, Any] = dict(self._stats)
+            mine["index_cache_problem"] = self._cache_problem
             mine["index_entries"] = len(self._index) if self._index is not None else 0
             if self._index is not None:
                 mine["chunk_index"] = self._index.statistics()

@@ -1,0 +1,466 @@
+"""The chunk-index cache: a node-local copy of a repository's loaded chunk index (docs/format.md, part 3).
+
+Loading a repository's chunk index decodes every index file (``Repository.reload_index``): 0.2-0.3 s for a
+4 GiB disk's repository, about 5 s at 1 TiB, paid again by every new process (each takeover's daemon, every CLI
+restore or verify). A process that has loaded the index saves it here; the next process on this node restores
+it (:meth:`ChunkIndex.restore`) and then decodes only the index files added since.
+
+What is saved, per repository (named by its ``repo_id``), in one directory:
+
+* the index's two **runs** (``baton.repo.chunkindex``: sorted 53-byte rows), as ``<repo id>-<BLAKE3>.run``.
+  A run is immutable once written and its file was opened with ``O_TMPFILE``, so a save gives it a name with
+  ``linkat`` (no copy; a copy where that fails: another file system, a run loaded from this cache whose name
+  was removed since). A run is saved once; later saves name the same file;
+* each run's fences and Bloom filter, as ``<repo id>-<BLAKE3>.aux`` (about 1.3 bytes a chunk, also once);
+* the **manifest** ``<repo id>.manifest``, rewritten by every save (temp file, fsync, rename, fsync of the
+  directory): the index files it covers (their keys), the pack table, the runs (counts, digests), the
+  overlay's entries (at most ``2 * MERGE_MIN`` rows), and a keyed BLAKE3 of all of it.
+
+Trust (a wrong cache would let dedup skip a chunk that is not stored): the manifest is authenticated with a key
+derived from the repository's id key and data key (``CTX_CACHE``), so a cache is unusable with another
+repository or another key, and every file it names is checked against its BLAKE3 before use. The index files
+it covers are content-addressed and immutable: if each is still listed, the cache holds exactly their entries;
+if one is gone (a prune rewrote the index, files were lost) the cache is stale and not used. Any failed check
+(short file, other version, other key, a digest mismatch, a file missing) discards the cache: the index is
+loaded from the repository as without a cache (STYLE 9); :func:`load` says why. A save that fails (read-only
+directory, ENOSPC) raises OSError to its caller, which counts it and carries on: a cache never fails a backup.
+A save killed half-way leaves temp files and unreferenced runs (removed by the next save), never a manifest
+that names what is not there.
+
+Space: one manifest per repository, the runs it names, nothing else of that repository (each save removes the
+rest); at most ``MAX_REPOS`` repositories (the least recently saved are removed).
+
+Where (:func:`cache_dir`): ``$BATON_CACHE_DIR/chunk-index``; else ``/var/cache/baton/chunk-index`` for root,
+``$XDG_CACHE_HOME/baton/chunk-index`` (``~/.cache``) for other users; else, when that can't be created,
+``<temp dir>/baton-<uid>/chunk-index`` (the system's temporary directory may be a tmpfs: the cache then lasts
+until a reboot and takes memory). The directory must belong to this user and not be writable by others (mode
+0700 when created here). ``BATON_INDEX_CACHE=off`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import sys
+import tempfile
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO
+
+import blake3
+
+from baton.repo.chunkindex import BLOCK_ROWS, CACHE_DIR_ENV, ROW, Snapshot, _Run
+from baton.repo.keys import RepoKeys
+
+DISABLE_ENV = "BATON_INDEX_CACHE"   # "off", "0", "no", "false": no cache
+ROOT_DIR = "/var/cache/baton"
+SUBDIR = "chunk-index"
+MAX_REPOS = 8
+CTX_CACHE = "baton 2026-11-28 chunk-index cache authentication key"
+KEY_CHECK = b"baton chunk-index cache key check"
+
+MAGIC = b"BTNIXCAC"
+CACHE_VERSION = 1
+# The manifest's head. The body follows: key_count index-file names (32 bytes: the key's 64 hex digits as
+# bytes), pack_count pack ids (32 bytes, by pack number), run_count RUN_DESC, row_count rows (ROW, 53 bytes);
+# then the 32-byte MAC over everything before it.
+CACHE_HEAD = struct.Struct(
+    "<8s"    # magic: MAGIC
+    "H"      # version: CACHE_VERSION
+    "H"      # reserved: 0
+    "16s"    # repo_id: the repository's (also in the file name)
+    "32s"    # key_check: keyed BLAKE3(cache key, KEY_CHECK), tells another key from damage
+    "Q"      # length: bytes of the whole manifest, MAC included
+    "I"      # key_count: index files covered
+    "I"      # pack_count: entries of the pack table
+    "I"      # run_count: 0..2
+    "I"      # row_count: overlay rows
+)
+RUN_DESC = struct.Struct(
+    "<B"     # role: 0 the base, 1 the small run
+    "7x"     # reserved: 0
+    "Q"      # count: rows in the run file (its size is count * 53)
+    "Q"      # nbits: Bloom filter bits (a multiple of 8)
+    "32s"    # digest: BLAKE3 of the run file
+    "32s"    # aux_digest: BLAKE3 of the aux file (fences, then filter)
+)
+MAC_SIZE = 32
+FENCE = struct.Struct("<Q")
+READ = 4 << 20   # bytes per read while a run's digest is checked
+
+
+def cache_dir() -> str | None:
+    """The directory of this user's chunk-index cache, created if missing (mode 0700); None when the cache is
+    off or no candidate is usable (the caller then works without a cache)."""
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return None
+    base = os.environ.get(CACHE_DIR_ENV)
+    uid = os.geteuid()
+    if base:
+        candidates = [base]
+    else:
+        home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        candidates = [ROOT_DIR if uid == 0 else os.path.join(home, "baton"),
+                      os.path.join(tempfile.gettempdir(), f"baton-{uid}")]
+    for c in candidates:
+        path = os.path.join(c, SUBDIR)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o022:
+            return path
+    return None
+
+
+def cache_key(keys: RepoKeys) -> bytes:
+    return blake3.blake3(keys.id_key + (keys.data_key or b""), derive_key_context=CTX_CACHE).digest()
+
+
+def _mac(key: bytes, data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data, key=key).digest()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checked cache: the index as saved, and the index files (keys, ``index/<hex>``) it covers."""
+
+    snapshot: Snapshot
+    keys: frozenset[str]
+
+
+class Discard(Exception):
+    """The cache can't be used; the message says why (``Repository.statistics()["index_cache_problem"]``)."""
+
+
+class Stale(Discard):
+    """The cache covers index files that are gone from the repository (a prune, lost files)."""
+
+
+def _name_of(key: str) -> bytes:
+    h = key.rsplit("/", 1)[-1]
+    if len(h) != 64:
+        raise ValueError(key)
+    return h.encode("ascii")
+
+
+def _lock(directory: str, rid: str, exclusive: bool) -> int | None:
+    """An flock on the repository's lock file (None if it can't be had: a reader then goes without, since
+    every file is checked anyway; the lock only keeps a save's clean-up from removing what a load opens)."""
+    path = os.path.join(directory, f"{rid}.lock")
+    try:
+        fd = os.open(path, (os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY) | os.O_CLOEXEC, 0o600)
+    except OSError:
+        if exclusive:
+            raise
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        if exclusive:
+            raise
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)   # closing drops the flock
+
+
+# ----- load -------------------------------------------------------------------------------------------------------
+
+def load(directory: str, keys: RepoKeys, listing: Iterable[str]) -> Loaded | None:
+    """The cache of the repository ``keys`` opens, when it is valid for ``listing`` (the keys now under
+    ``index/``); None when there is none. Discard (why) when there is one that must not be used. OSError
+    only from the directory itself."""
+    rid = keys.repo_id.hex()
+    path = os.path.join(directory, f"{rid}.manifest")
+    files: list[tuple[int, tuple[int, int, int, bytes, bytes], IO[bytes], bytes]] = []
+    try:
+        lock = _lock(directory, rid, exclusive=False)
+        try:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            descs, rows, packs, covered = _parse(data, keys, set(listing))
+            for desc in descs:
+                files.append(_open_run(directory, rid, desc))
+        finally:
+            _unlock(lock)
+        runs = {role: _checked_run(directory, rid, desc, f, aux) for role, desc, f, aux in files}
+    except BaseException:
+        for _role, _desc, run_file, _aux in files:
+            run_file.close()
+        raise
+    return Loaded(Snapshot(runs.get(0), runs.get(1), rows, packs), covered)
+
+
+def _parse(data: bytes, keys: RepoKeys, listing: set[str]
+           ) -> tuple[list[tuple[int, int, int, bytes, bytes]], bytes, tuple[bytes, ...], frozenset[str]]:
+    """The manifest's runs (role, count, nbits, digest, aux digest), rows and pack table, and the index files
+    it covers. Checks, in order: length, magic, version, repo id, key, length field, MAC, counts, coverage."""
+    if len(data) < CACHE_HEAD.size + MAC_SIZE:
+        raise Discard(f"manifest: {len(data)} bytes, shorter than its head")
+    magic, version, _r, repo_id, key_check, length, n_keys, n_packs, n_runs, n_rows = CACHE_HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise Discard(f"manifest: magic {magic!r}, expected {MAGIC!r}")
+    if version != CACHE_VERSION:
+        raise Discard(f"manifest: version {version}, this Baton reads {CACHE_VERSION}")
+    if repo_id != keys.repo_id:
+        raise Discard(f"manifest: of repository {repo_id.hex()}, not {keys.repo_id.hex()}")
+    ck = cache_key(keys)
+    if key_check != _mac(ck, KEY_CHECK):
+        raise Discard("manifest: written with another key")
+    want = CACHE_HEAD.size + 32 * (n_keys + n_packs) + RUN_DESC.size * n_runs + ROW.size * n_rows + MAC_SIZE
+    if length != len(data) or want != len(data):
+        raise Discard(f"manifest: {len(data)} bytes, its head says {length} and its counts {want}")
+    view = memoryview(data)
+    if _mac(ck, view[:-MAC_SIZE]) != data[-MAC_SIZE:]:
+        raise Discard("manifest: checksum mismatch")
+    if n_runs > 2:
+        raise Discard(f"manifest: {n_runs} runs, at most 2")
+    off = CACHE_HEAD.size
+    names = [bytes(view[off + 32 * i: off + 32 * i + 32]) for i in range(n_keys)]
+    off += 32 * n_keys
+    packs = tuple(bytes(view[off + 32 * i: off + 32 * i + 32]) for i in range(n_packs))
+    off += 32 * n_packs
+    runs: list[tuple[int, int, int, bytes, bytes]] = []
+    for _ in range(n_runs):
+        role, count, nbits, digest, aux = RUN_DESC.unpack_from(data, off)
+        off += RUN_DESC.size
+        if role > 1 or role in (r[0] for r in runs) or not count or not nbits or nbits % 8:
+            raise Discard(f"manifest: bad run (role {role}, {count} rows, {nbits} filter bits)")
+        runs.append((role, count, nbits, digest, aux))
+    rows = bytes(view[off:off + ROW.size * n_rows])
+    covered = frozenset(f"index/{n.hex()}" for n in names)
+    if len(covered) != n_keys:
+        raise Discard("manifest: an index file is listed twice")
+    missing = covered - listing
+    if missing:
+        raise Stale(f"{len(missing)} index files it covers are gone from the repository "
+                      f"(first: {min(missing)})")
+    return runs, rows, packs, covered
+
+
+def _open_run(directory: str, rid: str, desc: tuple[int, int, int, bytes, bytes]
+              ) -> tuple[int, tuple[int, int, int, bytes, bytes], IO[bytes], bytes]:
+    role, _count, _nbits, digest, aux_digest = desc
+    try:
+        f = open(os.path.join(directory, f"{rid}-{digest.hex()}.run"), "rb", buffering=0)  # noqa: SIM115 (the run keeps it)
+        try:
+            with open(os.path.join(directory, f"{rid}-{aux_digest.hex()}.aux"), "rb") as a:
+                aux = a.read()
+        except BaseException:
+            f.close()
+            raise
+    except FileNotFoundError as e:
+        raise Discard(f"{os.path.basename(str(e.filename))} is missing") from e
+    return role, desc, f, aux
+
+
+def _checked_run(directory: str, rid: str, desc: tuple[int, int, int, bytes, bytes], f: IO[bytes],
+                 aux: bytes) -> _Run:
+    """The run of ``desc`` from its open file and its aux file's bytes, after both passed their digests."""
+    _role, count, nbits, digest, aux_digest = desc
+    nfences = -(-count // BLOCK_ROWS)
+    if len(aux) != 8 * nfences + nbits // 8:
+        raise Discard(f"run {digest.hex()[:16]}: aux file of {len(aux)} bytes, "
+                      f"expected {8 * nfences + nbits // 8}")
+    if blake3.blake3(aux).digest() != aux_digest:
+        raise Discard(f"run {digest.hex()[:16]}: aux file checksum mismatch")
+    fd = f.fileno()
+    size = os.fstat(fd).st_size
+    if size != count * ROW.size:
+        raise Discard(f"run {digest.hex()[:16]}: {size} bytes, expected {count * ROW.size}")
+    h = blake3.blake3()
+    buf = bytearray(READ)
+    view = memoryview(buf)
+    off = 0
+    while off < size:
+        n = os.preadv(fd, [buf], off)
+        if n <= 0:
+            raise Discard(f"run {digest.hex()[:16]}: shorter than its size")
+        h.update(view[:n])
+        off += n
+    if h.digest() != digest:
+        raise Discard(f"run {digest.hex()[:16]}: checksum mismatch")
+    fences = array("Q")
+    fences.frombytes(aux[:8 * nfences])
+    if fences.itemsize != 8:
+        raise Discard("this platform has no 8-byte array('Q')")
+    if sys.byteorder != "little":
+        fences.byteswap()
+    run = _Run(f, count, fences, bytearray(aux[8 * nfences:]), digest)
+    run.aux_digest = aux_digest
+    run.saved = os.path.join(directory, f"{rid}-{digest.hex()}.run")
+    return run
+
+
+# ----- save -------------------------------------------------------------------------------------------------------
+
+def _aux(run: _Run) -> bytes:
+    fences = array("Q", run.fences)
+    if sys.byteorder != "little":
+        fences.byteswap()
+    return fences.tobytes() + bytes(run.bits)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(directory: str, rid: str, final: str, parts: Iterable[bytes | memoryview]) -> None:
+    """``parts`` as file ``final``: a temp file, fsync, rename (the directory is synced by the caller)."""
+    tmp = os.path.join(directory, f"{rid}.tmp-{os.urandom(8).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        for p in parts:
+            view = memoryview(p)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+
+
+def _copy_run(directory: str, rid: str, run: _Run, final: str) -> None:
+    tmp = os.path.join(directory, f"{rid}.tmp-{os.urandom(8).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        size = run.count * ROW.size
+        off = 0
+        while off < size:
+            try:
+                n = os.copy_file_range(run.fd, fd, size - off, off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                data = os.pread(run.fd, min(READ, size - off), off)
+                n = os.pwrite(fd, data, off) if data else 0
+            if n <= 0:
+                raise OSError(errno.EIO, f"run file shorter than {size} bytes")
+            off += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+
+
+def _save_run(directory: str, rid: str, run: _Run) -> str:
+    """Make sure ``<rid>-<digest>.run`` exists (link, else copy) and return its name."""
+    name = f"{rid}-{run.digest.hex()}.run"
+    final = os.path.join(directory, name)
+    try:
+        if os.stat(final).st_size == run.count * ROW.size:
+            run.saved = final
+            return name
+        os.unlink(final)   # damaged: replaced below (loads check its digest anyway)
+    except FileNotFoundError:
+        pass
+    os.fsync(run.fd)       # the rows are durable before they have a name
+    try:
+        os.link(f"/proc/self/fd/{run.fd}", final)
+    except FileExistsError:
+        pass
+    except OSError:        # another file system, no O_TMPFILE, a loaded run's removed name: copy it
+        _copy_run(directory, rid, run, final)
+    run.saved = final
+    return name
+
+
+def save(directory: str, keys: RepoKeys, snap: Snapshot, covered: Iterable[str]) -> None:
+    """Save ``snap``, the index holding exactly the entries of the index files ``covered``, as this
+    repository's cache. OSError when the directory can't take it (the previous cache then stays as it was,
+    or is replaced whole)."""
+    rid = keys.repo_id.hex()
+    names = sorted(_name_of(k) for k in covered)
+    ck = cache_key(keys)
+    lock = _lock(directory, rid, exclusive=True)
+    try:
+        keep = {f"{rid}.manifest", f"{rid}.lock"}
+        descs = []
+        for role, run in ((0, snap.base), (1, snap.small)):
+            if run is None:
+                continue
+            keep.add(_save_run(directory, rid, run))
+            if run.aux_digest is None:
+                aux = _aux(run)
+                run.aux_digest = blake3.blake3(aux).digest()
+            else:
+                aux = b""
+            aux_name = f"{rid}-{run.aux_digest.hex()}.aux"
+            if not os.path.exists(os.path.join(directory, aux_name)):
+                _write_new(directory, rid, os.path.join(directory, aux_name), [aux or _aux(run)])
+            keep.add(aux_name)
+            descs.append(RUN_DESC.pack(role, run.count, run.nbits, run.digest, run.aux_digest))
+        n_rows = len(snap.rows) // ROW.size
+        length = (CACHE_HEAD.size + 32 * (len(names) + len(snap.packs)) + RUN_DESC.size * len(descs)
+                  + len(snap.rows) + MAC_SIZE)
+        head = CACHE_HEAD.pack(MAGIC, CACHE_VERSION, 0, keys.repo_id, _mac(ck, KEY_CHECK), length, len(names),
+                               len(snap.packs), len(descs), n_rows)
+        body = b"".join([head, *(bytes.fromhex(n.decode()) for n in names), *snap.packs, *descs, snap.rows])
+        _fsync_dir(directory)      # the runs' and aux files' names before the manifest that names them
+        _write_new(directory, rid, os.path.join(directory, f"{rid}.manifest"), [body, _mac(ck, body)])
+        _fsync_dir(directory)
+        for entry in os.listdir(directory):
+            if (entry.startswith(f"{rid}-") or entry.startswith(f"{rid}.tmp-")) and entry not in keep:
+                _remove(os.path.join(directory, entry))
+    finally:
+        _unlock(lock)
+    _evict(directory, rid)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _evict(directory: str, current: str) -> None:
+    """Remove the caches of the repositories saved least recently, past ``MAX_REPOS``."""
+    manifests = []
+    for entry in os.listdir(directory):
+        if entry.endswith(".manifest") and not entry.startswith(current):
+            try:
+                manifests.append((os.stat(os.path.join(directory, entry)).st_mtime, entry[:-len(".manifest")]))
+            except FileNotFoundError:
+                continue
+    manifests.sort(reverse=True)
+    for _mtime, rid in manifests[MAX_REPOS - 1:]:
+        try:
+            fd = os.open(os.path.join(directory, f"{rid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:          # in use: left for a later save
+            os.close(fd)
+            continue
+        try:
+            _remove(os.path.join(directory, f"{rid}.manifest"))
+            for entry in os.listdir(directory):
+                if entry.startswith(f"{rid}-") or entry.startswith(f"{rid}.tmp-") or entry == f"{rid}.lock":
+                    _remove(os.path.join(directory, entry))
+        finally:
+            os.close(fd)
