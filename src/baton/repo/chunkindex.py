@@ -54,8 +54,11 @@ Memory, at every point (n chunks; 64 KiB chunks, so n = 16.8 M per TiB of unique
 The run files hold 53 bytes a chunk (848 MiB per TiB), twice that while a merge writes the new base: where the
 temporary directory is a tmpfs they take that much of the host's memory (not this process's RSS), so point
 ``BATON_CACHE_DIR`` at a disk there. They are
-derived state (STYLE 9): rebuilt from the repository's index files by every process that loads the index,
-never read back after a crash. A merge that fails (the cache directory is full) leaves the index as it was and
+derived state (STYLE 9): rebuilt from the repository's index files by a process that loads the index, unless
+this node's chunk-index cache (:mod:`baton.repo.indexcache`) holds a valid copy: a save gives the runs names
+there (``linkat`` of the ``O_TMPFILE`` files :func:`_tempfile` opens, a copy where that fails) with their fences
+and filters, :meth:`ChunkIndex.snapshot` and :meth:`ChunkIndex.restore`; each run carries the BLAKE3 of its
+bytes, computed as they are written. A merge that fails (the cache directory is full) leaves the index as it was and
 its staged entries staged; a background one records the error (``statistics()["merge_failed"]``).
 
 Threads: lookups take no lock (they read one immutable state: runs and filters; a file closes when the last

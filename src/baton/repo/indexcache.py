@@ -56,7 +56,8 @@ import blake3
 from baton.repo.chunkindex import BLOCK_ROWS, CACHE_DIR_ENV, ROW, Snapshot, _Run
 from baton.repo.keys import RepoKeys
 
-DISABLE_ENV = "BATON_INDEX_CACHE"   # "off", "0", "no", "false": no cache
+DISABLE_ENV = "BATON_INDEX_CACHE"   # one of OFF: no cache
+OFF = ("0", "off", "no", "false")
 ROOT_DIR = "/var/cache/baton"
 SUBDIR = "chunk-index"
 MAX_REPOS = 8
@@ -96,7 +97,7 @@ READ = 4 << 20   # bytes per read while a run's digest is checked
 def cache_dir() -> str | None:
     """The directory of this user's chunk-index cache, created if missing (mode 0700); None when the cache is
     off or no candidate is usable (the caller then works without a cache)."""
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in OFF:
         return None
     base = os.environ.get(CACHE_DIR_ENV)
     uid = os.geteuid()

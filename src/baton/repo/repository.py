@@ -200,7 +200,7 @@ class Repository:
                     self.invalidate_index()
                     raise
         if loaded:
-            self.save_index_cache(wait=False)
+            self.save_index_cache(background=True)
 
     # ----- the node-local chunk-index cache (baton.repo.indexcache) -------------------------------------------
 
@@ -234,17 +234,21 @@ class Repository:
         self._stats["index_cache_hits"] += 1
         self._stats["index_files_from_cache"] += len(got.keys)
 
-    def save_index_cache(self, *, wait: bool = True) -> None:
+    def save_index_cache(self, *, background: bool | None = False) -> None:
         """Save the loaded chunk index as this node's cache of the repository (:mod:`baton.repo.indexcache`),
-        unless it covers no index file beyond the last cache saved or loaded. ``wait=False``: in a background
-        thread (a first load's save writes the runs' names and its fences and filters; later saves rewrite
-        only a small manifest). Never raises: a cache that can't be written (no usable directory, read-only,
-        ENOSPC) is counted (``index_cache_save_failed``) and the caller carries on without it.
+        unless it covers no index file beyond the last cache saved or loaded. ``background``: False, in this
+        thread; True, in a background thread (:meth:`wait_index_cache_saved`); None, in this thread when only
+        the manifest is to be written (the runs are saved already: a few ms), else in the background (a new
+        run must be made durable and named: a first load's, or a merge's since the last save, which is
+        I/O in proportion to the index). Never raises: a cache that can't be written (no usable directory,
+        read-only, ENOSPC) is counted (``index_cache_save_failed``) and the caller carries on without it.
 
         The index and the set of index files it covers are taken together under the repository's lock, so
         the cache holds exactly the entries of the files it names (write_index_file adds both under it)."""
         from baton.repo import indexcache
 
+        if os.environ.get(indexcache.DISABLE_ENV, "").strip().lower() in indexcache.OFF:
+            return
         with self._lock:
             index = self._index
             if index is None or self._unsaveable or self._index_files <= self._saved_keys:
@@ -253,19 +257,21 @@ class Repository:
             if snap is None:
                 return
             covered = frozenset(self._index_files)
-        if wait:
-            self._save_cached(indexcache, snap, covered)
+        if background is None:
+            background = any(r is not None and r.saved is None for r in (snap.base, snap.small))
+        if not background:
+            self._save_cached(indexcache, index, snap, covered)
             return
-        t = threading.Thread(target=self._save_cached, args=(indexcache, snap, covered),
+        t = threading.Thread(target=self._save_cached, args=(indexcache, index, snap, covered),
                              name="baton-index-cache-save")
         with self._lock:
             self._save_thread = t
         t.start()
 
-    def _save_cached(self, indexcache: Any, snap: Any, covered: frozenset[str]) -> None:
+    def _save_cached(self, indexcache: Any, index: ChunkIndex, snap: Any, covered: frozenset[str]) -> None:
         with self._save_lock:
             with self._lock:
-                if covered <= self._saved_keys:   # a newer snapshot was saved meanwhile
+                if index is not self._index or covered <= self._saved_keys:   # dropped, or saved newer since
                     return
             try:
                 where = indexcache.cache_dir()
@@ -278,7 +284,8 @@ class Repository:
                     self._cache_problem = f"save: {e}"
                 return
             with self._lock:
-                self._saved_keys = covered
+                if index is self._index:
+                    self._saved_keys = covered
                 self._stats["index_cache_saves"] += 1
 
     def wait_index_cache_saved(self) -> None:
@@ -581,11 +588,12 @@ class Repository:
 
     def write_manifest(self, m: Manifest) -> None:
         """Store a manifest. After a complete one (a backup's commit) the chunk index is saved as this node's
-        cache (:meth:`save_index_cache`, in this thread: a process killed after the commit has passed it)."""
+        cache (:meth:`save_index_cache`: in this thread, so a process killed after the commit has passed it,
+        unless a run made since the last save must be saved too, which goes to the background)."""
         self.store.put(snapshot_key(m.snapshot_id),
                        seal(MAGIC_SNAPSHOT, m.encode_body(), compress=True, key=self.keys.data_key))
         if m.complete:
-            self.save_index_cache()
+            self.save_index_cache(background=None)
 
     def read_manifest(self, snapshot_id: str) -> Manifest:
         """One manifest. Complete manifests never change, so they are cached; partial ones are re-read
