@@ -46,7 +46,8 @@ DEFAULT_BATCH_CHUNKS = 4096  # the seed's "every N chunks": 256 MiB at 64 KiB ch
 BATCH_CHUNKS_ENV = "BATON_BATCH_CHUNKS"  # overrides DEFAULT_BATCH_CHUNKS (tests: frequent checkpoints)
 RUN_BYTES = 1 << 20  # bytes per disk read (16 chunks at 64 KiB; 4 MiB ran no faster and held 4x the memory)
 MAX_RUN = 16  # kept for callers of _runs; the engine uses RUN_BYTES // chunk size
-READ_DEPTH = 32  # disk reads in flight at most (short runs of an incremental: many small reads)
+READ_DEPTH = 32  # read tasks (groups of runs) in flight at most
+GROUP_BYTES = 256 << 10  # short runs (a scattered incremental's) gathered into one read task, up to this many bytes
 READ_BYTES = 8 << 20  # bytes of disk reads in flight at most (long runs: 8 reads of RUN_BYTES)
 HOLE_RUN_BYTES = 64 << 20  # longest run of hole chunks handed over at once (full backups of image files)
 
@@ -131,6 +132,33 @@ def _runs(chunks: Iterable[int], max_run: int = MAX_RUN) -> Iterator[tuple[int, 
         yield first, count
 
 
+def _groups(runs: Iterator[tuple[int, int, bool]], cs: int) -> Iterator[list[tuple[int, int, bool]]]:
+    """``runs`` gathered into groups read by one task: consecutive data runs until the group holds GROUP_BYTES
+    (a scattered incremental's runs of 1-2 chunks; a task per run cost more in thread hand-offs than its read),
+    a hole run alone."""
+    group: list[tuple[int, int, bool]] = []
+    nbytes = 0
+    for run in runs:
+        if run[2]:
+            if group:
+                yield group
+                group, nbytes = [], 0
+            yield [run]
+            continue
+        group.append(run)
+        nbytes += run[1] * cs
+        if nbytes >= GROUP_BYTES:
+            yield group
+            group, nbytes = [], 0
+    if group:
+        yield group
+
+
+def _read_group(tracker: Tracker, group: list[tuple[int, int, bool]]) -> list[list[memoryview | None] | None]:
+    """(Read pool.) ``Tracker.read_frozen_run`` of each run of ``group``, in order."""
+    return [tracker.read_frozen_run(first, count, skip_holes=hole) for first, count, hole in group]
+
+
 def _full_runs(tracker: Tracker, n: int, max_run: int, hole_run: int) -> Iterator[tuple[int, int, bool]]:
     """(first, count, hole) runs over the whole disk for a full backup. Where the data device is a file that
     can say (SEEK_DATA/SEEK_HOLE), chunks lying wholly in holes form hole runs of up to ``hole_run`` chunks,
@@ -195,15 +223,15 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     "after-commit") so fault-injection tests can kill the process exactly there. ``batch_chunks`` (default:
     :func:`batch_chunks_default`) is the checkpoint interval.
 
-    Pipeline: up to READ_DEPTH runs of frozen chunks, READ_BYTES in all (RUN_BYTES at most each, one O_DIRECT
-    read per run: 8 reads of 1 MiB for a full backup, up to 32 small ones for scattered changes) are read by
-    a thread pool while this thread hands the chunks, as views of the run's buffer (no per-chunk copy), to
-    the writer, whose own pool hashes, compresses and encrypts them (the libraries release the GIL) and whose
+    Pipeline: up to READ_DEPTH groups of runs of frozen chunks, READ_BYTES in all, are read by a thread pool
+    (one O_DIRECT read per run of RUN_BYTES at most; a group is one run of a full backup, or consecutive short
+    runs of a scattered incremental gathered up to GROUP_BYTES and read by one task) while this thread hands
+    the chunks, as views of the run's buffer (no per-chunk copy), to the writer, whose own pool hashes, compresses and encrypts them (the libraries release the GIL) and whose
     uploader stores sealed packs. Full backups of image files skip holes (see :func:`_full_runs`).
 
     Memory bound (besides the interpreter and its libraries, 33 MiB): READ_BYTES of read buffers (the reads
     land in them directly: ``baton.device.read_view``, no per-thread bounce buffer), one hole run that turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the
-    writer's bound (``baton.repo.writer``: about 48 MiB at 16 MiB packs, plus the store's 4 MiB bounce buffer),
+    writer's bound (``baton.repo.writer``: about 49 MiB at 16 MiB packs, plus the store's 4 MiB bounce buffer),
     and copy-before-write's saved chunks (in memory up to the tracker's limit, then spilled to a file).
     Measured: 113-116 MiB peak RSS for a full backup of the 1 GiB benchmark image in one process (223-233 MiB
     before the writer built each pack in one reused buffer, the allocator's arenas were capped and the reads
@@ -262,7 +290,8 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     done = 0
     read_wait = store_time = 0.0
     pool = ThreadPoolExecutor(max_workers=READ_DEPTH, thread_name_prefix="baton-read")
-    inflight: deque[tuple[int, int, int, Future[list[memoryview | None] | None]]] = deque()
+    groups = _groups(runs, cs)
+    inflight: deque[tuple[list[tuple[int, int, bool]], int, Future[list[list[memoryview | None] | None]]]] = deque()
     inflight_bytes = 0
     try:
         try:
@@ -272,54 +301,53 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
             exhausted = False
             while True:
                 while not exhausted and len(inflight) < READ_DEPTH and inflight_bytes < READ_BYTES:
-                    nxt = next(runs, None)
-                    if nxt is None:
+                    group = next(groups, None)
+                    if group is None:
                         exhausted = True
                         break
-                    first, count, hole = nxt
-                    nbytes = 0 if hole else count * cs
-                    inflight.append((first, count, nbytes, pool.submit(tracker.read_frozen_run, first, count,
-                                                                       skip_holes=hole)))
+                    nbytes = sum(count * cs for _f, count, hole in group if not hole)
+                    inflight.append((group, nbytes, pool.submit(_read_group, tracker, group)))
                     inflight_bytes += nbytes
                 if not inflight:
                     break
-                first, count, nbytes, fut = inflight.popleft()
+                group, nbytes, fut = inflight.popleft()
                 inflight_bytes -= nbytes
                 t_a = time.monotonic()
-                views = fut.result()
+                read = fut.result()
                 t_b = time.monotonic()
-                if views is None:
-                    w.put_zeros(first, count)
-                elif None in views:  # a hole run with chunks saved aside by copy-before-write
-                    for i, view in enumerate(views):
-                        if view is None:
-                            w.put_zero(first + i)
-                        else:
-                            w.put(first + i, view)
-                else:
-                    w.put_run(first, views)  # type: ignore[arg-type]
-                del views
-                batch.extend(range(first, first + count))
-                done += min(count * cs, tracker.size - first * cs)
+                for (first, count, _hole), views in zip(group, read, strict=True):
+                    if views is None:
+                        w.put_zeros(first, count)
+                    elif None in views:  # a hole run with chunks saved aside by copy-before-write
+                        for i, view in enumerate(views):
+                            if view is None:
+                                w.put_zero(first + i)
+                            else:
+                                w.put(first + i, view)
+                    else:
+                        w.put_run(first, views)  # type: ignore[arg-type]
+                    batch.extend(range(first, first + count))
+                    done += min(count * cs, tracker.size - first * cs)
+                    if len(batch) >= batch_chunks:
+                        m = w.checkpoint()
+                        if plan.mode == "incremental":
+                            # The checkpoint is the parent plus every chunk stored so far: a complete index of
+                            # the disk, so the record may continue from it and forget this batch.
+                            rec.checkpoint(m.snapshot_id, [c for c in batch if frozen.test(c)])
+                        # A full backup's checkpoint only covers the chunks read so far (its base is empty), and
+                        # the chunks it has not reached are not marked in the record: continuing from it would
+                        # restore them as zeros. Its data is durable (a retry deduplicates it), but the record
+                        # keeps pointing at the previous snapshot and keeps every frozen bit until the commit.
+                        batch = []
+                        if fault:
+                            fault("after-batch")
+                del read, views  # the group's read buffers go now, not when the next group replaces them
                 if progress:
                     progress(done, total)
-                if len(batch) >= batch_chunks:
-                    m = w.checkpoint()
-                    if plan.mode == "incremental":
-                        # The checkpoint is the parent plus every chunk stored so far: a complete index of the
-                        # disk, so the record may continue from it and forget this batch.
-                        rec.checkpoint(m.snapshot_id, [c for c in batch if frozen.test(c)])
-                    # A full backup's checkpoint only covers the chunks read so far (its base is empty), and
-                    # the chunks it has not reached are not marked in the record: continuing from it would
-                    # restore them as zeros. Its data is durable (a retry deduplicates it), but the record
-                    # keeps pointing at the previous snapshot and keeps every frozen bit until the commit.
-                    batch = []
-                    if fault:
-                        fault("after-batch")
                 read_wait += t_b - t_a
                 store_time += time.monotonic() - t_b
         finally:
-            for _f, _c, _n, fut in inflight:
+            for _g, _n, fut in inflight:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
         if fault:

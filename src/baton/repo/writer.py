@@ -11,7 +11,8 @@ A crash at any point therefore leaves only unreferenced packs, index entries or 
 after its grace period. The writer fails sticky: after any error every call raises that error again, and the
 caller must :meth:`~BackupWriter.abort`.
 
-Pipeline: ``put_run`` (``put`` is a run of one) hands a run of chunks to a thread pool (``workers``, default 2:
+Pipeline: ``put_run`` (``put`` is a run of one) gathers runs of chunks into tasks of about BATCH_BYTES (1 MiB) for
+a thread pool (``workers``, default 2:
 threads, since BLAKE3, zstd and AES-GCM release the GIL and a process pool would copy every chunk across a
 pipe) that hashes (keyed BLAKE3), recognises zero chunks by their id, compresses (zstd-1, one compressor per
 thread) and encrypts (AES-256-GCM); results are taken back in submission order on the caller's thread and
@@ -20,15 +21,15 @@ goes to one uploader thread, which appends the table and trailer, checks, names 
 caller fills the next one. Index pages are stored by a small pool, concurrently. A chunk is compressed from
 the caller's view as it is; only a chunk stored raw is copied.
 
-Memory bound: MAX_INFLIGHT_BYTES (8 MiB) of chunks queued for encoding (the caller's read buffers, held by
-reference) and as much again in encoded results not yet taken, the pack being filled and the pack being
-stored (one buffer each of the repository's pack_target plus a chunk, 16 MiB by default and never more than
-PACK_BYTES_MAX, just under 32 MiB; MAX_UPLOADS = 0: sealing a pack waits for the one before it to be stored,
-and a stored pack's buffer is filled again): 8 + 8 + 16 + 16 = 48 MiB at 16 MiB packs (96 MiB at 32 MiB
-packs and a 16 MiB queue, the settings before), plus the local store's O_DIRECT bounce buffer (4 MiB, on the
-uploader thread). While a writer is open the C allocator keeps freed large buffers for reuse
-(``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of being
-faulted in anew); each checkpoint and closing the writer give back what it holds free.
+Memory bound: MAX_INFLIGHT_BYTES (8 MiB) of chunks queued for encoding and the task being gathered (BATCH_BYTES,
+1 MiB; both the caller's read buffers, held by reference), as much again in encoded results not yet taken, the
+pack being filled and the pack being stored (one buffer each of the repository's pack_target plus a chunk,
+16 MiB by default and never more than PACK_BYTES_MAX, just under 32 MiB; MAX_UPLOADS = 0: sealing a pack waits
+for the one before it to be stored, and a stored pack's buffer is filled again): 8 + 1 + 8 + 16 + 16 = 49 MiB at
+16 MiB packs (96 MiB at 32 MiB packs and a 16 MiB queue, the settings before), plus the local store's O_DIRECT
+bounce buffer (4 MiB, on the uploader thread). While a writer is open the C allocator keeps freed large buffers
+for reuse (``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of
+being faulted in anew); each checkpoint and closing the writer give back what it holds free.
 Measured, in-process full backup of the 1 GiB benchmark image, interleaved runs: peak RSS 113-116 MiB
 (the interpreter and libraries 33 MiB of it) against 146-176 MiB at 32 MiB packs and a 16 MiB queue, with
 CPU 2.47-2.55 s against 2.38-2.75 s. In the daemon, for an incremental of a 64 GiB disk with 10 % changed
@@ -70,12 +71,15 @@ from baton.repo.model import MODES, DiskIdentity, Manifest
 from baton.repo.repository import Repository, pack_key
 from baton.repo.tree import TreeReader
 
+BATCH_BYTES = 1 << 20         # chunk bytes per encode task: short runs (a scattered incremental's 1-2 chunks) are
+                             # gathered, since a task per run cost more in thread hand-offs than its hashing
 MAX_INFLIGHT_BYTES = 8 << 20  # chunk bytes queued in the encode pool (views of the caller's read buffers; 16 was no faster)
 MAX_UPLOADS = 0              # sealed packs waiting while the uploader stores one (0: sealing a pack waits for
                              # the one before it; 1 was no faster with O_DIRECT pack writes, and held 32 MiB more)
 UPLOADERS = 1                # threads storing packs (2, with MAX_UPLOADS 2, measured no faster on 2 cores)
 INDEX_EVERY_PACKS = 16       # write an index file at least every N packs
-MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages
+MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages (counted per encode task:
+                             # plus the leaves one task's chunks touch, at most 16 at 64 KiB chunks)
 PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
 # A pack is sealed before a blob would make it, with its table and trailer, larger than this, whatever the
 # repository's pack_target: each pack is built in one buffer, and below the allocator's mmap threshold (raised
@@ -139,6 +143,10 @@ class BackupWriter:
         self._inflight: deque[tuple[list[tuple[int, int]], Future[list[tuple[bytes, bytes | None, int]]] | None]] \
             = deque()
         self._inflight_bytes = 0
+        # Chunks put but not yet handed to the pool: put_run calls are gathered into tasks of BATCH_BYTES.
+        self._batch_items: list[tuple[int, int]] = []
+        self._batch_payloads: list[bytes | memoryview] = []
+        self._batch_bytes = 0
         self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int, bytearray]]] = deque()
         self._spare: list[bytearray] = []  # pack buffers stored and referenced by no one: filled again
         self._unindexed: list[tuple[bytes, IndexEntry]] = []
@@ -169,8 +177,10 @@ class BackupWriter:
         self.put_run(chunk_index, [data])
 
     def put_run(self, first: int, chunks: list[bytes | bytearray | memoryview]) -> None:
-        """Store chunks ``first``, ``first+1``, ... (one encode task for all of them: a task per chunk costs
-        more in thread hand-offs than hashing a 64 KiB chunk). Same contract as :meth:`put`. ``bytes`` and
+        """Store chunks ``first``, ``first+1``, ... Runs are gathered into encode tasks of about BATCH_BYTES (a
+        task per chunk, or per short run of a scattered incremental, costs more in thread hand-offs than hashing
+        a 64 KiB chunk); a task goes to the pool at once when the pool has nothing queued. Same contract as
+        :meth:`put`. ``bytes`` and
         read-only views are kept as they are until encoded (no copy); mutable buffers are copied, since the
         caller may reuse them after this returns."""
         self._check_open()
@@ -196,14 +206,26 @@ class BackupWriter:
             self._stats["chunks_put"] += len(items)
             nbytes = sum(length for _i, length in items)
             self._stats["bytes_in"] += nbytes
-            self._inflight.append((items, self._pool.submit(self._encode_group, payloads)))
-            self._inflight_bytes += nbytes
+            self._batch_items += items
+            self._batch_payloads += payloads
+            self._batch_bytes += nbytes
+            if self._batch_bytes >= BATCH_BYTES or not self._inflight:
+                self._submit_batch()
             self._drain(MAX_INFLIGHT_BYTES)
             if before // 1024 != self._stats["chunks_put"] // 1024:
                 self._lock.refresh()          # cheap unless the lock is old: long incrementals stay locked
         except BaseException as e:
             self._broken = e
             raise
+
+    def _submit_batch(self) -> None:
+        """Hand the chunks put since the last task to the encode pool as one task (in submission order)."""
+        if self._batch_items:
+            items, payloads = self._batch_items, self._batch_payloads
+            self._batch_items, self._batch_payloads = [], []
+            self._inflight.append((items, self._pool.submit(self._encode_group, payloads)))
+            self._inflight_bytes += self._batch_bytes
+            self._batch_bytes = 0
 
     def put_zero(self, chunk_index: int) -> None:
         """Record chunk ``chunk_index`` as all zeros without its data (a hole the caller did not read)."""
@@ -215,6 +237,7 @@ class BackupWriter:
         try:
             self._stats["chunks_put"] += 1
             self._stats["bytes_in"] += expected
+            self._submit_batch()  # results are taken in order: the chunks put before this one go first
             self._inflight.append(([(chunk_index, expected)], None))
             self._drain(MAX_INFLIGHT_BYTES)
         except BaseException as e:
@@ -291,6 +314,7 @@ class BackupWriter:
             if fut is not None:
                 fut.cancel()
         self._inflight.clear()
+        self._batch_items, self._batch_payloads, self._batch_bytes = [], [], 0
         self._shutdown()
         self._lock.release()
 
@@ -340,6 +364,8 @@ class BackupWriter:
     def _drain(self, keep: int) -> None:
         """Take results in submission order until at most ``keep`` bytes remain queued (and the head is not
         done)."""
+        if keep == 0:
+            self._submit_batch()
         while self._inflight and (self._inflight_bytes > keep or
                                   self._inflight[0][1] is None or self._inflight[0][1].done()):
             items, fut = self._inflight.popleft()
