@@ -338,3 +338,16 @@ def test_a_pruned_repository_is_loaded_from_its_new_index_files(tmp_path: Path) 
     out = tmp_path / "out.img"
     restore(nxt, m2, str(out))
     assert out.read_bytes() == img2
+
+
+def test_a_process_that_exits_right_after_its_load_leaves_a_cache(tmp_path: Path) -> None:
+    """The save after a first load runs in a background thread; the interpreter waits for it at exit."""
+    import sys
+
+    url = str(tmp_path / "repo")
+    files = _files(Repository.init(url), random.Random(16), 3, 1500)
+    code = "import sys; from baton.repo import Repository; Repository.open(sys.argv[1]).chunk_index()"
+    subprocess.run([sys.executable, "-c", code, url], check=True, env=dict(os.environ))
+    repo = _opened(url)
+    assert repo.statistics()["index_cache_hits"] == 1 and repo.statistics()["index_files_loaded"] == 0
+    _check(repo, files)

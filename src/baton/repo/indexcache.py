@@ -25,7 +25,8 @@ if one is gone (a prune rewrote the index, files were lost) the cache is stale a
 loaded from the repository as without a cache (STYLE 9); :func:`load` says why. A save that fails (read-only
 directory, ENOSPC) raises OSError to its caller, which counts it and carries on: a cache never fails a backup.
 A save killed half-way leaves temp files and unreferenced runs (removed by the next save), never a manifest
-that names what is not there.
+that names what is not there. ``Repository`` saves after a load that read index files (in a background thread,
+which the interpreter's exit waits for, up to ``SAVE_EXIT_WAIT`` seconds) and after each complete manifest.
 
 Space: one manifest per repository, the runs it names, nothing else of that repository (each save removes the
 rest); at most ``MAX_REPOS`` repositories (the least recently saved are removed).

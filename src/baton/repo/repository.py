@@ -12,8 +12,11 @@ Object layout (docs/format.md, part 2)::
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -263,9 +266,10 @@ class Repository:
             self._save_cached(indexcache, index, snap, covered)
             return
         t = threading.Thread(target=self._save_cached, args=(indexcache, index, snap, covered),
-                             name="baton-index-cache-save")
+                             name="baton-index-cache-save", daemon=True)
         with self._lock:
             self._save_thread = t
+        _pending_saves.add(t)
         t.start()
 
     def _save_cached(self, indexcache: Any, index: ChunkIndex, snap: Any, covered: frozenset[str]) -> None:
@@ -693,6 +697,20 @@ class Repository:
                 mine["chunk_index"] = self._index.statistics()
         mine["store"] = self.store.statistics()
         return mine
+
+
+# Background cache saves still running when the interpreter exits are waited for, up to SAVE_EXIT_WAIT seconds
+# in all (a CLI restore that exits right after its load still leaves a cache; a stuck file system can't hold
+# the exit up for long, and a save cut short leaves no cache that loads).
+SAVE_EXIT_WAIT = 30.0
+_pending_saves: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _wait_for_saves() -> None:
+    deadline = time.monotonic() + SAVE_EXIT_WAIT
+    for t in list(_pending_saves):
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 def coalesce(items: list[tuple[bytes, IndexEntry]], *, max_gap: int = 64 << 10, max_span: int = 16 << 20
