@@ -1,7 +1,7 @@
 """``python -m bench.indexcache --entries N DIR``: a new process's first ``prepare_backup`` with and without the
 node-local chunk-index cache (baton.repo.indexcache).
 
-Builds (once, in ``DIR/repo-N``) a local repository holding N synthetic index entries in index files of
+Builds (once, in ``DIR/repo-N``; its index files listed in ``DIR/repo-N.index-files``) a local repository holding N synthetic index entries in index files of
 ``--file-entries`` entries (one pack id per 512 entries; the packs themselves are not written, so this measures
 loading only and the repository is good for nothing else). Then, ``--rounds`` times, alternating, runs one
 child process per case, each doing ``Repository.open(url).prepare_backup()`` and reporting its wall and CPU time:
@@ -106,12 +106,16 @@ def main() -> None:
     url = os.path.join(a.dir, f"repo-{a.entries}")
     cache = os.path.join(a.dir, f"cache-{a.entries}")
     os.makedirs(cache, exist_ok=True)
+    listing = url + ".index-files"       # the index files as built (later runs' additions are removed)
     if not os.path.isdir(url):
         build(url, a.entries, a.file_entries, a.seed)
+        with open(listing, "w") as out:
+            out.write("\n".join(sorted(os.listdir(os.path.join(url, "index")))))
     load0 = os.getloadavg()
     runs: dict[str, list[dict[str, object]]] = {}
     index_dir = os.path.join(url, "index")
-    built = set(os.listdir(index_dir))
+    with open(listing) as src:
+        built = set(src.read().split())
     for _ in range(a.rounds):
         for f in set(os.listdir(index_dir)) - built:   # the files a round's warm cases added
             os.unlink(os.path.join(index_dir, f))
