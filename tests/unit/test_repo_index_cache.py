@@ -152,6 +152,9 @@ def test_a_damaged_cache_file_is_discarded(tmp_path: Path, which: str, damage: s
     assert st["index_cache_discarded"] == 1 and st["index_cache_hits"] == 0, st["index_cache_problem"]
     assert st["index_files_loaded"] == 3
     _check(repo, files)
+    again = _opened(url)                          # the load saved a new cache: no damaged file kept by its name
+    assert again.statistics()["index_cache_hits"] == 1, again.statistics()["index_cache_problem"]
+    _check(again, files)
 
 
 def test_an_unknown_cache_version_is_discarded(tmp_path: Path) -> None:

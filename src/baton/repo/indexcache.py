@@ -368,26 +368,37 @@ def _copy_run(directory: str, rid: str, run: _Run, final: str) -> None:
     os.replace(tmp, final)
 
 
-def _save_run(directory: str, rid: str, run: _Run) -> str:
-    """Make sure ``<rid>-<digest>.run`` exists (link, else copy) and return its name."""
+def _save_run(directory: str, rid: str, run: _Run) -> tuple[str, str]:
+    """Make sure ``<rid>-<digest>.run`` and its aux file exist; return their names.
+
+    A run this process loaded from the cache or saved already keeps its files while they are there. Any other
+    run is written anew, even if files of its name exist (a save reached after a load discarded the cache for a
+    damaged file must not keep that file because its name is right): the rows by a link of the run's own file
+    to a temp name renamed over the final one (no copy), else a copy; the aux file from memory."""
     name = f"{rid}-{run.digest.hex()}.run"
     final = os.path.join(directory, name)
-    try:
-        if os.stat(final).st_size == run.count * ROW.size:
-            run.saved = final
-            return name
-        os.unlink(final)   # damaged: replaced below (loads check its digest anyway)
-    except FileNotFoundError:
-        pass
+    if run.saved == final and run.aux_digest is not None:
+        aux_name = f"{rid}-{run.aux_digest.hex()}.aux"
+        try:
+            if (os.stat(final).st_size == run.count * ROW.size
+                    and os.path.exists(os.path.join(directory, aux_name))):
+                return name, aux_name
+        except FileNotFoundError:
+            pass
     os.fsync(run.fd)       # the rows are durable before they have a name
+    tmp = os.path.join(directory, f"{rid}.tmp-{os.urandom(8).hex()}")
     try:
-        os.link(f"/proc/self/fd/{run.fd}", final)
-    except FileExistsError:
-        pass
+        os.link(f"/proc/self/fd/{run.fd}", tmp)
     except OSError:        # another file system, no O_TMPFILE, a loaded run's removed name: copy it
         _copy_run(directory, rid, run, final)
+    else:
+        os.replace(tmp, final)
+    aux = _aux(run)
+    run.aux_digest = blake3.blake3(aux).digest()
+    aux_name = f"{rid}-{run.aux_digest.hex()}.aux"
+    _write_new(directory, rid, os.path.join(directory, aux_name), [aux])
     run.saved = final
-    return name
+    return name, aux_name
 
 
 def save(directory: str, keys: RepoKeys, snap: Snapshot, covered: Iterable[str]) -> None:
@@ -404,16 +415,8 @@ def save(directory: str, keys: RepoKeys, snap: Snapshot, covered: Iterable[str])
         for role, run in ((0, snap.base), (1, snap.small)):
             if run is None:
                 continue
-            keep.add(_save_run(directory, rid, run))
-            if run.aux_digest is None:
-                aux = _aux(run)
-                run.aux_digest = blake3.blake3(aux).digest()
-            else:
-                aux = b""
-            aux_name = f"{rid}-{run.aux_digest.hex()}.aux"
-            if not os.path.exists(os.path.join(directory, aux_name)):
-                _write_new(directory, rid, os.path.join(directory, aux_name), [aux or _aux(run)])
-            keep.add(aux_name)
+            keep.update(_save_run(directory, rid, run))
+            assert run.aux_digest is not None
             descs.append(RUN_DESC.pack(role, run.count, run.nbits, run.digest, run.aux_digest))
         n_rows = len(snap.rows) // ROW.size
         length = (CACHE_HEAD.size + 32 * (len(names) + len(snap.packs)) + RUN_DESC.size * len(descs)
@@ -430,6 +433,18 @@ def save(directory: str, keys: RepoKeys, snap: Snapshot, covered: Iterable[str])
     finally:
         _unlock(lock)
     _evict(directory, rid)
+
+
+def remove(directory: str, keys: RepoKeys) -> None:
+    """Remove the repository's cache (after a load discarded it for damage: its files are not trusted again)."""
+    rid = keys.repo_id.hex()
+    lock = _lock(directory, rid, exclusive=True)
+    try:
+        for entry in os.listdir(directory):
+            if entry == f"{rid}.manifest" or entry.startswith(f"{rid}-") or entry.startswith(f"{rid}.tmp-"):
+                _remove(os.path.join(directory, entry))
+    finally:
+        _unlock(lock)
 
 
 def _remove(path: str) -> None:

@@ -13,6 +13,7 @@ Object layout (docs/format.md, part 2)::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 import time
@@ -227,6 +228,8 @@ class Repository:
         except (indexcache.Discard, ValueError, OSError) as e:
             self._stats["index_cache_discarded"] += 1
             self._cache_problem = f"load: {e}"
+            with contextlib.suppress(OSError):   # not read again; the next save writes every file anew
+                indexcache.remove(where, self.keys)
             return
         if got is None:
             self._stats["index_cache_misses"] += 1
