@@ -28,6 +28,12 @@ A save killed half-way leaves temp files and unreferenced runs (removed by the n
 that names what is not there. ``Repository`` saves after a load that read index files (in a background thread,
 which the interpreter's exit waits for, up to ``SAVE_EXIT_WAIT`` seconds) and after each complete manifest.
 
+Cost: a load reads every byte it uses once to check it (53 bytes a chunk for the runs, BLAKE3 at memory
+speed: about 0.03 s of CPU at 1 M chunks, against 2.7-3.1 s to decode the index files) with a 4 MiB buffer;
+a save after a backup's commit writes only the manifest (index-file names, the pack table and the overlay's
+rows: at most ``2 * MERGE_MIN`` rows, 3.4 MiB, copied from the overlays under the index's lock), about 1-3 ms;
+the first save of a run fsyncs it (``python -m bench.indexcache``).
+
 Space: one manifest per repository, the runs it names, nothing else of that repository (each save removes the
 rest); at most ``MAX_REPOS`` repositories (the least recently saved are removed).
 
