@@ -16,6 +16,15 @@ One ``Record`` object is the single writer of one disk's record on this node (ST
   ``commit_backup`` writes history + ``last_backup`` (durable) before clearing the frozen set.
 * dm-era (v3): ``begin_era`` makes FLAG_ERA_PENDING durable before the era target is loaded; a fold marks the
   chunks the era metadata lists (``mark``, durable) before ``set_era_folded`` moves ``era_folded`` past them.
+
+Memory. A region's bits are one bitmap page per 31744 chunks: 2 MiB for a 1 TiB disk at 64 KiB chunks, 32 MiB
+at 16 TiB. While attached, the owner's slot and the frozen set stay in memory; any other region is loaded only
+when some page of it is in use, and dropped when it is cleared. Nothing else holds a region-sized copy: a
+change to a set (marks, a freeze, a checkpoint, a takeover's merge, owed chunks) builds each page it writes
+from the set in memory, writes and syncs them, and only then changes the set in place; a freeze moves the
+owner's set into an empty frozen set instead of copying it; counts and unions for status go page by page. What
+a backup allocates here is the copy ``freeze`` returns. (Before: a freeze allocated about 7 regions, each
+checkpoint 3 and each group commit of marks 2; tests/unit/test_record_memory.py measures it.)
 """
 
 from __future__ import annotations
@@ -77,6 +86,76 @@ from baton.record.area import bottom_path, physical_extents
 
 FsProbe = Callable[[], tuple[int, bytes]]  # reads the data disk's file-system markers: (FS_* kind, markers)
 
+# Whole-set work on a region's bits goes page by page (one bitmap page, PAGE_BYTES, at a time): see "Memory" in
+# the module docstring.
+_COUNT_WINDOW = 64 << 10  # bytes counted at once by _popcount
+_ZERO_PAGE = bytes(PAGE_BYTES)
+
+
+def _span(p: int) -> tuple[int, int]:
+    """Byte range of bitmap page ``p`` in a region's bits."""
+    return p * PAGE_BYTES, (p + 1) * PAGE_BYTES
+
+
+def _nonzero(data: bytes | bytearray) -> bool:
+    """Any bit set (a C-level count, not a Python loop over the bytes)."""
+    return data.count(0) != len(data)
+
+
+def _holds(bits: Bitmap, p: int) -> bool:
+    """Any bit set in page ``p`` of ``bits``."""
+    lo, hi = _span(p)
+    return bits.data.count(0, lo, hi) != hi - lo
+
+
+def _page(bits: Bitmap, p: int) -> memoryview:
+    lo, hi = _span(p)
+    return memoryview(bits.data)[lo:hi]
+
+
+def _or_bytes(*pages: bytes | bytearray | memoryview) -> bytes:
+    """Bitwise OR of equal-length pages."""
+    v = 0
+    for page in pages:
+        v |= int.from_bytes(page, "little")
+    return v.to_bytes(PAGE_BYTES, "little")
+
+
+def _or_into(dst: Bitmap, src: Bitmap) -> None:
+    """dst |= src (same size), in place, one page at a time; only pages where ``src`` has bits are touched."""
+    for p in range(len(src) // PAGE_BYTES):
+        if _holds(src, p):
+            dst.put_bytes(p * PAGE_BYTES, _or_bytes(_page(dst, p), _page(src, p)))
+
+
+def _popcount(bits: Bitmap | None) -> int:
+    """Set bits, counted in windows (``Bitmap.count`` builds one int as big as the set)."""
+    if bits is None:
+        return 0
+    mv = memoryview(bits.data)
+    return sum(int.from_bytes(mv[i : i + _COUNT_WINDOW], "little").bit_count()
+               for i in range(0, len(mv), _COUNT_WINDOW))
+
+
+def _by_page(chunks: Iterable[int]) -> dict[int, list[int]]:
+    """Chunk numbers grouped by the bitmap page holding them, pages ascending."""
+    out: dict[int, list[int]] = {}
+    for c in chunks:
+        out.setdefault(c // PAGE_BITS, []).append(c)
+    return dict(sorted(out.items()))
+
+
+def _page_with(bits: Bitmap | None, p: int, chunks: Iterable[int], *, value: bool) -> bytes:
+    """What page ``p`` of ``bits`` (all zero for None) holds with ``chunks`` (all in that page) set (``value``) or
+    cleared. ``bits`` itself is not changed: it changes once the page is durable."""
+    page = Bitmap(PAGE_BYTES) if bits is None else Bitmap.from_bytes(_page(bits, p))
+    base = p * PAGE_BITS
+    if value:
+        page.set_all(c - base for c in chunks)
+    else:
+        page.clear_all(c - base for c in chunks)
+    return bytes(page.data)
+
 
 @dataclass
 class _Region:
@@ -86,7 +165,9 @@ class _Region:
     hdr: SlotHeader
     page_seq: list[int]
     page_copy: list[int]  # copy holding the current best version (-1: none yet)
-    bits: Bitmap | None = None  # loaded lazily (only the owner's slot and the frozen set stay in memory)
+    # Loaded lazily. The owner's slot and the frozen set stay in memory while attached; any other region's are
+    # dropped when it is cleared (all zero then: loading it again reads nothing).
+    bits: Bitmap | None = None
     corrupt_pages: list[int] = field(default_factory=list)
     corrupt_header: bool = False
 
@@ -287,10 +368,32 @@ class Record:
 
     def _dirty_bits(self) -> Bitmap:
         out = Bitmap(self.geo.pages_per_slot * PAGE_BYTES)
-        for reg in self.regions[: self.geo.frozen_region + 1]:
-            if any(reg.hdr.page_map) or reg.corrupt_header:
-                out |= self._load_bits(reg)
+        for bits in self._dirty_sets():
+            _or_into(out, bits)
         return out
+
+    def _dirty_sets(self) -> list[Bitmap]:
+        """The bits of every node slot and the frozen set that may hold any (loading them)."""
+        return [self._load_bits(reg) for reg in self.regions[: self.geo.frozen_region + 1]
+                if any(reg.hdr.page_map) or reg.corrupt_header]
+
+    def _dirty_count(self) -> int:
+        """``_dirty_bits().count()``, without building the union (page by page)."""
+        sets = self._dirty_sets()
+        if len(sets) == 1:
+            return _popcount(sets[0])
+        return sum(int.from_bytes(_or_bytes(*(_page(b, p) for b in sets)), "little").bit_count()
+                   for p in range(self.geo.pages_per_slot) if any(_holds(b, p) for b in sets))
+
+    def _holds_bits(self, reg: _Region) -> bool:
+        """The region may hold set bits (loaded and not all zero; or not loaded and some page in use)."""
+        if reg.bits is not None:
+            return _nonzero(reg.bits.data)
+        return reg.corrupt_header or any(reg.hdr.page_map)
+
+    def _region_count(self, reg: _Region) -> int:
+        """Set bits of a region, loading it only when a page of it is in use."""
+        return _popcount(self._load_bits(reg)) if self._holds_bits(reg) else 0
 
     def history(self) -> list[HistoryEntry]:
         """Valid history entries, oldest first (damaged ring entries are skipped and noted)."""
@@ -318,7 +421,7 @@ class Record:
 
     def _status(self) -> dict[str, Any]:
         h = self.header
-        dirty = self._dirty_bits().count()
+        dirty = self._dirty_count()
         hist = self._history()
         last = hist[-1] if hist else None
         frozen = self.regions[self.geo.frozen_region]
@@ -359,7 +462,7 @@ class Record:
             "repos": [
                 {"region": r.index, "repo_id": r.hdr.repo_id or None, "last_backup": r.hdr.last_backup or None,
                  "lineage": r.hdr.lineage or None, "used_seq": r.hdr.used_seq,
-                 "owed_chunks": self._load_bits(r).count() if r.hdr.repo_id else 0,
+                 "owed_chunks": self._region_count(r) if r.hdr.repo_id else 0,
                  "full_pending": [n for f, n in ((FLAG_RESET, "reset"), (FLAG_SUSPECT, "suspect"),
                                                  (FLAG_UNTRACKED, "untracked")) if r.hdr.repo_flags & f],
                  "unreadable": r.corrupt_header}
@@ -392,9 +495,8 @@ class Record:
         reg.hdr = hdr
         reg.corrupt_header = False
 
-    def _write_page(self, reg: _Region, p: int, bits: Bitmap) -> None:
+    def _write_page(self, reg: _Region, p: int, page_bits: bytes) -> None:
         gen = (reg.hdr.generation & 0xFFFFFFFF) << 32
-        page_bits = bits.slice_bytes(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
         if reg.page_copy[p] < 0:
             # First write of this page in this generation: write both copies (copy 1 with counter 0), so the
             # other copy is never blank. A torn later write then leaves intact sectors of two known versions
@@ -420,20 +522,26 @@ class Record:
 
     def _persist_region(self, reg: _Region, bits: Bitmap, pages: Iterable[int] | None = None,
                         **hdr_changes: Any) -> None:
-        """Write ``pages`` (default: all pages that have bits) of ``bits`` into ``reg`` and, if the page map or
-        anything else changed, its slot header. No final sync, and ``reg.bits`` is left alone: callers set it
-        only once the writes are durable."""
+        """Write ``pages`` (default: all pages that have bits) of ``bits`` into ``reg`` (see
+        :meth:`_persist_pages`)."""
+        todo = range(self.geo.pages_per_slot) if pages is None else sorted(set(pages))
+        self._persist_pages(reg, ((p, bytes(_page(bits, p))) for p in todo), **hdr_changes)
+
+    def _persist_pages(self, reg: _Region, pages: Iterable[tuple[int, bytes]], **hdr_changes: Any) -> None:
+        """Write each (page number, the page's new bits) of ``pages`` (ascending) that is in use or has bits into
+        ``reg`` and, if the page map or anything else changed, its slot header. No final sync, and ``reg.bits``
+        is left alone: callers change it only once the writes are durable. ``pages`` may be a generator: one
+        page's bits are built at a time, never a copy of the region."""
         # Rules (docs/format.md "Bitmap pages"): a page-map bit is never cleared within a generation (so no
         # valid same-generation copy ever hides outside the map), and a page enters the map only after one valid
         # copy of it is durable (so a torn first write can never leave a mapped page with no valid copy).
         npages = self.geo.pages_per_slot
         pm = Bitmap.from_bytes(reg.hdr.page_map.ljust((npages + 7) // 8, b"\0"))
-        todo = range(npages) if pages is None else sorted(set(pages))
         entering = []
-        for p in todo:
+        for p, page_bits in pages:
             mapped = pm.test(p)
-            if mapped or bits.any_in(p * PAGE_BYTES, (p + 1) * PAGE_BYTES):
-                self._write_page(reg, p, bits)
+            if mapped or _nonzero(page_bits):
+                self._write_page(reg, p, page_bits)
                 if not mapped:
                     entering.append(p)
                     pm.set(p)
@@ -443,14 +551,23 @@ class Record:
             self._write_slot_header(reg, page_map=bytes(pm.data), **hdr_changes)
 
     def _clear_region(self, reg: _Region, **hdr_changes: Any) -> None:
-        """Empty a region: bump its generation (stale pages become invalid) and clear its page map. No sync."""
+        """Empty a region: bump its generation (stale pages become invalid) and clear its page map. No sync.
+        The owner's slot and the frozen set keep their set in memory, zeroed in place (no new one is
+        allocated); any other region's bits are dropped (loaded again, with no I/O, if asked for)."""
         npages = self.geo.pages_per_slot
         self._write_slot_header(reg, generation=reg.hdr.generation + 1, page_map=bytes((npages + 7) // 8),
                                 **hdr_changes)
         reg.page_seq = [0] * npages
         reg.page_copy = [-1] * npages
         reg.corrupt_pages = []
-        reg.bits = Bitmap(npages * PAGE_BYTES)
+        if reg.index not in (self.owner_region, self.geo.frozen_region):
+            reg.bits = None
+        elif reg.bits is None:
+            reg.bits = Bitmap(npages * PAGE_BYTES)
+        else:
+            for p in range(npages):  # zeroed in place, page by page (only pages holding bits are written)
+                if _holds(reg.bits, p):
+                    reg.bits.put_bytes(p * PAGE_BYTES, _ZERO_PAGE)
 
     def check_fence(self) -> None:
         """Raise Fenced (sticky) if the on-disk header carries a newer epoch than ours."""
@@ -582,15 +699,16 @@ class Record:
             mine = next((r for r in nodes if r.hdr.node == node), None)
             if mine is None:
                 mine = next((r for r in nodes if not any(r.hdr.page_map) and not r.corrupt_header), nodes[0])
-            merged = self._load_bits(mine).copy()
+            bits = self._load_bits(mine)
             # Repository regions (v2) are per repository, not per node: a takeover leaves them as they are.
             others = [r for r in self.regions[: self.geo.frozen_region + 1]
                       if r is not mine and (any(r.hdr.page_map) or r.corrupt_header)]
-            for r in others:
-                merged |= self._load_bits(r)
-            self._persist_region(mine, merged, node=node)
+            sets = [bits, *(self._load_bits(r) for r in others)]
+            pages = range(self.geo.pages_per_slot)
+            self._persist_pages(mine, ((p, _or_bytes(*(_page(b, p) for b in sets))) for p in pages), node=node)
             self._sync()
-            mine.bits = merged
+            for b in sets[1:]:
+                _or_into(bits, b)  # the merge is durable: now in memory too
             for r in others:
                 extra = {"backup_id": ""} if r.index == self.geo.frozen_region else {"node": ""}
                 self._clear_region(r, **extra)
@@ -755,14 +873,17 @@ class Record:
                     self._cond.notify_all()
 
     def _commit_marks(self, batch: set[int]) -> None:
+        """Write and sync the pages of ``batch`` (called without the lock, by the one committer), then set the
+        bits in memory under the lock: the in-memory set changes only once the marks are durable."""
         self.check_fence()
         reg = self._mine()
-        assert reg.bits is not None
-        new = reg.bits.copy()
-        new.set_all(batch)
-        self._persist_region(reg, new, {c // PAGE_BITS for c in batch})
+        bits = reg.bits
+        assert bits is not None
+        by_page = _by_page(batch)
+        self._persist_pages(reg, ((p, _page_with(bits, p, cs, value=True)) for p, cs in by_page.items()))
         self._sync()
-        reg.bits = new  # the in-memory set changes only once the marks are durable
+        with self._lock:
+            bits.set_all(batch)
         self.stats.commits += 1
         self.stats.first_touch_chunks += len(batch)
 
@@ -840,27 +961,31 @@ class Record:
         self._sync()
         return reg
 
-    def _owe(self, chunks_bits: Bitmap, skip: _Region | None, flags: int = 0) -> None:
-        """OR ``chunks_bits`` into the owed set of every tracked repository region but ``skip``, and add
-        ``flags`` to their owed full-backup flags. Durable on return (write, then the caller may clear)."""
-        targets = [r for r in self.repo_regions() if r is not skip and r.hdr.repo_id and not r.corrupt_header]
+    def _owe_targets(self, skip: _Region | None) -> list[_Region]:
+        """The tracked repository regions but ``skip``: the ones that must owe chunks leaving the record."""
+        return [r for r in self.repo_regions() if r is not skip and r.hdr.repo_id and not r.corrupt_header]
+
+    def _owe(self, owed: Callable[[int], bytes | memoryview], pages: list[int], skip: _Region | None,
+             flags: int = 0) -> None:
+        """OR the chunks ``owed(p)`` (the bits of page p, for each p in ``pages``) into the owed set of every
+        tracked repository region but ``skip``, and add ``flags`` to their owed full-backup flags. Durable on
+        return (write, then the caller may clear)."""
+        targets = self._owe_targets(skip)
         if not targets:
             return
-        pages = {p for p in range(self.geo.pages_per_slot)
-                 if chunks_bits.any_in(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)}
         staged = []
         for q in targets:
-            qb = self._load_bits(q).copy()
-            qb |= chunks_bits
+            qb = self._load_bits(q)
             new_flags = q.hdr.repo_flags | flags
             if pages or new_flags != q.hdr.repo_flags:
-                self._persist_region(q, qb, pages, **({"repo_flags": new_flags}
-                                                      if new_flags != q.hdr.repo_flags else {}))
-                staged.append((q, qb))
+                self._persist_pages(q, ((p, _or_bytes(_page(qb, p), owed(p))) for p in pages),
+                                    **({"repo_flags": new_flags} if new_flags != q.hdr.repo_flags else {}))
+                staged.append(qb)
         if staged:
             self._sync()
-            for q, qb in staged:
-                q.bits = qb
+            for qb in staged:  # durable: now in memory too
+                for p in pages:
+                    qb.put_bytes(p * PAGE_BYTES, _or_bytes(_page(qb, p), owed(p)))
 
     # ---------------------------------------------------------------------------------------------- backups
 
@@ -876,17 +1001,27 @@ class Record:
             assert mine.bits is not None and frozen.bits is not None
             repo_id = getattr(self, "_next_repo", None)
             self.backup_repo = self._take_repo_region(repo_id) if repo_id else None
-            fbits = frozen.bits.copy()
-            fbits |= mine.bits
-            self._persist_region(frozen, fbits, backup_id=backup_id)
+            fbits, mbits = frozen.bits, mine.bits
+            # Usually the frozen set is empty here (no interrupted backup on this node): the owner's set then
+            # moves into it as it is, and the frozen set's all-zero bits become the owner's, so the freeze
+            # allocates only the copy it returns.
+            move = not _nonzero(fbits.data)
+            pages = range(self.geo.pages_per_slot)
+            self._persist_pages(frozen, ((p, bytes(_page(mbits, p)) if move else _or_bytes(_page(fbits, p),
+                                                                                         _page(mbits, p)))
+                                         for p in pages), backup_id=backup_id)
             self._sync()
-            frozen.bits = fbits
+            if move:
+                frozen.bits, mine.bits = mbits, fbits
+            else:
+                _or_into(fbits, mbits)
             self._clear_region(mine)
             self._sync()
-            out = fbits.copy()
-            if self.backup_repo is not None:
+            out = frozen.bits.copy()
+            rr = self.backup_repo
+            if rr is not None and self._holds_bits(rr):
                 # The chunks owed to this repository (stored into others since its last backup) are read too.
-                out |= self._load_bits(self.backup_repo)
+                _or_into(out, self._load_bits(rr))
                 out.trim(self.header.nchunks)
             return out
 
@@ -903,34 +1038,33 @@ class Record:
         with self._cond:
             self._exclusive()
             self.check_fence()
-            chunks = list(chunks)
+            by_page = _by_page(chunks)  # a batch spans a few pages: only those are built and written
             frozen = self.regions[self.geo.frozen_region]
-            assert frozen.bits is not None
+            fbits = frozen.bits
+            assert fbits is not None
             rr = self.backup_repo
             if rr is not None:
                 # v2: the frozen chunks of the batch leave the record, so every other repository must owe them
                 # first (durable); then this repository's region points at the checkpoint (durable).
-                leaving = Bitmap(len(frozen.bits))
-                leaving.set_all(c for c in chunks if frozen.bits.test(c))
-                self._owe(leaving, rr)
+                if self._owe_targets(rr):
+                    leaving = {p: _page_with(None, p, [c for c in cs if fbits.test(c)], value=True)
+                               for p, cs in by_page.items()}
+                    self._owe(leaving.__getitem__, [p for p, b in leaving.items() if _nonzero(b)], rr)
                 self._write_slot_header(rr, last_backup=snapshot_id, lineage=self.header.lineage,
                                         used_seq=self.header.seq)
             else:
                 self._write_header(replace(self.header, last_backup=snapshot_id))
             self._sync()
-            fbits = frozen.bits.copy()
-            fbits.clear_all(chunks)
-            pages = {c // PAGE_BITS for c in chunks}
-            self._persist_region(frozen, fbits, pages)
-            rbits = None
-            if rr is not None:
-                rbits = self._load_bits(rr).copy()
-                rbits.clear_all(chunks)
-                self._persist_region(rr, rbits, pages)
+            self._persist_pages(frozen, ((p, _page_with(fbits, p, cs, value=False)) for p, cs in by_page.items()))
+            # This repository's owed set: only when it holds bits (an empty one, the usual case, stays unloaded).
+            rbits = self._load_bits(rr) if rr is not None and self._holds_bits(rr) else None
+            if rr is not None and rbits is not None:
+                self._persist_pages(rr, ((p, _page_with(rbits, p, cs, value=False)) for p, cs in by_page.items()))
             self._sync()
-            frozen.bits = fbits
-            if rr is not None:
-                rr.bits = rbits
+            for cs in by_page.values():  # durable: now in memory too
+                fbits.clear_all(cs)
+                if rbits is not None:
+                    rbits.clear_all(cs)
 
     def abort_backup(self) -> None:
         """Merge the frozen set back into the owner's slot (durable), then clear it."""
@@ -939,13 +1073,13 @@ class Record:
             self.check_fence()
             mine = self._mine()
             frozen = self.regions[self.geo.frozen_region]
-            assert mine.bits is not None and frozen.bits is not None
-            if frozen.bits.any():
-                merged = mine.bits.copy()
-                merged |= frozen.bits
-                self._persist_region(mine, merged)
+            mbits, fbits = mine.bits, frozen.bits
+            assert mbits is not None and fbits is not None
+            if _nonzero(fbits.data):
+                self._persist_pages(mine, ((p, _or_bytes(_page(mbits, p), _page(fbits, p)))
+                                           for p in range(self.geo.pages_per_slot)))
                 self._sync()
-                mine.bits = merged
+                _or_into(mbits, fbits)  # durable: now in memory too
             self._clear_region(frozen, backup_id="")
             self._sync()
             self.backup_repo = None  # its owed set is untouched: the next backup to it reads it again
@@ -962,8 +1096,10 @@ class Record:
                 # v2, write then clear: every other repository owes the frozen chunks, and the header's
                 # full-backup flags (durable) -> this repository's region names the snapshot (durable) -> the
                 # header clears the flags -> the frozen set and this repository's owed set are cleared.
-                assert frozen.bits is not None
-                self._owe(frozen.bits, rr, self.header.flags & FULL_FLAGS)
+                fbits = frozen.bits
+                assert fbits is not None
+                self._owe(lambda p: _page(fbits, p), [p for p in range(self.geo.pages_per_slot) if _holds(fbits, p)],
+                          rr, self.header.flags & FULL_FLAGS)
                 self._write_slot_header(rr, last_backup=entry.snapshot_id, lineage=self.header.lineage,
                                         used_seq=self.header.seq, repo_flags=0)
                 self._sync()
@@ -1001,8 +1137,7 @@ class Record:
     def owner_dirty_chunks(self) -> int:
         with self._lock:
             b = self._mine().bits if self.owner_region is not None else None
-            f = self.regions[self.geo.frozen_region].bits
-            return (b.count() if b is not None else 0) + (f.count() if f is not None else 0)
+            return _popcount(b) + _popcount(self.regions[self.geo.frozen_region].bits)
 
 
 # -------------------------------------------------------------------------------------------------- formatting

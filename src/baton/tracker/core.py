@@ -298,7 +298,8 @@ class Tracker:
             self._frozen_src = src
             self.frozen_era = era
             n = self.record.header.nchunks
-            pending = Bitmap.first_n(n) if full else Bitmap.from_bytes(frozen.data[: (n + 7) // 8])
+            # One copy of the frozen bits (through a view: slicing the bytearray first would make two).
+            pending = Bitmap.first_n(n) if full else Bitmap.from_bytes(memoryview(frozen.data)[: (n + 7) // 8])
             with self._cbw_lock:
                 self._cbw = _CbwStore(self.spill_dir)
                 self._cbw_pending = pending
