@@ -15,6 +15,22 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# The chunk index's run files and the node-local chunk-index cache (baton.repo.indexcache) go to a directory of
+# this session, not to the machine's /var/cache/baton: the tests make hundreds of repositories, which would
+# evict an operator's caches (at most 8 repositories are kept) and leave files behind. Daemons and CLI
+# processes that the tests start inherit it. A test of the default location unsets it for itself.
+_CACHE_DIR: str | None = None
+if "BATON_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _CACHE_DIR = tempfile.mkdtemp(prefix="baton-test-cache-")
+    os.environ["BATON_CACHE_DIR"] = _CACHE_DIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
 
 def need_root() -> None:
     if os.geteuid() != 0:
