@@ -14,6 +14,7 @@ count)."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 import tracemalloc
 import uuid
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 from baton.format.bitmap import Bitmap
 from baton.format.record import PAGE_BYTES, PLACEMENT_TAIL, HistoryEntry, RecordHeader, geometry_for
-from baton.record import core
+from baton.record import core, resident
 from baton.record.core import Record, format_record
 from baton.tracker.core import Tracker
 
@@ -50,12 +51,12 @@ class MemDev:
         pass
 
 
-def _record(nrepos: int = 4) -> tuple[MemDev, int]:
-    geo = geometry_for(DATA, CHUNK, 4, nrepos)
+def _record(nrepos: int = 4, data: int = DATA) -> tuple[MemDev, int]:
+    geo = geometry_for(data, CHUNK, 4, nrepos)
     dev = MemDev(geo.size)
     format_record(dev, RecordHeader(placement=PLACEMENT_TAIL, nslots=4, nrepos=nrepos, chunk_size=CHUNK,
-                                    disk_uuid=str(uuid.uuid4()), lineage="", disk_size=DATA + geo.size,
-                                    data_size=DATA, record_offset=DATA, record_size=geo.size,
+                                    disk_uuid=str(uuid.uuid4()), lineage="", disk_size=data + geo.size,
+                                    data_size=data, record_offset=data, record_size=geo.size,
                                     pages_per_slot=geo.pages_per_slot))
     return dev, geo.pages_per_slot * PAGE_BYTES
 
@@ -183,3 +184,54 @@ def test_page_helpers_agree_with_the_bitmap() -> None:
             expect = Bitmap.from_bytes(a.data[p * PAGE_BYTES : (p + 1) * PAGE_BYTES])
             expect.set_all(c - p * PAGE_BYTES * 8 for c in cs)
             assert page == expect
+
+
+def _resident(buf: bytearray) -> tuple[int, int]:
+    """(resident, total) memory pages lying wholly inside ``buf``, as mincore(2) reports them."""
+    base = resident.buffer_address(buf)
+    start = -(-base // resident.PAGE) * resident.PAGE
+    n = (base + len(buf) - start) // resident.PAGE
+    vec = (ctypes.c_ubyte * n)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * resident.PAGE), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec), n
+
+
+def test_sets_that_are_all_zero_give_their_memory_back() -> None:
+    """The owner's slot after a freeze, the frozen set as checkpoints clear it, and the tracker's set as the
+    backup reads it: their all-zero memory pages go back to the kernel (a bytearray keeps every page it
+    touched). A 64 GiB record: 128 KiB of bits a region."""
+    dev, _region = _record(data=64 << 30)
+    rec = _failed_over(dev)
+    tracker = Tracker(rec, MemDev(0), size=64 << 30)
+    n = rec.header.nchunks
+    frozen = tracker.begin_backup("11" * 16)
+    mine = rec.regions[rec.owner_region].bits  # type: ignore[index]
+    fset = rec.regions[rec.geo.frozen_region].bits
+    pending = tracker._cbw_pending
+    assert mine is not None and fset is not None and pending is not None
+    assert _resident(mine.data)[0] == 0
+    res, total = _resident(pending.data)
+    assert res == total > 8  # the copy-before-write set holds bits everywhere: every page is resident
+
+    batch: list[int] = []
+    run: list[int] = []
+    for c in [*frozen.iter_set(n), -1]:
+        if run and (c != run[-1] + 1 or len(run) == 16):
+            tracker.read_frozen_run(run[0], len(run))
+            batch += run
+            run = []
+            if len(batch) >= 4096:
+                rec.checkpoint("22" * 16, batch)
+                batch = []
+        run.append(c)
+    res, total = _resident(pending.data)
+    print(f"tracker's set: {res} of {total} pages resident after the last read")
+    assert res <= 2  # the slack behind the last read
+    res, total = _resident(fset.data)
+    print(f"frozen set: {res} of {total} pages resident before the last batch's checkpoint")
+    assert res <= 2
+    tracker.end_backup()
+    rec.commit_backup(_entry("33" * 16))
+    assert _resident(fset.data)[0] == 0
+    assert not fset.any() and not mine.any()

@@ -24,7 +24,10 @@ change to a set (marks, a freeze, a checkpoint, a takeover's merge, owed chunks)
 from the set in memory, writes and syncs them, and only then changes the set in place; a freeze moves the
 owner's set into an empty frozen set instead of copying it; counts and unions for status go page by page. What
 a backup allocates here is the copy ``freeze`` returns. (Before: a freeze allocated about 7 regions, each
-checkpoint 3 and each group commit of marks 2; tests/unit/test_record_memory.py measures it.)
+checkpoint 3 and each group commit of marks 2; tests/unit/test_record_memory.py measures it.) The memory pages
+of a set that are all zero go back to the kernel (``baton.record.resident``): the owner's slot emptied by a
+freeze, the frozen set as checkpoints clear it, any set cleared. The pages written are the same as before,
+except that a checkpoint no longer rewrites, unchanged, the in-use pages of an owed set that holds no bits.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ from baton.format.record import (
     slot_fixed_size,
 )
 from baton.record.area import bottom_path, physical_extents
+from baton.record.resident import release_zero_pages
 
 FsProbe = Callable[[], tuple[int, bytes]]  # reads the data disk's file-system markers: (FS_* kind, markers)
 
@@ -562,12 +566,14 @@ class Record:
         reg.corrupt_pages = []
         if reg.index not in (self.owner_region, self.geo.frozen_region):
             reg.bits = None
-        elif reg.bits is None:
-            reg.bits = Bitmap(npages * PAGE_BYTES)
         else:
-            for p in range(npages):  # zeroed in place, page by page (only pages holding bits are written)
-                if _holds(reg.bits, p):
-                    reg.bits.put_bytes(p * PAGE_BYTES, _ZERO_PAGE)
+            if reg.bits is None:
+                reg.bits = Bitmap(npages * PAGE_BYTES)
+            else:
+                for p in range(npages):  # zeroed in place, page by page (only pages holding bits are written)
+                    if _holds(reg.bits, p):
+                        reg.bits.put_bytes(p * PAGE_BYTES, _ZERO_PAGE)
+            release_zero_pages(reg.bits.data)  # all zero: not resident until bits are set again
 
     def check_fence(self) -> None:
         """Raise Fenced (sticky) if the on-disk header carries a newer epoch than ours."""
@@ -717,6 +723,7 @@ class Record:
             frozen = self.regions[self.geo.frozen_region]
             if frozen.bits is None:
                 frozen.bits = Bitmap(self.geo.pages_per_slot * PAGE_BYTES)
+                release_zero_pages(frozen.bits.data)
             self.owner_region = mine.index
             self.attached = True
 
@@ -1065,6 +1072,12 @@ class Record:
                 fbits.clear_all(cs)
                 if rbits is not None:
                     rbits.clear_all(cs)
+            if by_page:
+                # The frozen set empties batch by batch: its memory pages that are all zero now go back.
+                lo, hi = min(by_page) * PAGE_BYTES, (max(by_page) + 1) * PAGE_BYTES
+                release_zero_pages(fbits.data, lo, hi)
+                if rbits is not None:
+                    release_zero_pages(rbits.data, lo, hi)
 
     def abort_backup(self) -> None:
         """Merge the frozen set back into the owner's slot (durable), then clear it."""

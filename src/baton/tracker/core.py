@@ -29,6 +29,7 @@ from baton.device import BlockDev, device_has_data, read_view
 from baton.errors import BatonError
 from baton.format.bitmap import Bitmap
 from baton.record.core import Record
+from baton.record.resident import PAGE, buffer_address, release_zero_pages
 
 CBW_MEMORY_LIMIT = 256 << 20
 
@@ -151,6 +152,10 @@ class Tracker:
         self._barrier = _RWBarrier()
         self._cbw_lock = threading.Lock()
         self._cbw_pending: Bitmap | None = None  # frozen chunks the backup has not read yet
+        # The pending set's buffer address, and the stretch of it below which all-zero memory pages were last
+        # handed back (read_frozen_run: the set empties as the backup reads it, mostly in ascending order).
+        self._pending_address = 0
+        self._pending_released = 0
         self._cbw: _CbwStore | None = None
         self.pit: PointInTime | None = None  # set by a frontend that keeps the point in time in the kernel
         self._frozen_src: BlockDev | None = None  # the pit's frozen image while a backup runs
@@ -303,6 +308,8 @@ class Tracker:
             with self._cbw_lock:
                 self._cbw = _CbwStore(self.spill_dir)
                 self._cbw_pending = pending
+                self._pending_address = buffer_address(pending.data)
+                self._pending_released = 0
         finally:
             self._barrier.thaw()
         return frozen
@@ -350,6 +357,13 @@ class Tracker:
                     if got is not None:
                         saved[c] = got
             pending.clear_range(first, last)  # whole bytes at once, single bits at the edges
+            here = first >> 3
+            if here - self._pending_released >= 2 * PAGE:
+                # Memory pages of the set wholly behind this read (one page of slack for reads still in flight)
+                # that are all zero go back to the kernel: at 1 TiB the set is 2 MiB, and it empties by the end.
+                release_zero_pages(pending.data, self._pending_released, here - PAGE,
+                                   address=self._pending_address)
+                self._pending_released = here - PAGE
         if data is None and not saved:
             return None
         out: list[memoryview | None] = []
