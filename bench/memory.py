@@ -18,8 +18,8 @@ with 64 KiB chunks. What is measured:
    after those writes leaves.
 3. **Incremental after failover.** Node ``C`` attaches (a new daemon process, so its peak RSS covers only the
    attach and this backup) and backs up. Reported: the backup's JSON (mode, chunks read, timings,
-   ``peak_rss_bytes`` of the daemon), the client's own peak RSS (VmHWM, sampled), and their sum: the figure
-   the target names.
+   ``peak_rss_bytes`` of the daemon), the daemon's CPU seconds during the backup (``daemon_cpu_s``), the
+   client's own peak RSS (VmHWM, sampled), and their sum: the figure the target names.
 
 The repository then holds the seed's chunks plus the changed ones (2 x 10 % of the disk's chunks). The chunk
 index's RAM per stored chunk is reported by ``python -m bench.indexmem`` (up to 16.8 M chunks, a full TiB of
@@ -97,9 +97,22 @@ def mark_as_node(img: Path, node: str, chunks: list[int]) -> JSON:
     return {"node": node, "chunks": len(chunks), "mark_s": round(time.perf_counter() - t0, 3)}
 
 
+def _proc_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process so far (/proc/PID/stat), or None."""
+    if not pid:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _backup_row(ctx: Context, repo: Path, img: Path, daemon_pid: int | None) -> JSON:
     b = ctx.baton
+    cpu0 = _proc_cpu_s(daemon_pid)
     out, m = b.backup(NAME, str(repo), timeout=BACKUP_TIMEOUT_S)
+    cpu1 = _proc_cpu_s(daemon_pid)
     daemon_peak = proc_rss(daemon_pid, "VmHWM") if daemon_pid else None
     reported = out.get("peak_rss_bytes")
     row: JSON = {k: out.get(k) for k in ("mode", "reason", "chunks_read", "bytes_read", "bytes_stored",
@@ -109,7 +122,9 @@ def _backup_row(ctx: Context, repo: Path, img: Path, daemon_pid: int | None) -> 
     client = m.hwm_bytes
     row.update({"wall_s": round(m.wall_s, 3), "client_cpu_s": round(m.cpu_s, 3),
                 "client_peak_rss_bytes": client, "client_ru_maxrss_bytes": m.peak_rss_bytes,
-                "daemon_peak_rss_bytes": daemon_peak, "reported_peak_rss_bytes": reported, "command": m.command})
+                "daemon_peak_rss_bytes": daemon_peak, "reported_peak_rss_bytes": reported, "command": m.command,
+                # the daemon's CPU during this backup (it also serves the FUSE device, idle here)
+                "daemon_cpu_s": round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None})
     daemon = daemon_peak if isinstance(daemon_peak, int) else reported
     row["together_bytes"] = daemon + client if isinstance(daemon, int) and isinstance(client, int) else None
     return row
