@@ -38,6 +38,7 @@ from baton.format.record import (
     FULL_FLAGS,
     HistoryEntry,
 )
+from baton.record.resident import release_zero_pages
 from baton.repo import DiskIdentity, Manifest, Repository
 from baton.repo.writer import BackupWriter
 from baton.tracker.core import Tracker
@@ -288,6 +289,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
                                 else 0)
         runs = ((f, c, False) for f, c in _runs(frozen.iter_set(n), max_run))
     done = 0
+    consumed = 0  # an incremental's chunks below this were stored and checkpointed
     read_wait = store_time = 0.0
     pool = ThreadPoolExecutor(max_workers=READ_DEPTH, thread_name_prefix="baton-read")
     groups = _groups(runs, cs)
@@ -332,8 +334,16 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
                         m = w.checkpoint()
                         if plan.mode == "incremental":
                             # The checkpoint is the parent plus every chunk stored so far: a complete index of
-                            # the disk, so the record may continue from it and forget this batch.
-                            rec.checkpoint(m.snapshot_id, [c for c in batch if frozen.test(c)])
+                            # the disk, so the record may continue from it and forget this batch (every chunk
+                            # of which came from the frozen set).
+                            rec.checkpoint(m.snapshot_id, batch)
+                            # The iteration over the frozen copy never looks back: its bits below the batch's
+                            # end are cleared and their memory pages handed back (256 KiB a TiB per 4096 chunks
+                            # of a sparse set; 2 MiB in all at 1 TiB).
+                            end = batch[-1] + 1
+                            frozen.clear_range(consumed, end)
+                            release_zero_pages(frozen.data, consumed >> 3, end >> 3)
+                            consumed = end
                         # A full backup's checkpoint only covers the chunks read so far (its base is empty), and
                         # the chunks it has not reached are not marked in the record: continuing from it would
                         # restore them as zeros. Its data is durable (a retry deduplicates it), but the record
