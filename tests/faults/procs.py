@@ -131,6 +131,11 @@ def log_lines(log: Path) -> list[tuple[int, int, int]]:
     return out
 
 
+# `python -m baton` with Python's own SIGINT handler installed first (see Env.popen).
+_BATON_WITH_SIGINT = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "sys.argv[0] = 'baton'; runpy.run_module('baton', run_name='__main__', alter_sys=True)")
+
+
 class Env:
     """One node's view: the `baton` CLI with its own BATON_RUN_DIR and BATON_DEV_DIR under ``root``."""
 
@@ -163,9 +168,11 @@ class Env:
         return n
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
-        """`baton ARGS` in the background, stdout and stderr piped."""
-        return subprocess.Popen([sys.executable, "-m", "baton", *args], env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        """`baton ARGS` in the background, stdout and stderr piped. SIGINT raises KeyboardInterrupt in it, as
+        Ctrl-C does at an operator's terminal, also when the suite itself runs with SIGINT ignored (a background
+        job of a shell without job control inherits SIG_IGN, and Python then keeps ignoring it)."""
+        return subprocess.Popen([sys.executable, "-c", _BATON_WITH_SIGINT, *args], env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def attach(self, disk: Path, node: str, name: str, frontend: str = "fuse") -> dict[str, Any]:
         self.names.add(name)
