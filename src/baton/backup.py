@@ -227,13 +227,15 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     Pipeline: up to READ_DEPTH groups of runs of frozen chunks, READ_BYTES in all, are read by a thread pool
     (one O_DIRECT read per run of RUN_BYTES at most; a group is one run of a full backup, or consecutive short
     runs of a scattered incremental gathered up to GROUP_BYTES and read by one task) while this thread hands
-    the chunks, as views of the run's buffer (no per-chunk copy), to the writer, whose own pool hashes, compresses and encrypts them (the libraries release the GIL) and whose
-    uploader stores sealed packs. Full backups of image files skip holes (see :func:`_full_runs`).
+    the chunks, as views of the run's buffer (no per-chunk copy), to the writer, whose own pool hashes,
+    compresses and encrypts them (the libraries release the GIL) and whose uploader stores sealed packs. Full
+    backups of image files skip holes (see :func:`_full_runs`).
 
     Memory bound (besides the interpreter and its libraries, 33 MiB): READ_BYTES of read buffers (the reads
-    land in them directly: ``baton.device.read_view``, no per-thread bounce buffer), one hole run that turned out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the
-    writer's bound (``baton.repo.writer``: about 49 MiB at 16 MiB packs, plus the store's 4 MiB bounce buffer),
-    and copy-before-write's saved chunks (in memory up to the tracker's limit, then spilled to a file).
+    land in them directly: ``baton.device.read_view``, no per-thread bounce buffer), one hole run that turned
+    out to hold data since planning (HOLE_RUN_BYTES, 64 MiB, rare), the writer's bound (``baton.repo.writer``:
+    about 49 MiB at 16 MiB packs, plus the store's 4 MiB bounce buffer), and copy-before-write's saved chunks
+    (in memory up to the tracker's limit, then spilled to a file).
     Measured: 113-116 MiB peak RSS for a full backup of the 1 GiB benchmark image in one process (223-233 MiB
     before the writer built each pack in one reused buffer, the allocator's arenas were capped and the reads
     landed in place).

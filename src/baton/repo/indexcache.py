@@ -54,7 +54,7 @@ import struct
 import sys
 import tempfile
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
@@ -330,15 +330,13 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_new(directory: str, rid: str, final: str, parts: Iterable[bytes | memoryview]) -> None:
-    """``parts`` as file ``final``: a temp file, fsync, rename (the directory is synced by the caller)."""
+def _replace_with(directory: str, rid: str, final: str, fill: Callable[[int], None]) -> None:
+    """File ``final`` as ``fill(fd)`` writes it: a temp file, fsync, rename (the directory is synced by the
+    caller); the temp file goes if ``fill`` fails."""
     tmp = os.path.join(directory, f"{rid}.tmp-{os.urandom(8).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        for p in parts:
-            view = memoryview(p)
-            while view:
-                view = view[os.write(fd, view):]
+        fill(fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -348,10 +346,20 @@ def _write_new(directory: str, rid: str, final: str, parts: Iterable[bytes | mem
     os.replace(tmp, final)
 
 
+def _write_new(directory: str, rid: str, final: str, parts: Iterable[bytes | memoryview]) -> None:
+    """``parts`` as file ``final`` (:func:`_replace_with`)."""
+    def fill(fd: int) -> None:
+        for p in parts:
+            view = memoryview(p)
+            while view:
+                view = view[os.write(fd, view):]
+
+    _replace_with(directory, rid, final, fill)
+
+
 def _copy_run(directory: str, rid: str, run: _Run, final: str) -> None:
-    tmp = os.path.join(directory, f"{rid}.tmp-{os.urandom(8).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
+    """The rows of ``run`` as file ``final`` (:func:`_replace_with`)."""
+    def fill(fd: int) -> None:
         size = run.count * ROW.size
         off = 0
         while off < size:
@@ -365,13 +373,8 @@ def _copy_run(directory: str, rid: str, run: _Run, final: str) -> None:
             if n <= 0:
                 raise OSError(errno.EIO, f"run file shorter than {size} bytes")
             off += n
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, final)
+
+    _replace_with(directory, rid, final, fill)
 
 
 def _save_run(directory: str, rid: str, run: _Run) -> tuple[str, str]:
