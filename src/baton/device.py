@@ -434,7 +434,7 @@ def reuse_big_buffers() -> bool:
     tests/unit/test_device_buffers.py, 5-9 % more CPU for a full backup).
     Process-wide and idempotent; call :func:`release_free_memory` when the work is done (the arena cap stays).
     Returns False where the C library has no ``mallopt`` (not glibc): nothing changes there."""
-    libc = _libc_handle()
+    libc = libc_handle()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     libc.mallopt(M_ARENA_MAX, BIG_BUFFERS_ARENAS)
@@ -455,12 +455,12 @@ def daemon_env(environ: Mapping[str, str]) -> dict[str, str]:
 def release_free_memory() -> None:
     """Give memory the allocator holds free back to the kernel (``malloc_trim``): a long-lived daemon's RSS
     returns to its idle size after a backup that :func:`reuse_big_buffers` let keep its buffers."""
-    libc = _libc_handle()
+    libc = libc_handle()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
-def _libc_handle() -> Any:
+def libc_handle() -> Any:
     import ctypes
     import ctypes.util
 
@@ -478,7 +478,7 @@ def _libc_handle() -> Any:
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     import ctypes
 
-    libc = _libc_handle()
+    libc = libc_handle()
     if libc is None:
         raise OSError(errno.EOPNOTSUPP, "no C library to call fallocate through")
     if libc.fallocate(fd, mode, offset, length) != 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
-from baton.device import _libc_handle
+from baton.device import libc_handle
 
 MADV_DONTNEED = 4  # Linux
 PAGE = mmap.PAGESIZE
@@ -55,7 +55,7 @@ def release_zero_pages(buf: bytearray, lo: int = 0, hi: int | None = None, *, ad
 
 
 def _dontneed(address: int, length: int) -> int:
-    libc = _libc_handle()
+    libc = libc_handle()
     if libc is None or not hasattr(libc, "madvise"):
         return 0
     if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_DONTNEED) != 0:
