@@ -38,8 +38,10 @@ formats in [format.md](format.md); cluster set-up in [operations.md](operations.
   answers leaves `daemon.log` there, and `attach`'s error names it.
 * Environment: `BATON_RUN_DIR` (default `/run/baton`), `BATON_DEV_DIR` (default `/dev/baton`), `BATON_NODE`
   (default for `--node`), `BATON_REPO` (default for `--repo` of `backup`), `BATON_KEY_FILE`,
-  `BATON_SPILL_DIR` (copy-before-write spill files, default `/var/tmp`), and for S3 repositories
-  `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`.
+  `BATON_SPILL_DIR` (copy-before-write spill files, default `/var/tmp`), `BATON_CACHE_DIR` (the chunk index's
+  run files, default the system's temporary directory; and in its `chunk-index/`, this node's chunk-index
+  cache, default `/var/cache/baton/chunk-index` for root), `BATON_INDEX_CACHE=off` (no chunk-index cache), and
+  for S3 repositories `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`.
 """
 
 
