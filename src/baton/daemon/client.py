@@ -1,21 +1,22 @@
 """The client side of the per-disk daemon: spawn it (attach), ask it (request, status, backup), end it
 (detach), and explain a dead one (:func:`daemon_gone`). Used by the CLI, the agent and the resource agent's
 commands; none of them touches a daemon's files or socket in any other way.
+
+`baton backup NAME` and `baton status NAME` are a request to a running daemon: this module imports at the top
+only what they need (the protocol's client half, the state files, the errors). The frontends (and through
+them the tracker), ``subprocess`` and ``signal`` are imported by :func:`attach` and the clean-up of a dead
+daemon, which use them; the record code only where a disk's record is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from baton import frontends
 from baton.daemon import protocol
 from baton.daemon.runtime import (
     check_name,
@@ -58,8 +59,10 @@ def _cleanup_stale(name: str, st: dict[str, Any], *, keep_frontend: bool = False
     # A killed daemon can linger for a moment as a dying/zombie process; give init time to reap it.
     pid = int(st.get("pid", 0))
     deadline = time.monotonic() + 10
-    while pid and Path(f"/proc/{pid}").exists() and not pid_alive(pid) and time.monotonic() < deadline:
+    while pid and os.path.exists(f"/proc/{pid}") and not pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+    from baton import frontends
+
     kind = str(st.get("frontend") or "")
     if kind in frontends.kinds() and not keep_frontend:
         config = frontends.FrontendConfig(name=name, run_dir=run_dir(), dev_dir=dev_dir())
@@ -77,7 +80,7 @@ def _cleanup_stale(name: str, st: dict[str, Any], *, keep_frontend: bool = False
     return done
 
 
-def attach(disk: str, *, node: str, name: str | None = None, frontend: str = frontends.AUTO,
+def attach(disk: str, *, node: str, name: str | None = None, frontend: str | None = None,
            record: str | None = None, tracking: bool = True, nbd_tcp: str | None = None, foreground: bool = False,
            cow_size: str | None = None) -> dict[str, Any]:
     """Take ``disk`` over on this node and serve it; returns once the device (or socket) is ready.
@@ -85,9 +88,16 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str = fro
     Spawns ``baton serve`` (:func:`baton.daemon.server.serve`) as a new session with its stderr in
     RUN_DIR/NAME/daemon.log, and waits for the one line it writes on its ready pipe: the state it published, or
     the error that stopped it (raised here as its Baton class). ``foreground`` execs the daemon instead.
-    ``frontend`` is a kind or ``auto`` (the daemon chooses: :func:`baton.frontends.choose`). A dm stack that
-    NAME's dead daemon left serving is left for the new daemon to adopt when it may be dm again.
+    ``frontend`` is a kind or ``auto``, the default (the daemon chooses: :func:`baton.frontends.choose`). A dm
+    stack that NAME's dead daemon left serving is left for the new daemon to adopt when it may be dm again.
     """
+    import signal
+    import subprocess
+
+    from baton import frontends
+
+    if frontend is None:
+        frontend = frontends.AUTO
     if not node:
         raise UsageError("--node is required (the cluster node name of this machine)")
     if frontend not in frontends.choices():

@@ -12,28 +12,31 @@ Newline-delimited JSON over a unix socket (mode 0600: only root asks), one reque
 failure that is not a Baton error, becomes the caller's ``default``, DaemonError), so the exit code of the
 command that asked is the one the error would have had in-process. Every failure of a request is answered,
 never swallowed; one that is not a Baton error is also logged with its traceback.
+
+One module, two halves: the client half (:func:`request`, :func:`raise_reply`, :func:`read_ready`) is what
+every command that asks a daemon imports, so the module's own imports are only what that half needs (socket,
+json, the errors); the server half (:class:`ControlServer`, :class:`AfterReply`, :func:`error_reply`) imports
+``logging`` where it logs a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baton import errors
 from baton.errors import BatonError, DaemonError
 
-log = logging.getLogger("baton.control")
+if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
 
 Progress = Callable[[int, int], None]
 Handler = Callable[[dict[str, Any], Progress], Any]
@@ -42,13 +45,15 @@ PROGRESS_INTERVAL = 0.5  # seconds between progress lines (the last one, done ==
 REQUEST_READ_TIMEOUT = 60.0  # seconds a client may take to send its request line
 
 
-@dataclass(frozen=True)
 class AfterReply:
     """A handler's result plus what to do once the answer has been sent (a detach ends the daemon only after
     its client has the answer)."""
 
-    result: Any
-    then: Callable[[], None]
+    __slots__ = ("result", "then")
+
+    def __init__(self, result: Any, then: Callable[[], None]) -> None:
+        self.result = result
+        self.then = then
 
 
 def error_reply(e: BaseException) -> dict[str, Any]:
@@ -157,7 +162,9 @@ class ControlServer:
             except BaseException as e:  # every failure is answered, never swallowed
                 self.errors += 1
                 if not isinstance(e, BatonError):
-                    log.exception("control.request_failed")
+                    import logging
+
+                    logging.getLogger("baton.control").exception("control.request_failed")
                 msg = error_reply(e)
             with contextlib.suppress(OSError):
                 send(msg)

@@ -17,18 +17,17 @@ RUN_DIR/NAME.sock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import logging
 import os
 import stat
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from baton.host.attachments import check_name as check_name
 from baton.host.attachments import dev_dir as dev_dir
 from baton.host.attachments import read_state, run_dir, state_path
 from baton.util import pid_alive
 
-log = logging.getLogger("baton.daemon")
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # The daemon's own files in RUN_DIR/NAME (anything else there belongs to the frontend).
 _OWN_FILES = ("daemon.json", "daemon.tmp", "control.sock", "daemon.log")
@@ -104,6 +103,8 @@ def remove_run_dir(name: str) -> list[str]:
     pid = int((st or {}).get("pid", 0))
     if pid and pid != os.getpid() and pid_alive(pid):
         return []
+    import fcntl  # here, not at the top: `baton backup NAME` imports this module but never removes anything
+
     lock, fd = d / _LOCK, -1
     try:
         if lock.exists():
@@ -122,7 +123,9 @@ def remove_run_dir(name: str) -> list[str]:
             lock.unlink(missing_ok=True)
         d.rmdir()
     except OSError as e:
-        log.warning("%s: cannot remove %s: %s", name, d, e.strerror or e)
+        import logging
+
+        logging.getLogger("baton.daemon").warning("%s: cannot remove %s: %s", name, d, e.strerror or e)
         return []
     finally:
         if fd >= 0:
