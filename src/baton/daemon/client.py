@@ -3,9 +3,9 @@
 commands; none of them touches a daemon's files or socket in any other way.
 
 `baton backup NAME` and `baton status NAME` are a request to a running daemon: this module imports at the top
-only what they need (the protocol's client half, the state files, the errors). The frontends (and through
-them the tracker), ``subprocess`` and ``signal`` are imported by :func:`attach` and the clean-up of a dead
-daemon, which use them; the record code only where a disk's record is read.
+only what they need (the protocol's client half, the state files as str paths, the errors). The frontends
+(and through them the tracker), ``subprocess`` and ``signal`` are imported by :func:`attach` and the clean-up
+of a dead daemon, which use them; the record code only where a disk's record is read.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from baton.daemon import protocol
 from baton.daemon.runtime import (
     check_name,
     control_path,
+    control_path_str,
     default_name,
     dev_dir,
     log_path,
@@ -39,7 +40,7 @@ READY_TIMEOUT = 60.0  # seconds `attach` waits for the daemon to say it is ready
 def request(name: str, op: dict[str, Any], *, timeout: float | None = 30.0,
             on_progress: Callable[[int, int], None] | None = None) -> Any:
     """Send one request to NAME's daemon and return its result; errors re-raised as their Baton class."""
-    return protocol.request(control_path(name), op, peer=f"the daemon of {name}", timeout=timeout,
+    return protocol.request(control_path_str(name), op, peer=f"the daemon of {name}", timeout=timeout,
                             on_progress=on_progress,
                             hint=f"is {name} attached on this node? see `baton status {name}`")
 

@@ -188,7 +188,7 @@ class ControlServer:
         return {"requests": self.requests, "errors": self.errors}
 
 
-def request(path: Path, op: dict[str, Any], *, peer: str, hint: str = "", timeout: float | None = 30.0,
+def request(path: str | Path, op: dict[str, Any], *, peer: str, hint: str = "", timeout: float | None = 30.0,
             on_progress: Progress | None = None) -> Any:
     """Send one request to the server at ``path`` and return its result; its error is raised as its Baton
     class. ``peer`` names the server in errors ("the daemon of NAME"); ``hint`` says what to do when it cannot

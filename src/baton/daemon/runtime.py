@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING
 
 from baton.host.attachments import check_name as check_name
 from baton.host.attachments import dev_dir as dev_dir
-from baton.host.attachments import read_state, run_dir, state_path
+from baton.host.attachments import read_state, run_dir, run_dir_str, state_path
 from baton.util import pid_alive
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 # The daemon's own files in RUN_DIR/NAME (anything else there belongs to the frontend).
-_OWN_FILES = ("daemon.json", "daemon.tmp", "control.sock", "daemon.log")
+_CONTROL = "control.sock"
+_OWN_FILES = ("daemon.json", "daemon.tmp", _CONTROL, "daemon.log")
 _LOCK = "lock"
 
 
@@ -39,7 +40,12 @@ def attachment_dir(name: str) -> Path:
 
 
 def control_path(name: str) -> Path:
-    return run_dir() / name / "control.sock"
+    return run_dir() / name / _CONTROL
+
+
+def control_path_str(name: str) -> str:
+    """:func:`control_path` as a str, without pathlib: what a client of a running daemon connects to."""
+    return os.path.join(run_dir_str(), name, _CONTROL)
 
 
 def log_path(name: str) -> Path:
@@ -133,5 +139,5 @@ def remove_run_dir(name: str) -> list[str]:
     return [f"removed {d}"]
 
 
-__all__ = ["attachment_dir", "check_name", "control_path", "default_name", "dev_dir", "log_path", "log_tail",
+__all__ = ["attachment_dir", "check_name", "control_path", "control_path_str", "default_name", "dev_dir", "log_path", "log_tail",
            "remove_run_dir", "run_dir", "state_path"]

@@ -10,6 +10,10 @@ mount point after the same NAME. The per-disk daemon (``baton.daemon.server``) w
 
 Keys: name, pid, node, disk, record, frontend, device, socket, tcp, epoch, tracking, started; a fenced daemon
 adds state ("fenced"), fenced_by, epoch_mine, epoch_on_disk, fenced_at and fence_message before it exits.
+
+The readers work on str paths (:func:`run_dir_str`), and ``pathlib`` is imported only by the functions that
+return a Path: `baton backup NAME` and `baton status NAME` read a state file and list RUN_DIR before their one
+request to the daemon, and pathlib (with the URL parser it brings) is a measurable part of that start-up.
 """
 
 from __future__ import annotations
@@ -17,27 +21,45 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from baton.errors import UsageError
 from baton.util import pid_alive
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 # An attachment NAME becomes a file name in RUN_DIR and BATON_DEV_DIR, an NBD export name and a FUSE fsname:
 # letters, digits, '.', '_' and '-', starting with a letter or digit, at most 64 characters.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_STATE = "daemon.json"
+
+
+def _path(p: str) -> Path:
+    from pathlib import Path  # here, not at the top: see the module's docstring
+
+    return Path(p)
+
+
+def run_dir_str() -> str:
+    """RUN_DIR (env BATON_RUN_DIR, default /run/baton), as a str."""
+    return os.environ.get("BATON_RUN_DIR", "/run/baton")
 
 
 def run_dir() -> Path:
-    return Path(os.environ.get("BATON_RUN_DIR", "/run/baton"))
+    return _path(run_dir_str())
 
 
 def dev_dir() -> Path:
-    return Path(os.environ.get("BATON_DEV_DIR", "/dev/baton"))
+    return _path(os.environ.get("BATON_DEV_DIR", "/dev/baton"))
+
+
+def _state_path_str(name: str) -> str:
+    return os.path.join(run_dir_str(), name, _STATE)
 
 
 def state_path(name: str) -> Path:
-    return run_dir() / name / "daemon.json"
+    return _path(_state_path_str(name))
 
 
 def check_name(name: str) -> None:
@@ -50,7 +72,8 @@ def check_name(name: str) -> None:
 def read_state(name: str) -> dict[str, Any] | None:
     """NAME's daemon.json, None when there is none (or it is unreadable: a daemon writes it atomically)."""
     try:
-        data: dict[str, Any] = json.loads(state_path(name).read_text())
+        with open(_state_path_str(name)) as f:
+            data: dict[str, Any] = json.loads(f.read())
         return data
     except (OSError, ValueError):
         return None
@@ -68,10 +91,10 @@ def write_state(name: str, st: dict[str, Any]) -> None:
 def attachments() -> list[dict[str, Any]]:
     """Every state file under RUN_DIR, with ``alive``: whether its daemon process still runs."""
     out = []
-    d = run_dir()
-    if d.is_dir():
-        for p in sorted(d.iterdir()):
-            st = read_state(p.name)
+    d = run_dir_str()
+    if os.path.isdir(d):
+        for n in sorted(os.listdir(d)):
+            st = read_state(n)
             if st is not None:
                 st["alive"] = pid_alive(int(st.get("pid", 0)))
                 out.append(st)
