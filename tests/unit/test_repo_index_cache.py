@@ -354,3 +354,49 @@ def test_a_process_that_exits_right_after_its_load_leaves_a_cache(tmp_path: Path
     repo = _opened(url)
     assert repo.statistics()["index_cache_hits"] == 1 and repo.statistics()["index_files_loaded"] == 0
     _check(repo, files)
+
+
+def _listing_packs(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The prefixes ``repo`` lists from now on."""
+    listed: list[str] = []
+    real = repo.store.list
+
+    def counting(prefix: str = "") -> object:
+        listed.append(prefix)
+        return real(prefix)
+
+    monkeypatch.setattr(repo.store, "list", counting)
+    return listed
+
+
+def test_a_cache_saved_after_a_heal_spares_the_next_process_its_pack_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process heals its index once (it lists every pack: on S3 one LIST per 1000 packs, at every failover's
+    first backup). A cache saved after that heal says so, and the next process counts it as its own heal; a
+    cache saved before any heal (right after a load) does not, and the next process lists the packs."""
+    url = str(tmp_path / "repo")
+    rng = random.Random(12)
+    img = bytearray(rng.randbytes(64 * CS))
+    disk = DiskIdentity("d", len(img), CS)
+    repo = Repository.init(url, pack_target=32 * 1024)
+    m1 = _backup(repo, disk, bytes(img), range(64), None)   # healed before it, saved at its commit
+
+    nxt = Repository.open(url)                               # the next owner's daemon
+    listed = _listing_packs(nxt, monkeypatch)
+    img[5 * CS:6 * CS] = rng.randbytes(CS)
+    m2 = _backup(nxt, disk, bytes(img), range(5, 6), m1)
+    assert nxt.statistics()["index_cache_hits"] == 1
+    assert "packs/" not in listed
+
+    for f in _cache_files(tmp_path):
+        f.unlink()
+    _opened(url)                                             # a CLI's load: saved, never healed
+    again = Repository.open(url)
+    listed = _listing_packs(again, monkeypatch)
+    img[7 * CS:8 * CS] = rng.randbytes(CS)
+    m3 = _backup(again, disk, bytes(img), range(7, 8), m2)
+    assert again.statistics()["index_cache_hits"] == 1
+    assert "packs/" in listed
+    out = tmp_path / "out.img"
+    restore(Repository.open(url), m3, str(out))
+    assert out.read_bytes() == bytes(img)

@@ -79,7 +79,7 @@ CACHE_VERSION = 1
 CACHE_HEAD = struct.Struct(
     "<8s"    # magic: MAGIC
     "H"      # version: CACHE_VERSION
-    "H"      # reserved: 0
+    "H"      # flags: FLAG_HEALED (bit 0); other bits 0 (a reader ignores them)
     "16s"    # repo_id: the repository's (also in the file name)
     "32s"    # key_check: keyed BLAKE3(cache key, KEY_CHECK), tells another key from damage
     "Q"      # length: bytes of the whole manifest, MAC included
@@ -97,6 +97,7 @@ RUN_DESC = struct.Struct(
     "32s"    # aux_digest: BLAKE3 of the aux file (fences, then filter)
 )
 MAC_SIZE = 32
+FLAG_HEALED = 1   # the saving process had healed its index (Repository.heal_index) before the index was taken
 FENCE = struct.Struct("<Q")
 READ = 4 << 20   # bytes per read while a run's digest is checked
 
@@ -140,6 +141,7 @@ class Loaded:
 
     snapshot: Snapshot
     keys: frozenset[str]
+    healed: bool = False   # FLAG_HEALED: the next process counts the saver's heal as its own
 
 
 class Discard(Exception):
@@ -199,7 +201,7 @@ def load(directory: str, keys: RepoKeys, listing: Iterable[str]) -> Loaded | Non
                     data = f.read()
             except FileNotFoundError:
                 return None
-            descs, rows, packs, covered = _parse(data, keys, set(listing))
+            descs, rows, packs, covered, flags = _parse(data, keys, set(listing))
             for desc in descs:
                 files.append(_open_run(directory, rid, desc))
         finally:
@@ -209,16 +211,17 @@ def load(directory: str, keys: RepoKeys, listing: Iterable[str]) -> Loaded | Non
         for _role, _desc, run_file, _aux in files:
             run_file.close()
         raise
-    return Loaded(Snapshot(runs.get(0), runs.get(1), rows, packs), covered)
+    return Loaded(Snapshot(runs.get(0), runs.get(1), rows, packs), covered, bool(flags & FLAG_HEALED))
 
 
 def _parse(data: bytes, keys: RepoKeys, listing: set[str]
-           ) -> tuple[list[tuple[int, int, int, bytes, bytes]], bytes, tuple[bytes, ...], frozenset[str]]:
-    """The manifest's runs (role, count, nbits, digest, aux digest), rows and pack table, and the index files
-    it covers. Checks, in order: length, magic, version, repo id, key, length field, MAC, counts, coverage."""
+           ) -> tuple[list[tuple[int, int, int, bytes, bytes]], bytes, tuple[bytes, ...], frozenset[str], int]:
+    """The manifest's runs (role, count, nbits, digest, aux digest), rows and pack table, the index files it
+    covers, and its flags. Checks, in order: length, magic, version, repo id, key, length field, MAC, counts, coverage."""
     if len(data) < CACHE_HEAD.size + MAC_SIZE:
         raise Discard(f"manifest: {len(data)} bytes, shorter than its head")
-    magic, version, _r, repo_id, key_check, length, n_keys, n_packs, n_runs, n_rows = CACHE_HEAD.unpack_from(data)
+    magic, version, flags, repo_id, key_check, length, n_keys, n_packs, n_runs, n_rows = \
+        CACHE_HEAD.unpack_from(data)
     if magic != MAGIC:
         raise Discard(f"manifest: magic {magic!r}, expected {MAGIC!r}")
     if version != CACHE_VERSION:
@@ -256,7 +259,7 @@ def _parse(data: bytes, keys: RepoKeys, listing: set[str]
     if missing:
         raise Stale(f"{len(missing)} index files it covers are gone from the repository "
                       f"(first: {min(missing)})")
-    return runs, rows, packs, covered
+    return runs, rows, packs, covered, flags
 
 
 def _open_run(directory: str, rid: str, desc: tuple[int, int, int, bytes, bytes]
@@ -410,9 +413,9 @@ def _save_run(directory: str, rid: str, run: _Run) -> tuple[str, str]:
     return name, aux_name
 
 
-def save(directory: str, keys: RepoKeys, snap: Snapshot, covered: Iterable[str]) -> None:
+def save(directory: str, keys: RepoKeys, snap: Snapshot, covered: Iterable[str], *, healed: bool = False) -> None:
     """Save ``snap``, the index holding exactly the entries of the index files ``covered``, as this
-    repository's cache. OSError when the directory can't take it (the previous cache then stays as it was,
+    repository's cache; ``healed``: the saving process healed its index before taking ``snap``. OSError when the directory can't take it (the previous cache then stays as it was,
     or is replaced whole)."""
     rid = keys.repo_id.hex()
     names = sorted(_name_of(k) for k in covered)
@@ -430,7 +433,7 @@ def save(directory: str, keys: RepoKeys, snap: Snapshot, covered: Iterable[str])
         n_rows = len(snap.rows) // ROW.size
         length = (CACHE_HEAD.size + 32 * (len(names) + len(snap.packs)) + RUN_DESC.size * len(descs)
                   + len(snap.rows) + MAC_SIZE)
-        head = CACHE_HEAD.pack(MAGIC, CACHE_VERSION, 0, keys.repo_id, _mac(ck, KEY_CHECK), length, len(names),
+        head = CACHE_HEAD.pack(MAGIC, CACHE_VERSION, FLAG_HEALED if healed else 0, keys.repo_id, _mac(ck, KEY_CHECK), length, len(names),
                                len(snap.packs), len(descs), n_rows)
         body = b"".join([head, *(bytes.fromhex(n.decode()) for n in names), *snap.packs, *descs, snap.rows])
         _fsync_dir(directory)      # the runs' and aux files' names before the manifest that names them
