@@ -23,7 +23,7 @@ import resource
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +41,9 @@ from baton.format.record import (
 from baton.record.resident import release_zero_pages
 from baton.repo import DiskIdentity, Manifest, Repository
 from baton.repo.writer import BackupWriter
+from baton.repo.writer import start_pools as writer_start_pools
 from baton.tracker.core import Tracker
+from baton.workers import finish, prestart, shared_pool
 
 DEFAULT_BATCH_CHUNKS = 4096  # the seed's "every N chunks": 256 MiB at 64 KiB chunks
 BATCH_CHUNKS_ENV = "BATON_BATCH_CHUNKS"  # overrides DEFAULT_BATCH_CHUNKS (tests: frequent checkpoints)
@@ -53,6 +55,13 @@ READ_BYTES = 8 << 20  # bytes of disk reads in flight at most (long runs: 8 read
 HOLE_RUN_BYTES = 64 << 20  # longest run of hole chunks handed over at once (full backups of image files)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def start_pools() -> None:
+    """Start the threads of the engine's shared pools (reads, and the writer's) now: the per-disk daemon does
+    at start, so that the first backup after a takeover starts none (see :mod:`baton.workers`)."""
+    prestart(shared_pool("baton-read", READ_DEPTH), READ_DEPTH)
+    writer_start_pools()
 
 
 @dataclass(frozen=True)
@@ -293,7 +302,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     done = 0
     consumed = 0  # an incremental's chunks below this were stored and checkpointed
     read_wait = store_time = 0.0
-    pool = ThreadPoolExecutor(max_workers=READ_DEPTH, thread_name_prefix="baton-read")
+    pool = shared_pool("baton-read", READ_DEPTH)
     groups = _groups(runs, cs)
     inflight: deque[tuple[list[tuple[int, int, bool]], int, Future[list[list[memoryview | None] | None]]]] = deque()
     inflight_bytes = 0
@@ -359,9 +368,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
                 read_wait += t_b - t_a
                 store_time += time.monotonic() - t_b
         finally:
-            for _g, _n, fut in inflight:
-                fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            finish(fut for _g, _n, fut in inflight)  # no read of this backup runs on after it
         if fault:
             fault("before-commit")
         t_end = time.time()

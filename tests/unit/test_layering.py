@@ -31,7 +31,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Lower number = lower layer. Keys are the first component under baton (a package or a top-level module).
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "model": 0, "clock": 0, "config": 0, "util": 0,
+    "__init__": 0, "errors": 0, "model": 0, "clock": 0, "config": 0, "util": 0, "workers": 0,
     "format": 1,
     "device": 2, "storage": 2, "host": 2, "record": 2,
     "tracker": 3,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 from baton.errors import RepoCorrupt
 from baton.format.repo_index import PAGE_FANOUT, ZERO_ID
@@ -43,6 +44,7 @@ class TreeReader:
         self._load = load
         self._cache: OrderedDict[bytes, list[bytes]] = OrderedDict()
         self._cache_pages = cache_pages
+        self._prefetched: dict[bytes, Future[tuple[int, list[bytes]]]] = {}
         self.pages_loaded = 0
 
     @property
@@ -59,7 +61,8 @@ class TreeReader:
         if ids is not None:
             self._cache.move_to_end(pid)
             return ids
-        got_level, ids = self._load(pid)
+        fut = self._prefetched.pop(pid, None)
+        got_level, ids = fut.result() if fut is not None else self._load(pid)
         self.pages_loaded += 1
         if got_level != level or len(ids) != n:
             raise RepoCorrupt(f"page {pid.hex()}: level {got_level} with {len(ids)} ids, expected level {level} "
@@ -79,6 +82,27 @@ class TreeReader:
 
     def leaf(self, leaf_no: int) -> list[bytes]:
         return self.page_ids(0, leaf_no)
+
+    def prefetch_leaf(self, leaf_no: int,
+                      submit: Callable[[Callable[[bytes], tuple[int, list[bytes]]], bytes],
+                                       Future[tuple[int, list[bytes]]]]) -> None:
+        """Start loading leaf ``leaf_no`` through ``submit`` (a pool's), so that :meth:`leaf` later takes it
+        loaded, checked as any page is. The pages above it load here, in the caller's thread (one per 4096
+        leaves, cached). Call from the thread that reads the tree; :attr:`prefetching` says how many wait."""
+        pid = self.page_id(0, leaf_no)
+        if pid != ZERO_ID and pid not in self._cache and pid not in self._prefetched:
+            self._prefetched[pid] = submit(self._load, pid)
+
+    @property
+    def prefetching(self) -> int:
+        """Leaves started by :meth:`prefetch_leaf` and not taken yet."""
+        return len(self._prefetched)
+
+    def drop_prefetched(self) -> list[Future[tuple[int, list[bytes]]]]:
+        """Forget the leaves started and not taken; their futures, for the caller to cancel or wait for."""
+        futs = list(self._prefetched.values())
+        self._prefetched.clear()
+        return futs
 
     def chunk_id(self, chunk_index: int) -> bytes:
         if not 0 <= chunk_index < self.chunk_count:

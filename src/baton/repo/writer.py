@@ -44,16 +44,17 @@ it: a stale answer only compresses a chunk that is then deduplicated in order on
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, cast
 
 import blake3
 
-from baton.device import BIG_BUFFERS_MMAP, release_free_memory, reuse_big_buffers
+from baton.device import BIG_BUFFERS_MMAP, populated_buffer, release_free_memory, reuse_big_buffers
 from baton.errors import RepoError, UsageError
 from baton.format.repo_index import PAGE_FANOUT, ZERO_ID, IndexEntry
 from baton.format.repo_pack import (
@@ -70,6 +71,7 @@ from baton.repo.locks import DEFAULT_TTL, RepoLock
 from baton.repo.model import MODES, DiskIdentity, Manifest
 from baton.repo.repository import Repository, pack_key
 from baton.repo.tree import TreeReader
+from baton.workers import finish, prestart, shared_pool
 
 BATCH_BYTES = 1 << 20         # chunk bytes per encode task: short runs (a scattered incremental's 1-2 chunks) are
                              # gathered, since a task per run cost more in thread hand-offs than its hashing
@@ -78,6 +80,7 @@ MAX_UPLOADS = 0              # sealed packs waiting while the uploader stores on
                              # the one before it; 1 was no faster with O_DIRECT pack writes, and held 32 MiB more)
 UPLOADERS = 1                # threads storing packs (2, with MAX_UPLOADS 2, measured no faster on 2 cores)
 INDEX_EVERY_PACKS = 16       # write an index file at least every N packs
+PREFETCH_LEAVES = 4          # leaves of the parent's tree loading ahead of the chunks that change them (~300 KiB each)
 MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages (counted per encode task:
                              # plus the leaves one task's chunks touch, at most 16 at 64 KiB chunks)
 PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
@@ -88,6 +91,14 @@ PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
 # minor faults of a full backup of the 1 GiB benchmark image).
 PACK_BYTES_MAX = BIG_BUFFERS_MMAP - (64 << 10)
 FOOTER_SLACK = 28 + PACK_TAIL.size + 64   # an encrypted table's nonce and tag, the trailer, malloc's headers
+PackBuffer = bytearray | mmap.mmap  # a pack being built: baton.device.populated_buffer, or grown as a bytearray
+
+
+def start_pools(workers: int = 2) -> None:
+    """Start the threads of the writer's shared pools now (a per-disk daemon does, at start): see
+    :mod:`baton.workers`."""
+    for name, n in (("baton-encode", workers), ("baton-pages", PAGE_UPLOADS), ("baton-upload", UPLOADERS)):
+        prestart(shared_pool(name, n), n)
 
 
 class BackupWriter:
@@ -136,9 +147,10 @@ class BackupWriter:
         self._fresh = root == ZERO_ID  # chunks not put are zero in the tree (full backup)
         self._changed: dict[int, list[bytes]] = {}
         self._pending: set[bytes] = set()                # in a pack of this writer, not yet in an index file
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="baton-encode")
-        self._page_pool = ThreadPoolExecutor(max_workers=PAGE_UPLOADS, thread_name_prefix="baton-pages")
-        self._uploader = ThreadPoolExecutor(max_workers=UPLOADERS, thread_name_prefix="baton-upload")
+        # The process's shared threads (baton.workers): a daemon's backups reuse them instead of starting ~10.
+        self._pool = shared_pool("baton-encode", workers)
+        self._page_pool = shared_pool("baton-pages", PAGE_UPLOADS)
+        self._uploader = shared_pool("baton-upload", UPLOADERS)
         # Encode tasks in submission order: (chunk index, length) per chunk, and the task (None: zero chunks).
         self._inflight: deque[tuple[list[tuple[int, int]], Future[list[tuple[bytes, bytes | None, int]]] | None]] \
             = deque()
@@ -147,14 +159,19 @@ class BackupWriter:
         self._batch_items: list[tuple[int, int]] = []
         self._batch_payloads: list[bytes | memoryview] = []
         self._batch_bytes = 0
-        self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int, bytearray]]] = deque()
-        self._spare: list[bytearray] = []  # pack buffers stored and referenced by no one: filled again
+        self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int, PackBuffer]]] = deque()
+        self._spare: list[PackBuffer] = []  # pack buffers stored and referenced by no one: filled again
+        # The next pack buffer, faulted in on the page pool (baton.device.populated_buffer) before it is needed.
+        self._next_buffer: Future[PackBuffer] | None = None
+        self._buffers_made = 0
         self._unindexed: list[tuple[bytes, IndexEntry]] = []
         self._packs_since_index = 0
-        self._pack: bytearray | None = None             # the pack being filled, blobs copied in as they come
+        self._pack: PackBuffer | None = None            # the pack being filled, blobs copied in as they come
         self._pack_len = 0
         self._pack_entries: list[PackEntry] = []
         self._zero_cid = chunk_id(repo.keys, bytes(disk.chunk_size))
+        self._pack_size = min(PACK_BYTES_MAX, repo.config.pack_target + disk.chunk_size + FOOTER_SLACK
+                              + PACK_ENTRY.size * 64)
         self._start = time.time()
         self._checkpoints = 0
         self._state = "open"
@@ -163,7 +180,7 @@ class BackupWriter:
                        "chunks_deduplicated": 0, "zero_chunks": 0, "packs_written": 0, "pack_bytes": 0,
                        "index_files_written": 0, "tree_flushes": 0, "checkpoints": 0,
                        "bytes_not_read": 0}
-        self._pages_before = repo.statistics()["pages_written"]
+        self._pages_before = repo.counter("pages_written")
         reuse_big_buffers()  # the engine's read buffers and the encoded chunks: see baton.device
 
     # ----- public API -----------------------------------------------------------------------------------------
@@ -201,6 +218,14 @@ class BackupWriter:
             items.append((idx, expected))
             payloads.append(data if isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)
                             else bytes(data))
+        if not self._fresh:
+            # The leaves these chunks land in load now, on the page pool, while the chunks are encoded: the
+            # results are taken (and the leaves needed) a few MiB of encoding later, in this thread.
+            for leaf_no in range(first // PAGE_FANOUT, (first + len(chunks) - 1) // PAGE_FANOUT + 1):
+                if leaf_no not in self._changed and self._base.prefetching < PREFETCH_LEAVES:
+                    self._base.prefetch_leaf(leaf_no, self._page_pool.submit)
+        if self._buffers_made == 0:
+            self._prepare_buffer()  # the first pack's buffer, made while these chunks are encoded
         try:
             before = self._stats["chunks_put"]
             self._stats["chunks_put"] += len(items)
@@ -310,17 +335,13 @@ class BackupWriter:
         if self._state in ("aborted", "committed"):
             return
         self._state = "aborted"
-        for _items, fut in self._inflight:
-            if fut is not None:
-                fut.cancel()
-        self._inflight.clear()
         self._batch_items, self._batch_payloads, self._batch_bytes = [], [], 0
         self._shutdown()
         self._lock.release()
 
     def statistics(self) -> dict[str, Any]:
         s: dict[str, Any] = dict(self._stats)
-        s["pages_written"] = self.repo.statistics()["pages_written"] - self._pages_before
+        s["pages_written"] = self.repo.counter("pages_written") - self._pages_before
         s["snapshot_id"] = self.snapshot_id
         s["state"] = self._state
         return s
@@ -405,11 +426,10 @@ class BackupWriter:
             self._seal_pack()
         if self._pack is None:
             head = pack_head(self.repo.keys.encrypted)
-            # One allocation per pack, sized for the whole pack (a blob that does not fit grows it): below the
-            # allocator's mmap threshold, so it reuses the memory of a pack already stored (see PACK_BYTES_MAX).
-            self._pack = self._spare.pop() if self._spare else bytearray(
-                min(PACK_BYTES_MAX, self.repo.config.pack_target + self.disk.chunk_size + FOOTER_SLACK
-                    + PACK_ENTRY.size * 64))
+            # One buffer per pack, sized for the whole pack (a table that does not fit grows it), used again
+            # for the next pack once stored: at most two per writer (one filled, one stored).
+            spare = self._take_spare()
+            self._pack = spare if spare is not None else self._new_buffer()
             self._pack[:len(head)] = head
             self._pack_len = len(head)
         self._pack_entries.append(PackEntry(cid, self._pack_len, len(stored), raw_length, flags))
@@ -421,6 +441,20 @@ class BackupWriter:
         self._stats["bytes_stored"] += len(stored)
         if self._pack_len >= self.repo.config.pack_target:
             self._seal_pack()
+        elif self._pack_len >= self.repo.config.pack_target // 2 and self._buffers_made == 1:
+            self._prepare_buffer()  # this first pack may fill: the second is made while it does (later ones
+            #                         reuse the buffer of the pack stored before them)
+
+    def _prepare_buffer(self) -> None:
+        """Start making the next pack buffer on the page pool (its page faults are taken there, without the GIL,
+        while this thread goes on)."""
+        if self._next_buffer is None:
+            self._next_buffer = self._page_pool.submit(populated_buffer, self._pack_size)
+
+    def _new_buffer(self) -> PackBuffer:
+        fut, self._next_buffer = self._next_buffer, None
+        self._buffers_made += 1
+        return fut.result() if fut is not None else populated_buffer(self._pack_size)
 
     def _seal_pack(self) -> None:
         """Hand the current pack to the uploader thread, which joins, names, checks and stores it (that
@@ -441,8 +475,8 @@ class BackupWriter:
             self._write_index()
         self._lock.refresh()
 
-    def _store_pack(self, buf: bytearray, pack_entries: list[PackEntry], length: int
-                    ) -> tuple[list[tuple[bytes, IndexEntry]], int, bytearray]:
+    def _store_pack(self, buf: PackBuffer, pack_entries: list[PackEntry], length: int
+                    ) -> tuple[list[tuple[bytes, IndexEntry]], int, PackBuffer]:
         """(Uploader thread.) Seal, check, name and store one pack; returns its index entries, its size and
         the buffer (which the caller fills again if nothing else holds it).
 
@@ -452,7 +486,9 @@ class BackupWriter:
         keep a reference, as obstore's memory store does: see :meth:`_finish_upload`)."""
         footer = pack_footer(pack_entries, length, self.repo.keys.data_key)
         size = length + len(footer)
-        buf[length:size] = footer  # grows the buffer only if the table does not fit (small pack_target)
+        if size > len(buf):  # the table does not fit (a small pack_target): a larger buffer, from now on
+            buf = bytearray(buf[:length])
+        buf[length:size] = footer
         view = memoryview(buf)[:size]
         self._check_pack(view, pack_entries)
         pid = blake3.blake3(view).digest()
@@ -479,10 +515,22 @@ class BackupWriter:
         del fut  # its result holds the buffer too
         self._stats["pack_bytes"] += size
         self._unindexed.extend(entries)
-        # Filled again only when the store kept no reference to it (the local store does not; obstore's memory
-        # store keeps the object, and then the buffer is its own): 2 = ``buf`` and getrefcount's argument.
-        if sys.getrefcount(buf) == 2 and len(self._spare) <= MAX_UPLOADS:
+        # At most MAX_UPLOADS + 2 buffers in all (the one filled, those stored): after an index file or a flush
+        # waited for every upload, both are spare, and the next two packs make none. Whether the store let go
+        # of it is asked only when it is needed (_take_spare): the uploader thread may still hold it for a
+        # moment after the result is set.
+        if len(self._spare) + (self._pack is not None) <= MAX_UPLOADS + 1:
             self._spare.append(buf)
+
+    def _take_spare(self) -> PackBuffer | None:
+        """The buffer of a stored pack that nothing else holds any more, to fill again; None if there is none.
+        A store may keep what it was given (obstore's memory store keeps the object): such a buffer is the
+        store's, and is dropped here. 2 = ``buf`` and getrefcount's argument."""
+        while self._spare:
+            buf = self._spare.pop()
+            if sys.getrefcount(buf) == 2:
+                return buf
+        return None
 
     def _write_index(self) -> None:
         while self._uploads:
@@ -501,6 +549,7 @@ class BackupWriter:
         self._seal_pack()
         self._write_index()
         root = self._build_root()
+        finish(self._base.drop_prefetched())  # every chunk put was taken: none is still needed
         self._base = TreeReader(root, self.disk.chunk_count, self.repo.load_page)
         self._changed = {}
         self._stats["tree_flushes"] += 1
@@ -538,9 +587,12 @@ class BackupWriter:
             complete=complete, info=info, checkpoint=self._checkpoints)
 
     def _shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._uploader.shutdown(wait=True, cancel_futures=True)
-        self._page_pool.shutdown(wait=True, cancel_futures=True)
+        # The pools are shared: this writer's own tasks are cancelled or waited for, never the pools shut down.
+        finish([*(fut for _items, fut in self._inflight), *self._uploads, *self._base.drop_prefetched(),
+                self._next_buffer])
+        self._next_buffer = None
+        self._inflight.clear()
+        self._uploads.clear()
         self._spare.clear()  # the pack buffers go before the allocator is asked to give memory back
         self._pack = None
         release_free_memory()
