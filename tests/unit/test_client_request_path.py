@@ -3,7 +3,8 @@ a stand-in daemon (a :class:`baton.daemon.protocol.ControlServer` in this proces
 pid is this process) and check what they printed, and which modules the client process had loaded by the end.
 
 The frontends (and the tracker behind them), ``logging``, ``subprocess`` and ``signal`` are for the daemon,
-``attach`` and the clean-up of a dead daemon, and ``pathlib`` for the code that works on Path objects; a client
+``attach`` and the clean-up of a dead daemon, ``pathlib`` for the code that works on Path objects, and the store
+classes (``baton.storage.base``, ``wrappers``, ``urllib.parse``) for opening a repository; a client
 that only asks a running daemon must not import them (each costs a few milliseconds, more with a cold page
 cache, before the request is even sent). The engine code is pinned by test_client_imports.py.
 """
@@ -25,7 +26,8 @@ from baton.host.attachments import write_state
 
 NOT_ON_THE_CLIENT_PATH = ("baton.frontends", "baton.frontends.base", "baton.tracker", "baton.record",
                           "baton.repo", "baton.backup", "baton.daemon.offline", "baton.daemon.server",
-                          "baton.host.inuse", "logging", "subprocess", "signal", "pathlib")
+                          "baton.host.inuse", "logging", "subprocess", "signal", "pathlib",
+                          "baton.storage.base", "baton.storage.wrappers", "urllib.parse")
 
 BACKUP_RESULT = {"snapshot": "ab" * 16, "mode": "incremental", "reason": "", "parent": "cd" * 16, "node": "A",
                  "disk_uuid": "u", "disk_size": 1 << 30, "chunk_size": 65536, "chunks_changed": 0, "chunks_read": 0,

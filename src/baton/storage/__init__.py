@@ -9,15 +9,41 @@ Fault injection sits *inside* the retry wrapper so injected transient faults exe
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
-from urllib.parse import urlparse
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any
 
 from baton.errors import RepoError, StorageError, UsageError
-from baton.storage.base import Capabilities, ObjectInfo, Store
-from baton.storage.wrappers import ReadOnlyStore, RetryingStore, RetryPolicy
 
-DEFAULT_RETRY = RetryPolicy()
+if TYPE_CHECKING:
+    from baton.storage.base import Capabilities, ObjectInfo, Store
+    from baton.storage.wrappers import ReadOnlyStore, RetryingStore, RetryPolicy
+
+    DEFAULT_RETRY: RetryPolicy
+
+# The store classes load on first use (PEP 562): `baton backup NAME` only checks the URL (check_url) before its
+# request to the daemon, and base + wrappers (dataclasses, random, urllib) cost it ~7 ms of start-up.
+_LAZY = {"Capabilities": "base", "ObjectInfo": "base", "Store": "base", "ReadOnlyStore": "wrappers",
+         "RetryingStore": "wrappers", "RetryPolicy": "wrappers"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFAULT_RETRY":
+        value: Any = importlib.import_module("baton.storage.wrappers").RetryPolicy()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(f"baton.storage.{_LAZY[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # once: DEFAULT_RETRY is one object
+    return value
+
+
+def _default_retry() -> RetryPolicy:
+    policy: RetryPolicy = globals().get("DEFAULT_RETRY") or __getattr__("DEFAULT_RETRY")
+    return policy
+
 
 __all__ = ["DEFAULT_RETRY", "Capabilities", "ObjectInfo", "ReadOnlyStore", "RetryPolicy", "RetryingStore", "Store",
            "build_store", "check_url", "open_base_store", "open_store"]
@@ -33,6 +59,8 @@ def check_url(url: str) -> None:
     repository exists there: opening it does.
     """
     if "://" in url:
+        from urllib.parse import urlparse
+
         parsed = urlparse(url)
         if parsed.scheme not in SCHEMES:
             raise UsageError(f"unsupported repository URL scheme {parsed.scheme!r} in {url!r}",
@@ -60,6 +88,8 @@ def open_base_store(url: str) -> Store:
         from baton.storage.local import LocalStore
 
         return LocalStore(os.path.abspath(url))
+    from urllib.parse import urlparse
+
     parsed = urlparse(url)
     if parsed.scheme == "file":
         from baton.storage.local import LocalStore
@@ -78,10 +108,15 @@ def open_base_store(url: str) -> Store:
     raise AssertionError(f"check_url let {url!r} through")  # unreachable: check_url knows every scheme
 
 
-def build_store(base: Store, *, read_only: bool = False, retry: RetryPolicy | None = DEFAULT_RETRY,
+def build_store(base: Store, *, read_only: bool = False, retry: RetryPolicy | EllipsisType | None = ...,
                 faults: Callable[[Store], Store] | None = None, sleep: Callable[[float], None] | None = None
                 ) -> Store:
-    """Stack the wrappers around ``base`` in the one fixed order (see the module docstring)."""
+    """Stack the wrappers around ``base`` in the one fixed order (see the module docstring). ``retry``:
+    DEFAULT_RETRY when not given, None for no retries."""
+    from baton.storage.wrappers import ReadOnlyStore, RetryingStore
+
+    if isinstance(retry, EllipsisType):
+        retry = _default_retry()
     store: Store = base
     if faults is not None:
         store = faults(store)
@@ -92,7 +127,7 @@ def build_store(base: Store, *, read_only: bool = False, retry: RetryPolicy | No
     return store
 
 
-def open_store(url: str, *, read_only: bool = False, retry: RetryPolicy | None = DEFAULT_RETRY,
+def open_store(url: str, *, read_only: bool = False, retry: RetryPolicy | EllipsisType | None = ...,
                faults: Callable[[Store], Store] | None = None) -> Store:
     """:func:`open_base_store` plus :func:`build_store`."""
     return build_store(open_base_store(url), read_only=read_only, retry=retry, faults=faults)
