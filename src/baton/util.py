@@ -16,8 +16,8 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", "rb") as f:  # bytes: the process's name may be any bytes
             stat = f.read()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return stat.rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False

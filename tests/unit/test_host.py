@@ -156,3 +156,23 @@ def test_is_baton_daemon_reads_the_command_line() -> None:
     finally:
         p.kill()
         p.wait(30)
+
+
+def test_pid_alive_with_a_process_name_that_is_not_utf8() -> None:
+    """A pid in a state file may have been reused by any process, whatever its name: /proc/PID/stat holds the
+    name's raw bytes, and reading it as UTF-8 raised UnicodeDecodeError out of `status` and `backup`."""
+    from baton.util import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys, time\n"
+        "ctypes.CDLL(None).prctl(15, ctypes.c_char_p(b'bat\\xff\\xfeon'), 0, 0, 0)\n"  # PR_SET_NAME
+        "print('named', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"named\n"
+        with open(f"/proc/{child.pid}/comm", "rb") as f:
+            assert b"\xff" in f.read()
+        assert pid_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait(10)
