@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -38,13 +39,23 @@ def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+PRESTART_HOLD = 0.2  # seconds each prestart task keeps its thread busy, so the next submit starts another
+
+
 def prestart(pool: ThreadPoolExecutor, workers: int) -> None:
     """Start ``workers`` threads of ``pool`` now (a pool starts a thread per submit only while none is idle):
-    a daemon does it once at start, off the I/O path, so that even its first backup starts none."""
-    release = threading.Event()
-    futs = [pool.submit(release.wait) for _ in range(workers)]
-    release.set()
-    wait(futs)
+    a daemon does it once at start, off the I/O path, so that even its first backup starts none.
+
+    Each task only sleeps PRESTART_HOLD: it never waits for the thread that submitted it. A daemon that exits
+    while this runs (its preload thread is a daemon thread, which stops where it is) then still exits: the
+    interpreter joins the pools' threads, and tasks that waited for a signal from the stopped thread hung that
+    join for ever."""
+    futs = []
+    try:
+        for _ in range(workers):
+            futs.append(pool.submit(time.sleep, PRESTART_HOLD))
+    finally:
+        wait(futs)
 
 
 def finish(futures: Iterable[Future[Any] | None]) -> None:

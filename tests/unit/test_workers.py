@@ -6,6 +6,8 @@ backup changes is loaded on the page pool, checked as any page."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -183,3 +185,23 @@ def test_an_incremental_loads_its_leaves_on_the_page_pool(monkeypatch: pytest.Mo
     leaves = [name for name in loaders if name.startswith("baton-pages")]
     assert len(leaves) == 4 and len(loaders) == 5, loaders   # each changed leaf on the pool; the root here
     assert _image(repo, m2) == bytes(img)
+
+
+def test_a_process_that_exits_while_its_threads_start_exits() -> None:
+    """The per-disk daemon starts its pools from a daemon thread; a daemon that stops right after it starts (a
+    failed or quick attach) left that thread stopped mid-way and the pools' threads waiting for it, and the
+    interpreter's join of those threads hung the process's exit for ever."""
+    child = subprocess.run([sys.executable, "-c", (
+        "import threading, time\n"
+        "from baton import workers\n"
+        "pool = workers.shared_pool('baton-exit-test', 6)\n"
+        "real = pool.submit\n"
+        "def slow(*a, **k):\n"
+        "    f = real(*a, **k)\n"
+        "    time.sleep(0.3)\n"
+        "    return f\n"
+        "pool.submit = slow\n"
+        "threading.Thread(target=workers.prestart, args=(pool, 6), daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+        "print('exiting', flush=True)\n")], capture_output=True, timeout=60)
+    assert child.returncode in (0, 1) and b"exiting" in child.stdout
