@@ -160,7 +160,9 @@ def test_is_baton_daemon_reads_the_command_line() -> None:
 
 def test_pid_alive_with_a_process_name_that_is_not_utf8() -> None:
     """A pid in a state file may have been reused by any process, whatever its name: /proc/PID/stat holds the
-    name's raw bytes, and reading it as UTF-8 raised UnicodeDecodeError out of `status` and `backup`."""
+    name's raw bytes, and reading it as UTF-8 raised UnicodeDecodeError out of `status` and `backup` (and the FUSE frontend's own checks of its serving
+    process)."""
+    from baton.frontends.fuse import _exiting, process_start_time
     from baton.util import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", (
@@ -173,6 +175,7 @@ def test_pid_alive_with_a_process_name_that_is_not_utf8() -> None:
         with open(f"/proc/{child.pid}/comm", "rb") as f:
             assert b"\xff" in f.read()
         assert pid_alive(child.pid)
+        assert process_start_time(child.pid) is not None and not _exiting(child.pid)
     finally:
         child.kill()
         child.wait(10)

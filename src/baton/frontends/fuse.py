@@ -68,6 +68,7 @@ from baton.frontends.base import (
     ServeLock,
 )
 from baton.host.attachments import check_name
+from baton.util import proc_stat
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +227,8 @@ def _write_state(path: Path, st: State) -> None:
 
 def process_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot, None if there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[19])
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None
 
 
 def _pid_ns() -> str:
@@ -242,9 +240,8 @@ def _pid_ns() -> str:
 
 def _exiting(pid: int) -> bool:
     """The process was killed and is inside exit() (PF_EXITING), or is a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    fields = proc_stat(pid)
+    if fields is None or len(fields) < 7:
         return False
     return fields[0] == "Z" or bool(int(fields[6]) & 0x4)  # state; flags & PF_EXITING
 
