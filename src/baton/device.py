@@ -460,30 +460,6 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-MADV_POPULATE_WRITE = 23  # Linux 5.14: fault a range in, writable, in one call
-
-
-def populated_buffer(size: int) -> mmap.mmap:
-    """A zero-filled anonymous mapping of ``size`` bytes whose pages are already faulted in, the faults taken
-    with the GIL released (``madvise(MADV_POPULATE_WRITE)`` through ctypes, which releases it; a ctypes
-    ``memset`` where the kernel lacks it). A thread prepares a large buffer this way while others run, and the
-    thread that fills it then takes no page faults, with the GIL held, as a new ``bytearray`` costs: about
-    12 ms for a 16 MiB pack buffer in a daemon's first backup, against the encode threads."""
-    import ctypes
-
-    buf = mmap.mmap(-1, size)  # size > 0
-    pin = ctypes.c_char.from_buffer(buf)  # an export of the mapping, released below
-    try:
-        address = ctypes.addressof(pin)
-        libc = libc_handle()
-        if libc is None or not hasattr(libc, "madvise") or \
-                libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), MADV_POPULATE_WRITE) != 0:
-            ctypes.memset(address, 0, size)
-    finally:
-        del pin
-    return buf
-
-
 def libc_handle() -> Any:
     import ctypes
     import ctypes.util

@@ -1,7 +1,6 @@
-"""The engine's process-wide threads (baton.workers), the pack buffers made off the GIL
-(baton.device.populated_buffer) and the parent tree's leaves loaded ahead (TreeReader.prefetch_leaf): a
-daemon's backups reuse one set of threads, a writer's caller never faults a pack buffer in, and a leaf a
-backup changes is loaded on the page pool, checked as any page."""
+"""The engine's process-wide threads (baton.workers) and the parent tree's leaves loaded ahead
+(TreeReader.prefetch_leaf): a daemon's backups reuse one set of threads, and a leaf a backup changes is loaded
+on the page pool, checked as any page."""
 
 from __future__ import annotations
 
@@ -10,11 +9,9 @@ import subprocess
 import sys
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 
-from baton.device import populated_buffer
 from baton.errors import RepoCorrupt
 from baton.repo import BackupWriter, DiskIdentity, Manifest, Repository
 from baton.repo import writer as writer_mod
@@ -93,40 +90,6 @@ def test_finish_cancels_what_has_not_started_and_waits_for_what_runs() -> None:
     release.set()
     t.join(30)
     assert done.is_set() and ran == ["first"] and queued.cancelled() and running.done()
-
-
-def test_populated_buffer_is_zeroed_writable_and_sized() -> None:
-    for size in (1, 4096, 5 * 4096 + 7, 1 << 20):
-        buf = populated_buffer(size)
-        assert len(buf) == size
-        assert buf[:] == bytes(size)
-        buf[size - 1:size] = b"x"
-        assert buf[size - 1] == ord("x")
-
-
-def test_pack_buffers_are_made_on_the_page_pool_two_per_writer(monkeypatch: pytest.MonkeyPatch,
-                                                              tmp_path: Path) -> None:
-    """The caller's thread never makes a pack buffer (a 16 MiB bytearray cost it ~12 ms of page faults with
-    the GIL held): both are made on the page pool, and later packs reuse the buffer of the pack stored before."""
-    made: list[str] = []
-    real = writer_mod.populated_buffer
-
-    def recording(size: int):  # type: ignore[no-untyped-def]
-        made.append(threading.current_thread().name)
-        return real(size)
-
-    monkeypatch.setattr(writer_mod, "populated_buffer", recording)
-    rng = random.Random(SEED)
-    repo = Repository.init(str(tmp_path / "repo"), pack_target=64 * 1024)
-    disk = DiskIdentity("p", 512 * CS, CS)
-    img = bytes(rng.randbytes(disk.size))   # incompressible: 2 MiB of packs, about 32 of them
-    w = BackupWriter(repo, disk, parent=None, node="n1", mode="full", reason="t", lineage="L")
-    for i in range(disk.chunk_count):
-        w.put(i, img[i * CS:(i + 1) * CS])
-    m = w.commit({})
-    assert w.statistics()["packs_written"] > 8
-    assert len(made) == 2 and all(name.startswith("baton-pages") for name in made), made
-    assert _image(repo, m) == img
 
 
 def test_a_prefetched_leaf_is_the_leaf_and_is_checked() -> None:

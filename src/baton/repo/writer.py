@@ -44,7 +44,6 @@ it: a stale answer only compresses a chunk that is then deduplicated in order on
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 import time
@@ -54,7 +53,7 @@ from typing import Any, cast
 
 import blake3
 
-from baton.device import BIG_BUFFERS_MMAP, populated_buffer, release_free_memory, reuse_big_buffers
+from baton.device import BIG_BUFFERS_MMAP, release_free_memory, reuse_big_buffers
 from baton.errors import RepoError, UsageError
 from baton.format.repo_index import PAGE_FANOUT, ZERO_ID, IndexEntry
 from baton.format.repo_pack import (
@@ -91,7 +90,6 @@ PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
 # minor faults of a full backup of the 1 GiB benchmark image).
 PACK_BYTES_MAX = BIG_BUFFERS_MMAP - (64 << 10)
 FOOTER_SLACK = 28 + PACK_TAIL.size + 64   # an encrypted table's nonce and tag, the trailer, malloc's headers
-PackBuffer = bytearray | mmap.mmap  # a pack being built: baton.device.populated_buffer, or grown as a bytearray
 
 
 def start_pools(workers: int = 2) -> None:
@@ -159,14 +157,11 @@ class BackupWriter:
         self._batch_items: list[tuple[int, int]] = []
         self._batch_payloads: list[bytes | memoryview] = []
         self._batch_bytes = 0
-        self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int, PackBuffer]]] = deque()
-        self._spare: list[PackBuffer] = []  # pack buffers stored and referenced by no one: filled again
-        # The next pack buffer, faulted in on the page pool (baton.device.populated_buffer) before it is needed.
-        self._next_buffer: Future[PackBuffer] | None = None
-        self._buffers_made = 0
+        self._uploads: deque[Future[tuple[list[tuple[bytes, IndexEntry]], int, bytearray]]] = deque()
+        self._spare: list[bytearray] = []  # pack buffers stored and referenced by no one: filled again
         self._unindexed: list[tuple[bytes, IndexEntry]] = []
         self._packs_since_index = 0
-        self._pack: PackBuffer | None = None            # the pack being filled, blobs copied in as they come
+        self._pack: bytearray | None = None             # the pack being filled, blobs copied in as they come
         self._pack_len = 0
         self._pack_entries: list[PackEntry] = []
         self._zero_cid = chunk_id(repo.keys, bytes(disk.chunk_size))
@@ -224,8 +219,6 @@ class BackupWriter:
             for leaf_no in range(first // PAGE_FANOUT, (first + len(chunks) - 1) // PAGE_FANOUT + 1):
                 if leaf_no not in self._changed and self._base.prefetching < PREFETCH_LEAVES:
                     self._base.prefetch_leaf(leaf_no, self._page_pool.submit)
-        if self._buffers_made == 0:
-            self._prepare_buffer()  # the first pack's buffer, made while these chunks are encoded
         try:
             before = self._stats["chunks_put"]
             self._stats["chunks_put"] += len(items)
@@ -428,8 +421,12 @@ class BackupWriter:
             head = pack_head(self.repo.keys.encrypted)
             # One buffer per pack, sized for the whole pack (a table that does not fit grows it), used again
             # for the next pack once stored: at most two per writer (one filled, one stored).
+            # One allocation per pack, sized for the whole pack (a table that does not fit grows it): below the
+            # allocator's mmap threshold, so it reuses the memory of buffers freed before (see PACK_BYTES_MAX).
+            # (Anonymous mappings faulted in on the page pool, off the GIL, cost this thread less but raised the
+            # peak RSS of a full backup of a 4 GiB image by 20 MiB: they never reuse the heap's free memory.)
             spare = self._take_spare()
-            self._pack = spare if spare is not None else self._new_buffer()
+            self._pack = spare if spare is not None else bytearray(self._pack_size)
             self._pack[:len(head)] = head
             self._pack_len = len(head)
         self._pack_entries.append(PackEntry(cid, self._pack_len, len(stored), raw_length, flags))
@@ -441,20 +438,7 @@ class BackupWriter:
         self._stats["bytes_stored"] += len(stored)
         if self._pack_len >= self.repo.config.pack_target:
             self._seal_pack()
-        elif self._pack_len >= self.repo.config.pack_target // 2 and self._buffers_made == 1:
-            self._prepare_buffer()  # this first pack may fill: the second is made while it does (later ones
-            #                         reuse the buffer of the pack stored before them)
 
-    def _prepare_buffer(self) -> None:
-        """Start making the next pack buffer on the page pool (its page faults are taken there, without the GIL,
-        while this thread goes on)."""
-        if self._next_buffer is None:
-            self._next_buffer = self._page_pool.submit(populated_buffer, self._pack_size)
-
-    def _new_buffer(self) -> PackBuffer:
-        fut, self._next_buffer = self._next_buffer, None
-        self._buffers_made += 1
-        return fut.result() if fut is not None else populated_buffer(self._pack_size)
 
     def _seal_pack(self) -> None:
         """Hand the current pack to the uploader thread, which joins, names, checks and stores it (that
@@ -475,8 +459,8 @@ class BackupWriter:
             self._write_index()
         self._lock.refresh()
 
-    def _store_pack(self, buf: PackBuffer, pack_entries: list[PackEntry], length: int
-                    ) -> tuple[list[tuple[bytes, IndexEntry]], int, PackBuffer]:
+    def _store_pack(self, buf: bytearray, pack_entries: list[PackEntry], length: int
+                    ) -> tuple[list[tuple[bytes, IndexEntry]], int, bytearray]:
         """(Uploader thread.) Seal, check, name and store one pack; returns its index entries, its size and
         the buffer (which the caller fills again if nothing else holds it).
 
@@ -486,9 +470,7 @@ class BackupWriter:
         keep a reference, as obstore's memory store does: see :meth:`_finish_upload`)."""
         footer = pack_footer(pack_entries, length, self.repo.keys.data_key)
         size = length + len(footer)
-        if size > len(buf):  # the table does not fit (a small pack_target): a larger buffer, from now on
-            buf = bytearray(buf[:length])
-        buf[length:size] = footer
+        buf[length:size] = footer  # grows the buffer only if the table does not fit (small pack_target)
         view = memoryview(buf)[:size]
         self._check_pack(view, pack_entries)
         pid = blake3.blake3(view).digest()
@@ -522,7 +504,7 @@ class BackupWriter:
         if len(self._spare) + (self._pack is not None) <= MAX_UPLOADS + 1:
             self._spare.append(buf)
 
-    def _take_spare(self) -> PackBuffer | None:
+    def _take_spare(self) -> bytearray | None:
         """The buffer of a stored pack that nothing else holds any more, to fill again; None if there is none.
         A store may keep what it was given (obstore's memory store keeps the object): such a buffer is the
         store's, and is dropped here. 2 = ``buf`` and getrefcount's argument."""
@@ -588,9 +570,7 @@ class BackupWriter:
 
     def _shutdown(self) -> None:
         # The pools are shared: this writer's own tasks are cancelled or waited for, never the pools shut down.
-        finish([*(fut for _items, fut in self._inflight), *self._uploads, *self._base.drop_prefetched(),
-                self._next_buffer])
-        self._next_buffer = None
+        finish([*(fut for _items, fut in self._inflight), *self._uploads, *self._base.drop_prefetched()])
         self._inflight.clear()
         self._uploads.clear()
         self._spare.clear()  # the pack buffers go before the allocator is asked to give memory back
