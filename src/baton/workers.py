@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -39,21 +38,33 @@ def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-PRESTART_HOLD = 0.2  # seconds each prestart task keeps its thread busy, so the next submit starts another
+PRESTART_HOLD = 0.2  # seconds a prestart task waits at most for the others to be running too
 
 
 def prestart(pool: ThreadPoolExecutor, workers: int) -> None:
     """Start ``workers`` threads of ``pool`` now (a pool starts a thread per submit only while none is idle):
     a daemon does it once at start, off the I/O path, so that even its first backup starts none.
 
-    Each task only sleeps PRESTART_HOLD: it never waits for the thread that submitted it. A daemon that exits
-    while this runs (its preload thread is a daemon thread, which stops where it is) then still exits: the
-    interpreter joins the pools' threads, and tasks that waited for a signal from the stopped thread hung that
-    join for ever."""
+    Each task holds its thread until all ``workers`` tasks run at once (so each submit found every thread
+    busy and started another), then all end together, within milliseconds: a backup that starts meanwhile
+    never queues behind them. A task waits at most PRESTART_HOLD and never for the thread that submitted it:
+    a daemon that exits while this runs (its preload thread is a daemon thread, which stops where it is)
+    still exits, where tasks waiting for a signal from the stopped thread hung the interpreter's join of the
+    pools' threads for ever."""
+    ready = threading.Condition()
+    running = 0
+
+    def hold() -> None:
+        nonlocal running
+        with ready:
+            running += 1
+            ready.notify_all()
+            ready.wait_for(lambda: running >= workers, timeout=PRESTART_HOLD)
+
     futs = []
     try:
         for _ in range(workers):
-            futs.append(pool.submit(time.sleep, PRESTART_HOLD))
+            futs.append(pool.submit(hold))
     finally:
         wait(futs)
 
