@@ -419,10 +419,9 @@ class BackupWriter:
             self._seal_pack()
         if self._pack is None:
             head = pack_head(self.repo.keys.encrypted)
-            # One buffer per pack, sized for the whole pack (a table that does not fit grows it), used again
-            # for the next pack once stored: at most two per writer (one filled, one stored).
-            # One allocation per pack, sized for the whole pack (a table that does not fit grows it): below the
-            # allocator's mmap threshold, so it reuses the memory of buffers freed before (see PACK_BYTES_MAX).
+            # One buffer per pack, sized for the whole pack (a table that does not fit grows it), filled again for
+            # a later pack once stored (at most two per writer): below the allocator's mmap threshold, so it
+            # reuses the memory of buffers freed before (see PACK_BYTES_MAX).
             # (Anonymous mappings faulted in on the page pool, off the GIL, cost this thread less but raised the
             # peak RSS of a full backup of a 4 GiB image by 20 MiB: they never reuse the heap's free memory.)
             spare = self._take_spare()
@@ -438,7 +437,6 @@ class BackupWriter:
         self._stats["bytes_stored"] += len(stored)
         if self._pack_len >= self.repo.config.pack_target:
             self._seal_pack()
-
 
     def _seal_pack(self) -> None:
         """Hand the current pack to the uploader thread, which joins, names, checks and stores it (that
