@@ -166,11 +166,11 @@ def test_readme_commands_need_no_sudo() -> None:
 def test_backup_progress_bar_draws_on_stderr(monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Both streams look like terminals; the bar must still go to stderr, never into the data on stdout."""
-    from baton.cli import cmd_backup
+    from baton.cli import progress_bar
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    with cmd_backup.progress_bar("backup hB-x", True) as bar:
+    with progress_bar("backup hB-x", True) as bar:
         assert bar is not None
         for i in range(0, 11):
             bar(i << 20, 10 << 20)

@@ -114,3 +114,97 @@ def test_a_daemon_error_keeps_its_class_and_exit_code(daemon: list[dict[str, Any
     assert json.loads(p.stdout) == {"error": "RepoLocked", "message": "locked by another backup", "hint": "wait",
                                     "exit_code": 7}
     assert not _heavy(loaded), _heavy(loaded)
+
+
+# ------------------------------------------------------------------ the backup client's path without click
+
+CHILD_VIA_CLICK = """
+import json, sys
+import baton.cli.backup_client as bc
+bc.fast_args = lambda args: None  # every command line through the click command
+from baton.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    sys.stderr.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
+"""
+
+FAST_FORMS = [
+    ["backup", "cl-t", "--repo", "{repo}", "--json"],
+    ["backup", "--json", "--repo={repo}", "cl-t"],
+    ["backup", "cl-t", "--repo", "{repo}", "--full", "--if-owner", "--key-file", "k.key", "--json"],
+    ["backup", "cl-t", "--repo", "{repo}"],  # the human rendering
+]
+
+
+def _run_via_click(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    p = subprocess.run([sys.executable, "-c", CHILD_VIA_CLICK, *args], capture_output=True, text=True, timeout=60)
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("MODULES ")][-1]
+    return p, set(json.loads(line[len("MODULES "):]))
+
+
+@pytest.mark.parametrize("form", FAST_FORMS, ids=lambda f: " ".join(f[1:]))
+def test_plain_backup_forms_skip_click_and_do_what_the_click_command_does(
+        daemon: list[dict[str, Any]], tmp_path: Path, form: list[str]) -> None:
+    """The same command line through the fast path and through the click command: the same request reaches the
+    daemon, the same output and exit status come back; only the fast one never imports click."""
+    args = [a.format(repo=tmp_path / "repo") for a in form]
+    fast, loaded_fast = _run(*args)
+    slow, loaded_slow = _run_via_click(*args)
+    assert fast.returncode == slow.returncode == 0, (fast.stderr, slow.stderr)
+    assert fast.stdout == slow.stdout and fast.stdout.strip()
+    assert len(daemon) == 2 and daemon[0] == daemon[1], daemon
+    if "--key-file" in args:
+        assert daemon[0]["key_file"] == os.path.abspath("k.key") and daemon[0]["full"] is True
+    assert "click" not in loaded_fast
+    assert "click" in loaded_slow  # the comparison really ran the click command
+
+
+def test_the_environment_gives_repository_and_key_file_on_both_paths(
+        daemon: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATON_REPO", str(tmp_path / "env-repo"))
+    monkeypatch.setenv("BATON_KEY_FILE", str(tmp_path / "env.key"))
+    fast, loaded = _run("backup", "cl-t", "--json")
+    slow, _ = _run_via_click("backup", "cl-t", "--json")
+    assert fast.returncode == slow.returncode == 0 and fast.stdout == slow.stdout
+    assert daemon[0] == daemon[1] == {"op": "backup", "repo": str(tmp_path / "env-repo"),
+                                      "key_file": str(tmp_path / "env.key"), "full": False, "consistency": None}
+    assert "click" not in loaded
+
+
+@pytest.mark.parametrize("form,code", [
+    (["backup", "cl-t", "--json"], 2),                                     # no repository anywhere: usage
+    (["backup", "cl-t", "--repo", "R", "--repo", "R2", "--json"], 0),      # repeated: click's last-wins
+    (["backup", "cl-t", "--repo", "R", "--full=1", "--json"], 2),          # a flag with a value: usage
+    (["backup", "cl-t", "--repo", "R", "--node", "N", "--json"], 0),       # an option the fast path leaves
+    (["backup", "cl-t", "--repo", "--json"], 0),                           # click takes "--json" as the value
+    (["backup", "--help"], 0),
+], ids=lambda v: " ".join(v[1:]) if isinstance(v, list) else str(v))
+def test_other_backup_forms_are_left_to_click(daemon: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+                                              form: list[str], code: int) -> None:
+    monkeypatch.delenv("BATON_REPO", raising=False)
+    p, loaded = _run(*form)
+    assert "click" in loaded, "this form must be parsed by click"
+    assert p.returncode == code, (p.stdout, p.stderr)
+    if code == 2:
+        assert json.loads(p.stdout)["error"] == "UsageError"
+    if "--help" in form:
+        assert "Usage: baton backup [OPTIONS] NAME|DISK" in p.stdout
+    if code == 0 and "--help" not in form:
+        repo = form[len(form) - 1 - form[::-1].index("--repo") + 1]  # the last --repo's value
+        assert daemon and daemon[-1]["repo"] == os.path.abspath(repo)
+
+
+def test_fast_args_accepts_only_what_it_knows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from baton.cli.backup_client import fast_args
+
+    monkeypatch.delenv("BATON_REPO", raising=False)
+    monkeypatch.delenv("BATON_KEY_FILE", raising=False)
+    monkeypatch.setenv("BATON_NODE", "n9")
+    assert fast_args(["d1", "--repo", "/r", "--if-owner"]) == {
+        "target": "d1", "repo": "/r", "key_file": None, "full": False, "if_owner": True, "as_json": False,
+        "node": "n9"}
+    for bad in (["d1"], ["--repo", "/r"], ["d1", "d2", "--repo", "/r"], ["d1", "--repo", "/r", "--json", "--json"],
+                ["d1", "--repo", "-r"], ["d1", "--repo="], ["d1", "--repo", "/r", "--"], ["d1", "--repo", "/r", "-h"],
+                ["", "--repo", "/r"], ["d1", "--repo", "/r", "--if-owner=yes"], ["d1", "--repo", "/r", "--fu"]):
+        assert fast_args(bad) is None, bad

@@ -1,26 +1,13 @@
-"""baton backup: incremental from the record, or full with a stated reason."""
+"""baton backup: incremental from the record, or full with a stated reason. The options are declared here; the
+work is :func:`baton.cli.backup_client.run` (also reached without click: see that module)."""
 
 from __future__ import annotations
 
-import socket
-from typing import Any
+import os
 
 import click
 
-from baton.cli import emit, progress_bar
-
-
-def _human(r: dict[str, Any]) -> str:
-    mib = 1 << 20
-    why = f" ({r['reason']})" if r["reason"] else ""
-    return (f"snapshot {r['snapshot']}  {r['mode']}{why}\n"
-            f"read {r['bytes_read'] / mib:.1f} MiB of {r['disk_size'] / mib:.1f} MiB "
-            f"({r['chunks_read']} chunks, {r['chunks_changed']} changed), stored {r['bytes_stored'] / mib:.1f} MiB, "
-            f"{r['duration_s']:.2f} s on {r['node']}" + "".join(
-                f"\n{k}: exit {h['exit_status']} in {h['seconds']} s" for k, h in r.get("consistency", {}).items()
-                if k in ("pre", "post")) + (f"\nfrozen {r['consistency']['freeze']['mountpoint']} for "
-                                            f"{r['consistency']['freeze']['window_s']} s"
-                                            if r.get("consistency", {}).get("freeze") else ""))
+from baton.cli.backup_client import run
 
 
 @click.command("backup")
@@ -74,19 +61,8 @@ def command(target: str, repo: str, key_file: str | None, full: bool, if_owner: 
     JSON keys: snapshot, mode, reason, bytes_read, bytes_stored, chunks_changed, chunks_read, duration_s, node,
     parent, disk_uuid, disk_size, chunk_size.
     """
-    from baton.daemon import backup
-    from baton.storage import check_url
-
-    check_url(repo)
-    with progress_bar(f"backup {target}", not as_json) as bar:
-        import os
-
-        consistency = {"freeze": os.path.abspath(freeze) if freeze else None, "pre": pre, "post": post,
-                       "hook_timeout": hook_timeout, "freeze_timeout": freeze_timeout} \
-            if (freeze or pre or post) else None
-        res = backup(target, repo, node=node or socket.gethostname(), key_file=key_file, full=full,
-                     if_owner=if_owner, record=record, progress=bar, consistency=consistency)
-    if res.get("skipped"):
-        emit(res, as_json)  # --if-owner on a node that does not own the disk: exit 0, quiet without --json
-    else:
-        emit(res, as_json, _human(res))
+    consistency = {"freeze": os.path.abspath(freeze) if freeze else None, "pre": pre, "post": post,
+                   "hook_timeout": hook_timeout, "freeze_timeout": freeze_timeout} \
+        if (freeze or pre or post) else None
+    run(target, repo, key_file=key_file, full=full, if_owner=if_owner, node=node, record=record,
+        consistency=consistency, as_json=as_json)
