@@ -137,10 +137,14 @@ def test_local_store_direct_write_failure_leaves_no_object(tmp_path: Path, monke
 
 class _OrderCheckingStore:
     """Wraps a store. Pack puts are slowed down (to leave a window a wrong writer would use) and counted;
-    a put of anything that can reference a pack fails the test while a pack put is running."""
+    a put of anything that can reference a pack (an index file, which names packs, or a manifest, which makes
+    chunks reachable) fails the test while a pack put is running. Pages may be stored meanwhile: they name
+    chunk ids only, and are reached only through a manifest (docs/format.md, write ordering); a manifest put
+    while a page put is running fails the test too."""
 
-    def __init__(self, inner: Store) -> None:
+    def __init__(self, inner: Store, page_delay: float = 0.01) -> None:
         self.inner = inner
+        self.page_delay = page_delay
         self.capabilities = inner.capabilities
         self._lock = threading.Lock()
         self.running = 0
@@ -148,19 +152,33 @@ class _OrderCheckingStore:
         self.returned = 0
         self.violations: list[str] = []
         self.checked = 0
+        self.pages_running = 0
+        self.pages_put = 0
 
     def _check(self, key: str) -> None:
-        if key.startswith(("index/", "pages/", "snapshots/")):
+        if key.startswith(("index/", "snapshots/")):
             with self._lock:
                 self.checked += 1
                 if self.running or self.started != self.returned:
                     self.violations.append(f"{key} put while {self.running} pack put(s) had not returned")
+                if key.startswith("snapshots/") and self.pages_running:
+                    self.violations.append(f"{key} put while {self.pages_running} page put(s) had not returned")
 
     def put(self, key: str, data: bytes) -> None:
         self._check(key)
         self.inner.put(key, data)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
+        if key.startswith("pages/"):
+            with self._lock:
+                self.pages_running += 1
+                self.pages_put += 1
+            try:
+                time.sleep(self.page_delay)
+                return self.inner.put_if_absent(key, data)
+            finally:
+                with self._lock:
+                    self.pages_running -= 1
         if not key.startswith("packs/"):
             self._check(key)
             return self.inner.put_if_absent(key, data)
@@ -210,7 +228,7 @@ def test_writer_references_no_pack_before_its_put_returned(tmp_path: Path) -> No
         if i in (30, 70):
             w.checkpoint()
     w.commit()
-    assert checking.started >= 20 and checking.checked >= 3
+    assert checking.started >= 20 and checking.checked >= 3 and checking.pages_put >= 3
     assert checking.violations == []
     assert not w._spare and w._pack is None  # no pack buffer outlives the writer's work
 
@@ -248,3 +266,31 @@ def test_order_checker_catches_a_writer_that_does_not_wait_for_its_uploads(tmp_p
     w.commit()
     time.sleep(0.1)  # let the stray puts finish before tmp_path goes away
     assert checking.violations
+
+
+def test_order_checker_catches_a_writer_that_does_not_wait_for_its_pages(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page half of the check can fail: a writer that names a root in a manifest before its pages are
+    stored."""
+    url = str(tmp_path / "repo")
+    Repository.init(url, pack_target=64 * 1024)
+    checking = _OrderCheckingStore(open_store(url), page_delay=0.3)  # outlasts the pack and index puts
+    repo = Repository.open(url, store=checking)  # type: ignore[arg-type]
+    real = BackupWriter._build_root
+    late: list[Any] = []
+
+    def not_waiting(self: BackupWriter) -> Any:
+        root, futs = real(self)
+        late.extend(futs)
+        return root, []
+
+    monkeypatch.setattr(BackupWriter, "_build_root", not_waiting)
+    cs = 16 * 1024
+    disk = DiskIdentity("d", 32 * cs, cs)
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    for i in range(disk.chunk_count):
+        w.put(i, os.urandom(cs))
+    w.commit()
+    for f in late:
+        f.result()  # the stray page puts end before tmp_path goes away
+    assert any("page put" in v for v in checking.violations), checking.violations

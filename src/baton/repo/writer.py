@@ -3,7 +3,9 @@
 Write ordering (the invariant restore and prune rely on):
 
 1. packs are stored (content-addressed, put-if-absent) before any index file names them;
-2. an index file is stored before any page or manifest references its chunks;
+2. an index file is stored before any manifest references its chunks (the pages that name them are stored at
+   the same time as the index file: a page is only reached through a manifest, and the chunk index, not the
+   page, says where a chunk is);
 3. pages are stored before the manifest that names their root;
 4. the manifest is stored last: a snapshot exists exactly when its manifest does.
 
@@ -524,20 +526,26 @@ class BackupWriter:
         self._packs_since_index = 0
 
     def _flush_all(self) -> None:
-        """Drain the pipeline, store packs and their index, then the changed pages; rebase on the new root."""
+        """Drain the pipeline; store the last pack and the index file, and the changed pages at the same time
+        (nothing refers to either until a manifest does, which comes after both); rebase on the new root."""
         self._drain(0)
         self._seal_pack()
-        self._write_index()
-        root = self._build_root()
+        root, pages = self._build_root()
+        try:
+            self._write_index()
+            for f in pages:
+                f.result()
+        finally:
+            finish(pages)  # after an error: none of this writer's page stores runs on (else all are done)
         finish(self._base.drop_prefetched())  # every chunk put was taken: none is still needed
         self._base = TreeReader(root, self.disk.chunk_count, self.repo.load_page)
         self._changed = {}
         self._stats["tree_flushes"] += 1
 
-    def _build_root(self) -> bytes:
-        """Store the changed pages (their uploads run concurrently: on a local store each is two fsyncs,
-        which the file system's journal then commits together) and return the new root. Every page is
-        stored when this returns, before any manifest names the root."""
+    def _build_root(self) -> tuple[bytes, list[Future[bytes]]]:
+        """The new root, and the stores of the changed pages, running on the page pool (concurrently: on a
+        local store each is two fsyncs, which the file system's journal then commits together). The caller
+        waits for every one of them before any manifest names the root."""
         from baton.repo.tree import build_tree
 
         futs: list[Future[bytes]] = []
@@ -550,10 +558,10 @@ class BackupWriter:
 
         try:
             root = build_tree(self._base, self._changed, store_page)
-        finally:
-            for f in futs:
-                f.result()
-        return root
+        except BaseException:
+            finish(futs)
+            raise
+        return root, futs
 
     def _manifest(self, *, complete: bool, info: dict[str, Any]) -> Manifest:
         s = self._stats
