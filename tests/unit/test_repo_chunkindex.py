@@ -122,3 +122,15 @@ def test_backups_and_restore_with_merges_every_few_chunks(monkeypatch: pytest.Mo
     out = tmp_path / "healed.img"
     restore(fresh, m2, str(out))
     assert out.read_bytes() == bytes(img)
+
+
+def test_overlay_of_keeps_the_last_row_of_an_id_and_refuses_a_pack_outside_the_table() -> None:
+    a, b = os.urandom(32), os.urandom(32)
+    rows = ci.ROW.pack(a, 0, 10, 5, 7, 1) + ci.ROW.pack(b, 2, 20, 6, 8, 0) + ci.ROW.pack(a, 1, 30, 7, 9, 1)
+    got = ci.overlay_of(rows, 3)
+    assert got == {a: ci._TAIL.pack(1, 30, 7, 9, 1), b: ci._TAIL.pack(2, 20, 6, 8, 0)}
+    assert ci.overlay_of(b"", 0) == {}
+    with pytest.raises(ValueError, match="outside the table"):
+        ci.overlay_of(rows, 2)          # b names pack 2 of a table of two
+    with pytest.raises(ValueError, match="multiple"):
+        ci.overlay_of(rows[:-1], 3)

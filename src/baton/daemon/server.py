@@ -345,6 +345,7 @@ def serve(disk: str, *, node: str, name: str, frontend: str, record: str | None,
         # cryptography) and tens of ms starting ~40 threads, one by one, against its own busy encoders.
         with contextlib.suppress(Exception):
             import baton.backup  # brings baton.repo
+            import baton.repo.indexcache  # the first backup's index load; the CLI imports it lazily
 
             baton.backup.start_pools()
 

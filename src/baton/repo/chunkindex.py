@@ -376,6 +376,23 @@ class _State:
 _EMPTY = _State(None, None, 0)
 
 
+_PACK_NO = struct.Struct("<32xI17x")   # a row's pack number only
+
+
+def overlay_of(rows: bytes, n_packs: int) -> dict[bytes, bytes]:
+    """The overlay (id -> tail) of a snapshot's ``rows``, the last row of an id winning. ValueError if a row
+    names a pack outside a table of ``n_packs``. Slices in C loops (``zip``, ``iter_unpack``): about half the
+    time of a comprehension over whole rows."""
+    s, n = ROW.size, len(rows)
+    if n % s:
+        raise ValueError(f"overlay rows: {n} bytes, not a multiple of {s}")
+    overlay = dict(zip([rows[i:i + 32] for i in range(0, n, s)], [rows[i:i + s - 32] for i in range(32, n, s)],
+                       strict=True))
+    if n and max(_PACK_NO.iter_unpack(rows))[0] >= n_packs:
+        raise ValueError("an overlay row names a pack outside the table")
+    return overlay
+
+
 class Snapshot(NamedTuple):
     """An index's content at one point (:meth:`ChunkIndex.snapshot`, :meth:`ChunkIndex.restore`)."""
 
@@ -630,13 +647,13 @@ class ChunkIndex:
             st = self._state
             return Snapshot(st.base, st.small, rows, tuple(self._packs))
 
-    def restore(self, snap: Snapshot) -> None:
+    def restore(self, snap: Snapshot, overlay: dict[bytes, bytes] | None = None) -> None:
         """Start from ``snap`` (a saved snapshot, loaded and checked by :mod:`baton.repo.indexcache`). Only on an
-        empty index (ValueError otherwise). ValueError if a row names a pack outside the table."""
+        empty index (ValueError otherwise). ValueError if a row names a pack outside the table. ``overlay``:
+        :func:`overlay_of` of the snapshot, when the caller built it already (it is then kept, not copied)."""
         packs = list(snap.packs)
-        overlay = {row[:32]: row[32:] for row in _split(snap.rows)}
-        if any(no >= len(packs) for no in (_TAIL.unpack(t)[0] for t in overlay.values())):
-            raise ValueError("an overlay row names a pack outside the table")
+        if overlay is None:
+            overlay = overlay_of(snap.rows, len(packs))
         with self._wlock:
             if self._packs or self._overlay or self._staged is not None or self._state is not _EMPTY:
                 raise ValueError("restore() needs an empty index")

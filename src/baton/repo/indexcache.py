@@ -53,6 +53,7 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ from typing import IO
 
 import blake3
 
-from baton.repo.chunkindex import BLOCK_ROWS, CACHE_DIR_ENV, ROW, Snapshot, _Run
+from baton.repo.chunkindex import BLOCK_ROWS, CACHE_DIR_ENV, ROW, Snapshot, _Run, overlay_of
 from baton.repo.keys import RepoKeys
 
 DISABLE_ENV = "BATON_INDEX_CACHE"   # one of OFF: no cache
@@ -109,14 +110,16 @@ def cache_dir() -> str | None:
         return None
     base = os.environ.get(CACHE_DIR_ENV)
     uid = os.geteuid()
+    candidates: list[str | None]
     if base:
         candidates = [base]
     else:
         home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        candidates = [ROOT_DIR if uid == 0 else os.path.join(home, "baton"),
-                      os.path.join(tempfile.gettempdir(), f"baton-{uid}")]
+        # The fallback is named only when needed: gettempdir() probes its candidates by creating a file in one
+        # (a create, a write and an unlink in /tmp on a process's first call: ms on a cold page cache).
+        candidates = [ROOT_DIR if uid == 0 else os.path.join(home, "baton"), None]
     for c in candidates:
-        path = os.path.join(c, SUBDIR)
+        path = os.path.join(c if c is not None else os.path.join(tempfile.gettempdir(), f"baton-{uid}"), SUBDIR)
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
             st = os.lstat(path)
@@ -142,6 +145,7 @@ class Loaded:
     snapshot: Snapshot
     keys: frozenset[str]
     healed: bool = False   # FLAG_HEALED: the next process counts the saver's heal as its own
+    overlay: dict[bytes, bytes] | None = None   # chunkindex.overlay_of(snapshot.rows): for ChunkIndex.restore
 
 
 class Discard(Exception):
@@ -192,7 +196,7 @@ def load(directory: str, keys: RepoKeys, listing: Iterable[str]) -> Loaded | Non
     only from the directory itself."""
     rid = keys.repo_id.hex()
     path = os.path.join(directory, f"{rid}.manifest")
-    files: list[tuple[int, tuple[int, int, int, bytes, bytes], IO[bytes], bytes]] = []
+    files: list[tuple[int, tuple[int, int, int, bytes, bytes], IO[bytes], tuple[bytes, _Digest]]] = []
     try:
         lock = _lock(directory, rid, exclusive=False)
         try:
@@ -206,12 +210,19 @@ def load(directory: str, keys: RepoKeys, listing: Iterable[str]) -> Loaded | Non
                 files.append(_open_run(directory, rid, desc))
         finally:
             _unlock(lock)
+        # While a thread reads and hashes each run (_open_run), the overlay is built from the manifest's rows
+        # (its MAC checked them); it is handed out only with runs that passed their digests below.
+        try:
+            overlay = overlay_of(rows, len(packs))
+        except ValueError as e:
+            raise Discard(f"manifest: {e}") from e
         runs = {role: _checked_run(directory, rid, desc, f, aux) for role, desc, f, aux in files}
     except BaseException:
-        for _role, _desc, run_file, _aux in files:
+        for _role, _desc, run_file, (_aux, digesting) in files:
+            digesting.wait()   # it reads the file: closed after
             run_file.close()
         raise
-    return Loaded(Snapshot(runs.get(0), runs.get(1), rows, packs), covered, bool(flags & FLAG_HEALED))
+    return Loaded(Snapshot(runs.get(0), runs.get(1), rows, packs), covered, bool(flags & FLAG_HEALED), overlay)
 
 
 def _parse(data: bytes, keys: RepoKeys, listing: set[str]
@@ -263,7 +274,7 @@ def _parse(data: bytes, keys: RepoKeys, listing: set[str]
 
 
 def _open_run(directory: str, rid: str, desc: tuple[int, int, int, bytes, bytes]
-              ) -> tuple[int, tuple[int, int, int, bytes, bytes], IO[bytes], bytes]:
+              ) -> tuple[int, tuple[int, int, int, bytes, bytes], IO[bytes], tuple[bytes, _Digest]]:
     role, _count, _nbits, digest, aux_digest = desc
     try:
         f = open(os.path.join(directory, f"{rid}-{digest.hex()}.run"), "rb", buffering=0)  # noqa: SIM115 (the run keeps it)
@@ -275,13 +286,57 @@ def _open_run(directory: str, rid: str, desc: tuple[int, int, int, bytes, bytes]
             raise
     except FileNotFoundError as e:
         raise Discard(f"{os.path.basename(str(e.filename))} is missing") from e
-    return role, desc, f, aux
+    # The run's digest is computed from now on, in a thread (preadv and BLAKE3 let go of the GIL): on a cold
+    # page cache its reads then overlap the overlay's build instead of following it. _checked_run waits for
+    # it and compares; nothing of the run is used before.
+    digesting = _Digest(f.fileno())
+    return role, desc, f, (aux, digesting)
+
+
+class _Digest:
+    """BLAKE3 of a file's bytes (up to its size at start), computed in a thread; :meth:`result` waits for it
+    and returns (size, digest), or raises what the thread raised."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._out: tuple[int, bytes] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="baton-index-cache-check", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            size = os.fstat(self._fd).st_size
+            h = blake3.blake3()
+            buf = bytearray(min(READ, max(size, 1)))
+            view = memoryview(buf)
+            off = 0
+            while off < size:
+                n = os.preadv(self._fd, [buf], off)
+                if n <= 0:
+                    break
+                h.update(view[:n])
+                off += n
+            self._out = (off, h.digest())
+        except BaseException as e:  # handed to result()
+            self._out = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> tuple[int, bytes]:
+        self._thread.join()
+        out = self._out
+        if isinstance(out, BaseException):
+            raise out
+        assert out is not None
+        return out
 
 
 def _checked_run(directory: str, rid: str, desc: tuple[int, int, int, bytes, bytes], f: IO[bytes],
-                 aux: bytes) -> _Run:
+                 aux_and_digest: tuple[bytes, _Digest]) -> _Run:
     """The run of ``desc`` from its open file and its aux file's bytes, after both passed their digests."""
     _role, count, nbits, digest, aux_digest = desc
+    aux, digesting = aux_and_digest
     nfences = -(-count // BLOCK_ROWS)
     if len(aux) != 8 * nfences + nbits // 8:
         raise Discard(f"run {digest.hex()[:16]}: aux file of {len(aux)} bytes, "
@@ -292,17 +347,10 @@ def _checked_run(directory: str, rid: str, desc: tuple[int, int, int, bytes, byt
     size = os.fstat(fd).st_size
     if size != count * ROW.size:
         raise Discard(f"run {digest.hex()[:16]}: {size} bytes, expected {count * ROW.size}")
-    h = blake3.blake3()
-    buf = bytearray(READ)
-    view = memoryview(buf)
-    off = 0
-    while off < size:
-        n = os.preadv(fd, [buf], off)
-        if n <= 0:
-            raise Discard(f"run {digest.hex()[:16]}: shorter than its size")
-        h.update(view[:n])
-        off += n
-    if h.digest() != digest:
+    hashed, got = digesting.result()
+    if hashed != size:
+        raise Discard(f"run {digest.hex()[:16]}: {hashed} bytes hashed, expected {size}")
+    if got != digest:
         raise Discard(f"run {digest.hex()[:16]}: checksum mismatch")
     fences = array("Q")
     fences.frombytes(aux[:8 * nfences])

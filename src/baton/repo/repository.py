@@ -220,7 +220,7 @@ class Repository:
         try:
             got = indexcache.load(where, self.keys, keys)
             if got is not None:
-                index.restore(got.snapshot)
+                index.restore(got.snapshot, got.overlay)
         except indexcache.Stale as e:
             self._stats["index_cache_stale"] += 1
             self._cache_problem = f"load: {e}"
@@ -319,7 +319,7 @@ class Repository:
                 packs.add(last)
             yield cid, e
 
-    def refresh(self) -> dict[str, int]:
+    def refresh(self, *, load: bool = False) -> dict[str, int]:
         """Catch up with what other clients did since this object last looked, without reloading the index.
 
         A long-lived Repository (the per-disk daemon keeps one between backups, see :class:`RepoCache`) must
@@ -344,7 +344,7 @@ class Repository:
                 del self._manifests[sid]
             if gone:
                 self.invalidate_index()
-            if self._index is not None:
+            if self._index is not None or load:   # load: a first load takes this listing (not a second one)
                 self.reload_index(keys)
             self._stats["refreshes"] = self._stats.get("refreshes", 0) + 1
         return {"index_files_new": len(new), "index_files_gone": len(gone), "manifests_dropped": len(dropped)}
@@ -360,7 +360,7 @@ class Repository:
         chunk-index cache this index started from, when it had healed: FLAG_HEALED); the second needs no heal (dedup only misses; restore, verify
         and prune heal on their own). Listing every pack on every backup cost a fixed ~10-80 ms locally and
         grows with the repository (one LIST per 1000 packs on S3)."""
-        self.refresh()
+        self.refresh(load=True)
         self._heal_once()
 
     def _heal_once(self) -> int:
