@@ -22,13 +22,13 @@ import os
 import resource
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from baton.device import data_extents
+from baton.device import AioReads, DirectRead, data_extents, direct_read, open_aio, read_view, reads_direct
 from baton.errors import ObjectNotFound, RepoCorrupt, UsageError
 from baton.format.record import (
     FLAG_DISTRUSTED,
@@ -52,6 +52,7 @@ MAX_RUN = 16  # kept for callers of _runs; the engine uses RUN_BYTES // chunk si
 READ_DEPTH = 32  # read tasks (groups of runs) in flight at most
 GROUP_BYTES = 256 << 10  # short runs (a scattered incremental's) gathered into one read task, up to this many bytes
 READ_BYTES = 8 << 20  # bytes of disk reads in flight at most (long runs: 8 reads of RUN_BYTES)
+AIO_DEPTH = 256  # reads in the kernel at most, where the backup issues them itself (baton.device.AioReads)
 HOLE_RUN_BYTES = 64 << 20  # longest run of hole chunks handed over at once (full backups of image files)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -167,6 +168,110 @@ def _groups(runs: Iterator[tuple[int, int, bool]], cs: int) -> Iterator[list[tup
 def _read_group(tracker: Tracker, group: list[tuple[int, int, bool]]) -> list[list[memoryview | None] | None]:
     """(Read pool.) ``Tracker.read_frozen_run`` of each run of ``group``, in order."""
     return [tracker.read_frozen_run(first, count, skip_holes=hole) for first, count, hole in group]
+
+
+Group = list[tuple[int, int, bool]]
+GroupRead = list[list[memoryview | None] | None]
+
+
+def _pool_reads(tracker: Tracker, groups: Iterator[Group], cs: int, pool: Any
+                ) -> Generator[tuple[Group, GroupRead], None, None]:
+    """Each group and its runs' chunks (``Tracker.read_frozen_run``), in order, read on the shared read pool:
+    at most READ_DEPTH groups and READ_BYTES in flight. Closing the generator cancels or waits for its reads.
+    The readers where the kernel's asynchronous reads can't be had (:func:`_aio_reads`)."""
+    inflight: deque[tuple[Group, int, Future[GroupRead]]] = deque()
+    inflight_bytes = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(inflight) < READ_DEPTH and inflight_bytes < READ_BYTES:
+                group = next(groups, None)
+                if group is None:
+                    exhausted = True
+                    break
+                nbytes = sum(count * cs for _f, count, hole in group if not hole)
+                inflight.append((group, nbytes, pool.submit(_read_group, tracker, group)))
+                inflight_bytes += nbytes
+            if not inflight:
+                return
+            group, nbytes, fut = inflight.popleft()
+            inflight_bytes -= nbytes
+            yield group, fut.result()
+    finally:
+        finish(fut for _g, _n, fut in inflight)
+
+
+class _AioGroup:
+    """A group whose runs' reads are in the kernel: their bytes (None: a hole, not read) as they complete."""
+
+    __slots__ = ("data", "error", "group", "nbytes", "outstanding")
+
+    def __init__(self, group: Group, cs: int) -> None:
+        self.group = group
+        self.nbytes = sum(count * cs for _f, count, hole in group if not hole)
+        self.data: list[memoryview | None] = [None] * len(group)
+        self.outstanding = 0
+        self.error: OSError | None = None
+
+
+def _aio_reads(tracker: Tracker, groups: Iterator[Group], aio: AioReads
+               ) -> Generator[tuple[Group, GroupRead], None, None]:
+    """What :func:`_pool_reads` yields, read by the kernel's asynchronous reads (:class:`baton.device.AioReads`)
+    straight into each run's buffer, with the same bounds (READ_DEPTH groups, READ_BYTES). A run's read is
+    issued after ``Tracker.frozen_run_source`` and taken (``Tracker.take_frozen_run``: copy-before-write's
+    saved copies, the pending bits) only after it completed, in order. Closing the generator waits for every
+    read in flight (their buffers are referenced here until then) and closes ``aio``."""
+    cs = tracker.chunk_size
+    queue: deque[_AioGroup] = deque()
+    inflight_bytes = 0
+    exhausted = False
+
+    def complete(min_nr: int) -> None:
+        for (entry, k), r, res in aio.reap(min_nr):
+            entry.outstanding -= 1
+            if res < 0:
+                entry.error = entry.error or OSError(-res, f"read of {r.length} bytes at {r.pos}: "
+                                                           f"{os.strerror(-res)}")
+            else:
+                entry.data[k] = r.result(res)
+
+    try:
+        while True:
+            while not exhausted and len(queue) < READ_DEPTH and inflight_bytes < READ_BYTES:
+                group = next(groups, None)
+                if group is None:
+                    exhausted = True
+                    break
+                entry = _AioGroup(group, cs)
+                submit: list[tuple[Any, DirectRead]] = []
+                for k, (first, count, hole) in enumerate(group):
+                    where = tracker.frozen_run_source(first, count, skip_holes=hole)
+                    if where is None:
+                        continue  # a hole: nothing to read
+                    r = direct_read(*where)
+                    if r is None:  # longer than one direct read (a hole run that holds data now): read here
+                        entry.data[k] = read_view(*where)
+                        continue
+                    submit.append(((entry, k), r))
+                while submit and aio.in_flight + len(submit) > aio.depth:
+                    complete(1)
+                aio.submit(submit)
+                entry.outstanding = len(submit)
+                queue.append(entry)
+                inflight_bytes += entry.nbytes
+            if not queue:
+                return
+            head = queue[0]
+            while head.outstanding:
+                complete(1)
+            queue.popleft()
+            inflight_bytes -= head.nbytes
+            if head.error is not None:
+                raise head.error
+            yield head.group, [tracker.take_frozen_run(first, count, data)
+                               for (first, count, _hole), data in zip(head.group, head.data, strict=True)]
+    finally:
+        aio.close()
 
 
 def _full_runs(tracker: Tracker, n: int, max_run: int, hole_run: int) -> Iterator[tuple[int, int, bool]]:
@@ -302,32 +407,22 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     done = 0
     consumed = 0  # an incremental's chunks below this were stored and checkpointed
     read_wait = store_time = 0.0
-    pool = shared_pool("baton-read", READ_DEPTH)
     groups = _groups(runs, cs)
-    inflight: deque[tuple[list[tuple[int, int, bool]], int, Future[list[list[memoryview | None] | None]]]] = deque()
-    inflight_bytes = 0
+    aio = open_aio(AIO_DEPTH) if tracker.frozen_reads_direct() and reads_direct(tracker.data) else None
+    reads = (_aio_reads(tracker, groups, aio) if aio is not None
+             else _pool_reads(tracker, groups, cs, shared_pool("baton-read", READ_DEPTH)))
     try:
         try:
             if fault:
                 fault("after-freeze")
             batch: list[int] = []
-            exhausted = False
             while True:
-                while not exhausted and len(inflight) < READ_DEPTH and inflight_bytes < READ_BYTES:
-                    group = next(groups, None)
-                    if group is None:
-                        exhausted = True
-                        break
-                    nbytes = sum(count * cs for _f, count, hole in group if not hole)
-                    inflight.append((group, nbytes, pool.submit(_read_group, tracker, group)))
-                    inflight_bytes += nbytes
-                if not inflight:
-                    break
-                group, nbytes, fut = inflight.popleft()
-                inflight_bytes -= nbytes
                 t_a = time.monotonic()
-                read = fut.result()
+                got = next(reads, None)
                 t_b = time.monotonic()
+                if got is None:
+                    break
+                group, read = got
                 for (first, count, _hole), views in zip(group, read, strict=True):
                     if views is None:
                         w.put_zeros(first, count)
@@ -362,13 +457,15 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
                         batch = []
                         if fault:
                             fault("after-batch")
-                del read, views  # the group's read buffers go now, not when the next group replaces them
+                del got, read, views  # the group's read buffers go now, not when the next group replaces them
                 if progress:
                     progress(done, total)
                 read_wait += t_b - t_a
                 store_time += time.monotonic() - t_b
         finally:
-            finish(fut for _g, _n, fut in inflight)  # no read of this backup runs on after it
+            reads.close()  # no read of this backup runs on after it (threads finished, kernel reads waited for)
+            if aio is not None:
+                aio.close()  # (when the generator never started)
         if fault:
             fault("before-commit")
         t_end = time.time()

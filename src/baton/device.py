@@ -232,20 +232,26 @@ class DirectDev:
     def pread_view(self, offset: int, length: int) -> memoryview:
         """What :meth:`pread` returns, as a read-only view of memory the read landed in: with O_DIRECT, a read of
         at most ``max_io`` goes straight into a new page-aligned region of a heap buffer (no bounce buffer and
-        no copy out of it), which lives as long as a view of it does. Else ``memoryview(pread(...))``. Why:
-        a backup keeps up to 32 reads in flight, and a bounce buffer per read thread held 1 MiB each (32 MiB)
-        for the whole backup of a disk with scattered changes."""
-        if length <= 0 or not self.direct:
+        no copy out of it), which lives as long as a view of it does (:meth:`direct_read`). Else
+        ``memoryview(pread(...))``. Why: a backup keeps up to 32 reads in flight, and a bounce buffer per read
+        thread held 1 MiB each (32 MiB) for the whole backup of a disk with scattered changes."""
+        r = self.direct_read(offset, length)
+        if r is None:
             return memoryview(self.pread(offset, length))
+        return r.result(os.preadv(self.fd, [r.buf], r.pos))
+
+    def direct_read(self, offset: int, length: int) -> DirectRead | None:
+        """How to read ``length`` bytes at ``offset`` straight into memory, by whoever issues the read (this
+        device's :meth:`pread_view`, or the kernel's asynchronous reads, :class:`AioReads`): the aligned device
+        range and a new page-aligned buffer for it. None where that can't be done: not O_DIRECT, nothing to
+        read, or more than ``max_io``."""
+        if length <= 0 or not self.direct:
+            return None
         start = offset // ALIGN * ALIGN
         end = (offset + length + ALIGN - 1) // ALIGN * ALIGN
         if end - start > self.max_io:
-            return memoryview(self.pread(offset, length))
-        view = aligned_view(end - start)
-        self._read_into(view, start)
-        self.bytes_read += length
-        skip = offset - start
-        return view[skip:skip + length].toreadonly()
+            return None
+        return DirectRead(self, self.fd, start, aligned_view(end - start), offset - start, length)
 
     def _read_into(self, view: memoryview, pos: int) -> None:
         """One aligned read filling ``view`` from ``pos``; past EOF of a regular file, zeros (as a block device
@@ -328,6 +334,168 @@ class DirectDev:
 
     def statistics(self) -> dict[str, int]:
         return {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "syncs": self.syncs}
+
+
+class DirectRead:
+    """One read planned by :meth:`DirectDev.direct_read`: ``buf`` (page-aligned, writable) is to receive the
+    device's bytes from ``pos`` (aligned) on; the bytes asked for start ``skip`` bytes into it."""
+
+    __slots__ = ("buf", "dev", "fd", "length", "pos", "skip")
+
+    def __init__(self, dev: DirectDev, fd: int, pos: int, buf: memoryview, skip: int, length: int) -> None:
+        self.dev, self.fd, self.pos, self.buf, self.skip, self.length = dev, fd, pos, buf, skip, length
+
+    def result(self, got: int) -> memoryview:
+        """The bytes asked for, as a read-only view of ``buf``, once ``got`` bytes of it were read: zeros after
+        a short read (past the end of a regular file, as a block device never is short)."""
+        if got < len(self.buf):
+            self.buf[got:] = bytes(len(self.buf) - got)
+        self.dev.bytes_read += self.length
+        return self.buf[self.skip:self.skip + self.length].toreadonly()
+
+
+def direct_read(dev: object, offset: int, length: int) -> DirectRead | None:
+    """:meth:`DirectDev.direct_read` of ``dev`` (a DirectDev, or a SubDev window of one); None for any other
+    device, or where that gives None."""
+    base = 0
+    while isinstance(dev, SubDev):
+        if offset < 0 or offset + length > dev.size:
+            raise ValueError(f"I/O at {offset}+{length} outside a {dev.size}-byte window")
+        base += dev.base
+        dev = dev.dev
+    return dev.direct_read(base + offset, length) if isinstance(dev, DirectDev) else None
+
+
+def reads_direct(dev: object) -> bool:
+    """Whether ``dev`` (a DirectDev, or a SubDev window of one) reads with O_DIRECT: :func:`direct_read`
+    applies to its reads (those of at most ``max_io``)."""
+    while isinstance(dev, SubDev):
+        dev = dev.dev
+    return isinstance(dev, DirectDev) and dev.direct
+
+
+# Linux's native asynchronous I/O, by its system call numbers: (io_setup, io_destroy, io_submit, io_getevents).
+_AIO_SYSCALLS = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4)}
+AIO_ENV = "BATON_AIO"   # "off": the backup reads with its thread pool instead
+
+
+class AioReads:
+    """Reads in flight in the kernel without a thread each: Linux's native AIO (``io_setup``, ``io_submit``,
+    ``io_getevents``) on O_DIRECT file descriptors, where a read is really asynchronous. The system calls go
+    through ctypes, which lets go of the GIL while they run.
+
+    Why: a backup's scattered reads (a 1 % incremental: 655 reads of 64 KiB) on a pool of 32 threads cost
+    about 190 µs of CPU per read (thread wake-ups, the GIL handed around, futures) and kept the encode
+    threads waiting for the GIL; here they cost a few µs each, in two system calls per batch.
+
+    Not thread-safe: one user. Each :class:`DirectRead` submitted must stay referenced until :meth:`reap`
+    returned it (the kernel writes into its buffer); :meth:`close` waits for every read still in flight."""
+
+    def __init__(self, depth: int) -> None:
+        import ctypes
+        import platform
+
+        calls = _AIO_SYSCALLS.get(platform.machine())
+        if calls is None:
+            raise OSError(errno.ENOSYS, f"no native AIO system call numbers for {platform.machine()}")
+        self._setup, self._destroy, self._submit, self._getevents = calls
+        libc = libc_handle()
+        if libc is None:
+            raise OSError(errno.ENOSYS, "no C library to make system calls through")
+        self._syscall = libc.syscall
+        self._syscall.restype = ctypes.c_long
+        self._ct = ctypes
+
+        class Iocb(ctypes.Structure):
+            _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_int32),
+                        ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+                        ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
+                        ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
+
+        class Event(ctypes.Structure):
+            _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64),
+                        ("res2", ctypes.c_int64)]
+
+        if ctypes.sizeof(Iocb) != 64 or ctypes.sizeof(Event) != 32:
+            raise OSError(errno.ENOSYS, "unexpected AIO structure sizes")
+        self._Iocb = Iocb
+        self.depth = depth
+        self._events = (Event * depth)()
+        self._ctx = ctypes.c_ulong(0)
+        if self._call(self._setup, depth, ctypes.byref(self._ctx)) < 0:
+            raise OSError(ctypes.get_errno(), f"io_setup: {os.strerror(ctypes.get_errno())}")
+        self._inflight: dict[int, tuple[Any, Any, Any]] = {}   # iocb data -> (token, read, iocb)
+        self._next = 0
+
+    def _call(self, *args: Any) -> int:
+        while True:
+            r = int(self._syscall(*args))
+            if r >= 0 or self._ct.get_errno() != errno.EINTR:
+                return r
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def submit(self, reads: list[tuple[Any, DirectRead]]) -> None:
+        """Start (token, read) pairs; at most ``depth - in_flight`` of them. OSError if the kernel refuses."""
+        ct = self._ct
+        if len(reads) > self.depth - len(self._inflight):
+            raise ValueError(f"{len(reads)} reads would exceed the depth of {self.depth}")
+        cbs = []
+        for token, r in reads:
+            cb = self._Iocb()
+            self._next += 1
+            cb.data = self._next
+            cb.opcode = 0   # IOCB_CMD_PREAD
+            cb.fildes = r.fd
+            cb.buf = ct.addressof(ct.c_char.from_buffer(r.buf))
+            cb.nbytes = len(r.buf)
+            cb.offset = r.pos
+            self._inflight[self._next] = (token, r, cb)
+            cbs.append(cb)
+        ptrs = (ct.POINTER(self._Iocb) * len(cbs))(*(ct.pointer(cb) for cb in cbs))
+        done = 0
+        while done < len(cbs):
+            n = self._call(self._submit, self._ctx, len(cbs) - done, ct.byref(ptrs, done * ct.sizeof(ct.c_void_p)))
+            if n <= 0:
+                e = ct.get_errno() if n < 0 else errno.EAGAIN
+                for cb in cbs[done:]:
+                    del self._inflight[cb.data]
+                raise OSError(e, f"io_submit: {os.strerror(e)}")
+            done += n
+
+    def reap(self, min_nr: int = 1) -> list[tuple[Any, DirectRead, int]]:
+        """(token, read, result) of reads that completed, at least ``min_nr`` of them (waiting for them): the
+        result is the number of bytes read, or minus an errno."""
+        ct = self._ct
+        min_nr = min(min_nr, len(self._inflight))
+        n = self._call(self._getevents, self._ctx, min_nr, self.depth, self._events, None)
+        if n < 0:
+            raise OSError(ct.get_errno(), f"io_getevents: {os.strerror(ct.get_errno())}")
+        out = []
+        for ev in self._events[:n]:
+            token, r, _cb = self._inflight.pop(ev.data)
+            out.append((token, r, int(ev.res)))
+        return out
+
+    def close(self) -> None:
+        """Wait for every read in flight (io_destroy does), then forget them. Idempotent."""
+        if self._ctx.value:
+            self._call(self._destroy, self._ctx)
+            self._ctx.value = 0
+        self._inflight.clear()
+
+
+def open_aio(depth: int) -> AioReads | None:
+    """An :class:`AioReads` of ``depth``, or None where native AIO is not to be had (another system, the
+    system-wide limit ``fs.aio-max-nr`` reached, BATON_AIO=off): the caller reads with threads instead."""
+    if os.environ.get(AIO_ENV, "").lower() in ("off", "0", "no"):
+        return None
+    try:
+        return AioReads(depth)
+    except OSError:
+        return None
 
 
 def device_has_data(dev: object, offset: int, length: int) -> bool | None:

@@ -325,25 +325,50 @@ class Tracker:
         saves the chunk's old content under the lock *before* it changes the disk, and this method takes the
         saved copies and clears the pending bits under the lock only *after* its read. A write that raced
         with the read therefore always left a saved copy, which replaces what was read; a write after the
-        bits are cleared comes after the read. A hole test (SEEK_DATA) is a read in this sense."""
-        cs = self.chunk_size
-        off = first * cs
-        length = min(count * cs, self.size - off)
-        with self._cbw_lock:
-            if self._cbw_pending is None or self._cbw is None:
-                raise BatonError("no backup is in progress on this tracker")
+        bits are cleared comes after the read. A hole test (SEEK_DATA) is a read in this sense.
+
+        The two halves, for a caller that issues the read itself (the backup's asynchronous reads, which
+        apply only to :meth:`frozen_reads_direct` trackers): :meth:`frozen_run_source`, then the read, then
+        :meth:`take_frozen_run` once the read completed."""
         data: memoryview | None = None
-        src = self._frozen_src or self.data
         pit = self.pit if self._frozen_src is not None else None
         try:
-            if not (skip_holes and device_has_data(src, off, length) is False):
-                data = read_view(src, off, length)  # the read lands in memory the chunks' views keep
+            where = self.frozen_run_source(first, count, skip_holes=skip_holes)
+            if where is not None:
+                data = read_view(*where)  # the read lands in memory the chunks' views keep
             if pit is not None:
                 pit.check()  # the image was still valid after this read: the read is the frozen content
         except OSError as e:
             if pit is not None and e.errno == errno.EIO:
                 pit.check()  # raises why, when the image was dropped (an exception store that overflowed)
             raise
+        return self.take_frozen_run(first, count, data)
+
+    def frozen_reads_direct(self) -> bool:
+        """Whether this backup's frozen content is read from the data device itself (no point-in-time image:
+        nothing to check after each read), so that the reads may be issued by the caller."""
+        return self._frozen_src is None
+
+    def frozen_run_source(self, first: int, count: int, *, skip_holes: bool = False
+                          ) -> tuple[BlockDev, int, int] | None:
+        """The first half of :meth:`read_frozen_run`: (device, offset, length) to read for the run, or None
+        when ``skip_holes`` and the run lies in a hole (not to be read). BatonError outside a backup."""
+        cs = self.chunk_size
+        off = first * cs
+        length = min(count * cs, self.size - off)
+        with self._cbw_lock:
+            if self._cbw_pending is None or self._cbw is None:
+                raise BatonError("no backup is in progress on this tracker")
+        src = self._frozen_src or self.data
+        if skip_holes and device_has_data(src, off, length) is False:
+            return None
+        return src, off, length
+
+    def take_frozen_run(self, first: int, count: int, data: memoryview | None) -> list[memoryview | None] | None:
+        """The second half of :meth:`read_frozen_run`, after the run's read completed (``data``: its bytes) or
+        for a run in a hole (None): saved copies replace what was read, the pending bits are cleared, and the
+        chunks come back as :meth:`read_frozen_run` returns them."""
+        cs = self.chunk_size
         with self._cbw_lock:
             pending = self._cbw_pending
             store = self._cbw
