@@ -174,6 +174,19 @@ Group = list[tuple[int, int, bool]]
 GroupRead = list[list[memoryview | None] | None]
 
 
+def _group_bytes(group: Group, cs: int) -> int:
+    """Bytes a group's reads bring in (its hole runs are not read)."""
+    return sum(count * cs for _f, count, hole in group if not hole)
+
+
+def _admit(groups: Iterator[Group], in_flight: int, in_flight_bytes: int) -> Group | None:
+    """The next group to start reading, or None: READ_DEPTH groups or READ_BYTES already in flight, or no more
+    (an exhausted iterator keeps answering None)."""
+    if in_flight >= READ_DEPTH or in_flight_bytes >= READ_BYTES:
+        return None
+    return next(groups, None)
+
+
 def _pool_reads(tracker: Tracker, groups: Iterator[Group], cs: int, pool: Any
                 ) -> Generator[tuple[Group, GroupRead], None, None]:
     """Each group and its runs' chunks (``Tracker.read_frozen_run``), in order, read on the shared read pool:
@@ -181,15 +194,10 @@ def _pool_reads(tracker: Tracker, groups: Iterator[Group], cs: int, pool: Any
     The readers where the kernel's asynchronous reads can't be had (:func:`_aio_reads`)."""
     inflight: deque[tuple[Group, int, Future[GroupRead]]] = deque()
     inflight_bytes = 0
-    exhausted = False
     try:
         while True:
-            while not exhausted and len(inflight) < READ_DEPTH and inflight_bytes < READ_BYTES:
-                group = next(groups, None)
-                if group is None:
-                    exhausted = True
-                    break
-                nbytes = sum(count * cs for _f, count, hole in group if not hole)
+            while (group := _admit(groups, len(inflight), inflight_bytes)) is not None:
+                nbytes = _group_bytes(group, cs)
                 inflight.append((group, nbytes, pool.submit(_read_group, tracker, group)))
                 inflight_bytes += nbytes
             if not inflight:
@@ -208,7 +216,7 @@ class _AioGroup:
 
     def __init__(self, group: Group, cs: int) -> None:
         self.group = group
-        self.nbytes = sum(count * cs for _f, count, hole in group if not hole)
+        self.nbytes = _group_bytes(group, cs)
         self.data: list[memoryview | None] = [None] * len(group)
         self.outstanding = 0
         self.error: OSError | None = None
@@ -224,7 +232,6 @@ def _aio_reads(tracker: Tracker, groups: Iterator[Group], aio: AioReads
     cs = tracker.chunk_size
     queue: deque[_AioGroup] = deque()
     inflight_bytes = 0
-    exhausted = False
 
     def complete(min_nr: int) -> None:
         for (entry, k), r, res in aio.reap(min_nr):
@@ -237,11 +244,7 @@ def _aio_reads(tracker: Tracker, groups: Iterator[Group], aio: AioReads
 
     try:
         while True:
-            while not exhausted and len(queue) < READ_DEPTH and inflight_bytes < READ_BYTES:
-                group = next(groups, None)
-                if group is None:
-                    exhausted = True
-                    break
+            while (group := _admit(groups, len(queue), inflight_bytes)) is not None:
                 entry = _AioGroup(group, cs)
                 submit: list[tuple[Any, DirectRead]] = []
                 for k, (first, count, hole) in enumerate(group):

@@ -8,8 +8,10 @@ backup's reads are in flight, and the snapshot must still be the disk as of the 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,35 @@ from baton.daemon.offline import open_tracker
 from baton.device import AIO_ENV, DirectDev, open_aio
 from baton.record.placement import init_disk
 from baton.repo import Repository
+from baton.tracker.core import Tracker
 
 CS = 64 << 10
 SIZE = 40 << 20  # the disk file; the tail record takes its end (the data area is what the tracker has)
+
+
+@contextlib.contextmanager
+def _attached(tmp_path: Path, seed: int, changes: int) -> Iterator[tuple[Tracker, Repository, list[int], int]]:
+    """A random disk file with a tail record, attached on n1, its first backup taken, then ``changes`` chunks
+    written through the tracker: (tracker, repository, the changed chunks, chunks of the disk)."""
+    print("seed", seed)
+    rng = random.Random(seed)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(rng.randbytes(SIZE))
+    loc = init_disk(str(disk), chunk_size=CS)
+    chunks = loc.data_size // CS
+    loc.record.attach("n1")
+    tracker = open_tracker(loc)
+    try:
+        repo = Repository.init(str(tmp_path / "repo"))
+        run_backup(tracker, repo, node="n1")  # the parent
+        changed = rng.sample(range(chunks), changes)
+        for c in changed:
+            tracker.write(c * CS, rng.randbytes(CS))
+        yield tracker, repo, changed, chunks
+    finally:
+        tracker.close()
+        loc.record.detach()
+        loc.close()
 
 
 def _used(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
@@ -47,20 +75,8 @@ def test_writes_racing_the_reads_leave_the_snapshot_as_of_the_freeze(tmp_path: P
         monkeypatch.setenv(AIO_ENV, "off")
     used = _used(monkeypatch, "_aio_reads" if way == "aio" else "_pool_reads")
     seed = 20261128
-    print("seed", seed)
-    rng = random.Random(seed)
     disk = tmp_path / "disk.img"
-    disk.write_bytes(rng.randbytes(SIZE))
-    loc = init_disk(str(disk), chunk_size=CS)
-    chunks = loc.data_size // CS
-    loc.record.attach("n1")
-    tracker = open_tracker(loc)
-    try:
-        repo = Repository.init(str(tmp_path / "repo"))
-        run_backup(tracker, repo, node="n1")  # the parent
-        changed = rng.sample(range(chunks), 200)
-        for c in changed:
-            tracker.write(c * CS, rng.randbytes(CS))
+    with _attached(tmp_path, seed, 200) as (tracker, repo, changed, chunks):
         frozen: dict[str, bytes] = {}
         go, stop = threading.Event(), threading.Event()
         writes = [0]
@@ -98,10 +114,6 @@ def test_writes_racing_the_reads_leave_the_snapshot_as_of_the_freeze(tmp_path: P
         reader = snap.snapshot_reader(snap.get_snapshot(res["snapshot"]))
         bad = [i for i in range(chunks) if reader.read(i) != image[i * CS:(i + 1) * CS]]
         assert not bad, f"chunks not as of the freeze point: {bad[:10]} (seed {seed})"
-    finally:
-        tracker.close()
-        loc.record.detach()
-        loc.close()
 
 
 def test_a_failed_kernel_read_fails_the_backup_and_leaves_nothing_in_flight(tmp_path: Path,
@@ -120,28 +132,10 @@ def test_a_failed_kernel_read_fails_the_backup_and_leaves_nothing_in_flight(tmp_
         seen[0] += len(out)
         return [(tok, r, -5 if seen[0] > 20 else res) for tok, r, res in out]  # EIO after 20 reads
 
-    seed = 1128
-    print("seed", seed)
-    rng = random.Random(seed)
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(rng.randbytes(SIZE))
-    loc = init_disk(str(disk), chunk_size=CS)
-    chunks = loc.data_size // CS
-    loc.record.attach("n1")
-    tracker = open_tracker(loc)
-    try:
-        repo = Repository.init(str(tmp_path / "repo"))
-        run_backup(tracker, repo, node="n1")
-        changed = sorted(rng.sample(range(chunks), 100))
-        for c in changed:
-            tracker.write(c * CS, rng.randbytes(CS))
+    with _attached(tmp_path, 1128, 100) as (tracker, repo, _changed, _chunks):
         monkeypatch.setattr(AioReads, "reap", failing_reap)
         with pytest.raises(OSError, match="Input/output error"):
             run_backup(tracker, repo, node="n1")
         monkeypatch.undo()
         res = run_backup(tracker, repo, node="n1")
         assert res["mode"] == "incremental" and res["chunks_read"] == 100
-    finally:
-        tracker.close()
-        loc.record.detach()
-        loc.close()

@@ -233,6 +233,16 @@ def test_writer_references_no_pack_before_its_put_returned(tmp_path: Path) -> No
     assert not w._spare and w._pack is None  # no pack buffer outlives the writer's work
 
 
+def _back_up_32_chunks(repo: Repository) -> None:
+    """A full backup of 32 incompressible 16 KiB chunks (8 packs at the 64 KiB pack target)."""
+    cs = 16 * 1024
+    disk = DiskIdentity("d", 32 * cs, cs)
+    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
+    for i in range(disk.chunk_count):
+        w.put(i, os.urandom(cs))
+    w.commit()
+
+
 def test_order_checker_catches_a_writer_that_does_not_wait_for_its_uploads(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The check above can fail: a writer whose pack puts may still run when it writes an index file."""
@@ -258,12 +268,7 @@ def test_order_checker_catches_a_writer_that_does_not_wait_for_its_uploads(tmp_p
         return out["r"]
 
     monkeypatch.setattr(BackupWriter, "_store_pack", store_in_background)
-    cs = 16 * 1024
-    disk = DiskIdentity("d", 32 * cs, cs)
-    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
-    for i in range(disk.chunk_count):
-        w.put(i, os.urandom(cs))
-    w.commit()
+    _back_up_32_chunks(repo)
     time.sleep(0.1)  # let the stray puts finish before tmp_path goes away
     assert checking.violations
 
@@ -285,12 +290,7 @@ def test_order_checker_catches_a_writer_that_does_not_wait_for_its_pages(tmp_pat
         return root, []
 
     monkeypatch.setattr(BackupWriter, "_build_root", not_waiting)
-    cs = 16 * 1024
-    disk = DiskIdentity("d", 32 * cs, cs)
-    w = BackupWriter(repo, disk, parent=None, node="n", mode="full", reason="", lineage="L")
-    for i in range(disk.chunk_count):
-        w.put(i, os.urandom(cs))
-    w.commit()
+    _back_up_32_chunks(repo)
     for f in late:
         f.result()  # the stray page puts end before tmp_path goes away
     assert any("page put" in v for v in checking.violations), checking.violations
