@@ -54,6 +54,14 @@ def _attached(tmp_path: Path, seed: int, changes: int) -> Iterator[tuple[Tracker
         loc.close()
 
 
+def _aio_available() -> bool:
+    aio = open_aio(8)
+    if aio is None:
+        return False
+    aio.close()
+    return True
+
+
 def _used(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     calls: list[int] = []
     real = getattr(backup_mod, name)
@@ -69,7 +77,7 @@ def _used(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
 @pytest.mark.parametrize("way", ["aio", "pool"])
 def test_writes_racing_the_reads_leave_the_snapshot_as_of_the_freeze(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       way: str) -> None:
-    if way == "aio" and open_aio(8) is None:
+    if way == "aio" and not _aio_available():
         pytest.skip("no native AIO on this machine")
     if way == "pool":
         monkeypatch.setenv(AIO_ENV, "off")
@@ -120,7 +128,7 @@ def test_a_failed_kernel_read_fails_the_backup_and_leaves_nothing_in_flight(tmp_
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A read the kernel completes with an error (here EIO, injected into the results) fails the backup with
     that error; the record keeps every chunk marked, and the next backup reads them again."""
-    if open_aio(8) is None:
+    if not _aio_available():
         pytest.skip("no native AIO on this machine")
     from baton.device import AioReads
 
