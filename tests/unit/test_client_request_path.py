@@ -208,3 +208,19 @@ def test_fast_args_accepts_only_what_it_knows(monkeypatch: pytest.MonkeyPatch) -
                 ["d1", "--repo", "-r"], ["d1", "--repo="], ["d1", "--repo", "/r", "--"], ["d1", "--repo", "/r", "-h"],
                 ["", "--repo", "/r"], ["d1", "--repo", "/r", "--if-owner=yes"], ["d1", "--repo", "/r", "--fu"]):
         assert fast_args(bad) is None, bad
+
+
+def test_a_name_attached_here_wins_over_a_path_of_that_name_in_the_working_directory(
+        daemon: list[dict[str, Any]], tmp_path: Path) -> None:
+    """`baton status cl-t` and `baton backup cl-t` from a directory that happens to hold an entry named cl-t:
+    the attachment is meant (as `backup` always took it), not a DISK path."""
+    cwd = tmp_path / "work"
+    (cwd / "cl-t").mkdir(parents=True)
+    child = [sys.executable, "-c", "from baton.cli import main; main()"]
+    st = subprocess.run([*child, "status", "cl-t", "--json"], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert json.loads(st.stdout)["writes"] == 3
+    bk = subprocess.run([*child, "backup", "cl-t", "--repo", str(tmp_path / "repo"), "--json"], cwd=cwd,
+                        capture_output=True, text=True, timeout=60)
+    assert bk.returncode == 0, bk.stdout + bk.stderr
+    assert [r["op"] for r in daemon] == ["status", "backup"]

@@ -62,6 +62,9 @@ def _human(st: dict[str, Any]) -> str:
 def command(target: str, record: str | None, as_json: bool) -> None:
     """Show the record of DISK, or the attachment NAME on this machine.
 
+    A bare NAME attached on this machine means the attachment, even when a file or directory of that name is
+    in the working directory (as for `baton backup`); write ./NAME for such a path.
+
     For a DISK path this reads the record without writing anything, so it works on a disk nobody has attached
     (and on one attached elsewhere). Keys: placement, chunk_size (bytes), owner, epoch, clean, dirty_chunks,
     dirty_bytes, lineage, last_backup, backup_in_progress, slots, problems, format_version, repos (per tracked
@@ -80,9 +83,9 @@ def command(target: str, record: str | None, as_json: bool) -> None:
     The exit status is 0 whenever the question could be answered (a failed attachment included); a NAME that
     is not attached on this node exits 6.
     """
-    from baton.daemon import disk_status, name_status
+    from baton.daemon import disk_status, is_attachment_name, name_status
 
-    if os.path.sep in target or os.path.exists(target):
+    if not is_attachment_name(target) and (os.path.sep in target or os.path.exists(target)):
         st = disk_status(target, record)
     else:
         st = name_status(target)

@@ -26,6 +26,7 @@ from baton.daemon.client import (
     daemon_gone,
     detach,
     disk_status,
+    is_attachment_name,
     name_status,
     request,
 )
@@ -46,4 +47,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["READY_TIMEOUT", "attach", "backup", "daemon_gone", "default_name", "detach", "disk_status",
-           "name_status", "offline_backup", "open_tracker", "request"]
+           "is_attachment_name", "name_status", "offline_backup", "open_tracker", "request"]

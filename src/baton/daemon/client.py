@@ -300,6 +300,13 @@ def disk_status(disk: str, record: str | None = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ backup
 
 
+def is_attachment_name(target: str) -> bool:
+    """Whether TARGET names an attachment on this node (a bare name with a state file here): then it means
+    the attachment, even where a file or directory of that name sits in the working directory. The one rule
+    of every command that takes NAME|DISK (`backup`, `status`)."""
+    return os.path.sep not in target and read_state(target) is not None
+
+
 def backup(target: str, repo: str, *, node: str, key_file: str | None = None, full: bool = False,
            if_owner: bool = False, record: str | None = None,
            progress: Callable[[int, int], None] | None = None,
@@ -314,7 +321,7 @@ def backup(target: str, repo: str, *, node: str, key_file: str | None = None, fu
     With ``if_owner`` a node that does not own the disk gets ``{"skipped": True, "reason", "name", "node"}``.
     """
     name = None
-    if os.path.sep not in target and read_state(target) is not None:
+    if is_attachment_name(target):
         name = target
     else:
         real = os.path.realpath(target)
