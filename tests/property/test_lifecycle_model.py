@@ -2,8 +2,8 @@
 
 This is the oracle for DESIGN.md's invariants 1 and 2. A Hypothesis state machine drives one shared disk
 through writes, kills of the owner at every named point (idle, in the middle of a write's mark, and during
-full and incremental backups: after the freeze, after each checkpoint, during an upload, before and after
-the commit), takeovers by other nodes, clean detaches with offline backups, ``--full`` backups, restores,
+full and incremental backups: after the freeze, after each checkpoint, during an upload, before the commit,
+after the snapshot is published and before the record knows it, and after the commit), takeovers by other nodes, clean detaches with offline backups, ``--full`` backups, restores,
 forget + prune, backups that alternate between two repositories, repository faults (ENOSPC, a lost index, a
 corrupt pack) and record damage (a header copy, a bitmap page). On a format-v3 record (the default layout)
 owners alternate between a userspace frontend (writes through the tracker, marked in Baton's bitmaps) and a
@@ -11,8 +11,8 @@ simulated dm frontend (``SimEra``: writes recorded only in dm-era's metadata, fo
 takeover, at every backup's freeze and at a clean detach, with power failures inside the fold; a node without
 dm-era distrusts what a crashed dm owner left; era metadata lost or re-created).
 
-* The shadow disk is the oracle. Every backup that returns (the CLI would exit 0) is restored at once and
-  must equal the shadow at its freeze point, byte for byte; earlier ones are restored again at random (after
+* The shadow disk is the oracle. Every backup that returns (the CLI would exit 0), and every complete snapshot
+  a killed backup left, is restored at once and must equal the shadow at its freeze point, byte for byte; earlier ones are restored again at random (after
   forget/prune, faults and takeovers). A restore may fail only with a typed error when the repository was
   damaged on purpose; it may never return wrong bytes.
 * "A kill" is a process kill plus a power loss of the record device: every later record write fails, the
@@ -68,7 +68,8 @@ LAYOUTS = ((3, 2), (3, 2), (3, 1), (2, 2), (1, 0))  # (record format version, re
 ERA_SIZE = ERA_ZERO_BYTES  # the model's era region: dm-era itself is simulated (SimEra), so it stays this small
 STEPS = [0]  # steps executed in this process (the CI run must reach 10,000)
 TOTALS: dict[str, int] = {}  # steps by kind, and backups by outcome, printed after the run
-KILL_POINTS = ("after-freeze", "after-batch", "upload", "before-commit", "after-commit")
+# "after-publish": the snapshot's manifest is in the repository, the record's commit has not happened.
+KILL_POINTS = ("after-freeze", "after-batch", "upload", "before-commit", "after-publish", "after-commit")
 
 
 def _in_hypothesis() -> bool:
@@ -388,6 +389,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             self._take(self.rng.choice(NODES))
         assert self.tracker is not None
         repo, store = self._repo(repo_i, kill_at_put=nth if kill_at == "upload" else None)
+        before = {o.key for o in self.bases[repo_i].list("snapshots/")}
         frozen_image = bytes(self.shadow)
         seen = {p: 0 for p in KILL_POINTS}
 
@@ -409,6 +411,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         except (Killed, OSError, BatonError) as e:
             if store.dead:  # killed at a named point or during an upload (whatever the clean-up then raised)
                 self._die(mode)
+                self._left_complete(repo_i, before, frozen_image)
                 return
             if not isinstance(e, BatonError):
                 raise
@@ -422,6 +425,20 @@ class LifecycleMachine(RuleBasedStateMachine):
         self._check_restore(repo_i, res["snapshot"], frozen_image, f"backup {res['mode']} just made")
         if offline:
             self._end_offline()
+
+    def _left_complete(self, repo_i: int, before: set[str], frozen_image: bytes) -> None:
+        """A killed backup may have published its snapshot (killed after-publish or after-commit, or by an
+        upload fault after the manifest's put): a complete snapshot it left must restore its freeze point like
+        any other, now and later."""
+        plain = Repository.open(self.urls[repo_i], store=self.bases[repo_i])
+        for key in sorted({o.key for o in self.bases[repo_i].list("snapshots/")} - before):
+            m = plain.read_manifest(key.split("/", 1)[1])
+            if not m.complete:
+                continue  # a checkpoint: the next backup's parent, checked through that backup's restore
+            TOTALS["killed-left-complete"] = TOTALS.get("killed-left-complete", 0) + 1  # an outcome, not a step
+            note(f"the killed backup left complete snapshot {m.snapshot_id[:8]}")
+            self.good.append((repo_i, m.snapshot_id, frozen_image, "killed-complete"))
+            self._check_restore(repo_i, m.snapshot_id, frozen_image, "complete snapshot of a killed backup")
 
     def _kill_hooks(self, store: FaultyStore) -> None:
         """From the kill point on, the dying process writes nothing anywhere."""
@@ -582,6 +599,34 @@ def test_killed_full_backup_then_takeover_is_not_silently_incomplete(kill_at: st
         ("takeover", {"node": "n2"}),
         ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"}),
     )
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_backup_killed_after_publishing_its_snapshot_then_takeover(full: bool) -> None:
+    """The window the real-process walk hit (seed 20261124, step 28): the daemon died after the snapshot's
+    manifest was published and before the record's commit. The snapshot must restore its freeze point, and the
+    next backup, on another node, is an incremental from it that reads at most that backup's chunks again (the
+    record still marks them: over-read, never under-read) and restores right. Before the kill point existed, the
+    in-process model never reached this state (a kill at "upload" dies before its put, and the manifest's put
+    is the last), and no test restored the complete snapshot a killed backup left."""
+    plain = ("backup", {"repo_i": 0, "full": False, "kill_at": None, "nth": 0, "writes": 0, "mode": "drop"})
+    m = run_steps(
+        ("takeover", {"node": "n1", "frontend": "fuse"}),
+        plain,
+        ("write", {"n": 3}),
+        ("backup", {"repo_i": 0, "full": full, "kill_at": "after-publish", "nth": 0, "writes": 0, "mode": "keep"}),
+        ("takeover", {"node": "n2", "frontend": "fuse"}),
+        plain,
+    )
+    assert [g[3] for g in m.good] == ["full", "killed-complete", "incremental"]
+    repo = Repository.open(m.urls[0], store=m.bases[0])
+    killed, nxt = (repo.read_manifest(g[1]) for g in m.good[1:])
+    if full:
+        # The record still names the previous snapshot: the next backup may build on either (both hold the
+        # chunks it does not read); it reads the written chunks again, not the whole disk.
+        assert nxt.parent in (killed.snapshot_id, m.good[0][1]) and 0 < nxt.chunks_read < NCHUNKS
+    else:
+        assert nxt.parent == killed.snapshot_id and 0 < nxt.chunks_read <= killed.chunks_read
 
 
 def test_one_damaged_header_copy_costs_one_full_backup_not_all() -> None:
