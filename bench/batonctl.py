@@ -42,6 +42,28 @@ def find_baton() -> str:
     return shutil.which("baton") or "baton"
 
 
+# What a Baton step loads beyond ``baton STEP --help``: the engines, the repository stack (zstd, AES-GCM, BLAKE3)
+# and the backup client's fast path. Borg's warm-up (``borg create --help``) imports nearly all of borg, and
+# ``restic version`` maps restic's one binary; importing these is Baton's equivalent, so that a timed run reads
+# only its data cold, not its own program files (:meth:`Baton.warm_commands`).
+WARM_IMPORTS = ("baton.cli.app", "baton.cli.backup_client", "baton.daemon.client", "baton.daemon.offline",
+                "baton.backup", "baton.restore", "baton.verify", "baton.repo.repository", "baton.repo.writer",
+                "baton.storage")
+
+
+def interpreter_of(exe: str) -> str | None:
+    """The Python interpreter a console script runs under (its ``#!`` line), or None."""
+    try:
+        with open(shutil.which(exe) or exe, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode(errors="replace").split()
+    return parts[0] if parts and "python" in os.path.basename(parts[0]) else None
+
+
 class Baton:
     """Drives one private Baton "machine" (run and device directories under ``scratch``)."""
 
@@ -54,12 +76,21 @@ class Baton:
         self.dev_dir.mkdir(parents=True, exist_ok=True)
         self.env = {"BATON_RUN_DIR": str(self.run_dir), "BATON_DEV_DIR": str(self.dev_dir)}
         self._help: dict[str, str | None] = {}
+        self.python = interpreter_of(self.exe)
         self.pids: set[int] = set()  # every daemon pid we have seen serving one of our disks
         self.serving: dict[str, int] = {}  # name -> pid of the daemon our last attach started
         self.calls = 0
         self.failures = 0
 
     # --- capability probes ----------------------------------------------------------------------------
+
+    def warm_commands(self, step: str) -> list[list[str]]:
+        """The untimed commands that warm Baton's program files before a cold-cache ``step``: its help, and
+        an import of :data:`WARM_IMPORTS` under the executable's interpreter (when it has one)."""
+        cmds = [[self.exe, step, "--help"]]
+        if self.python:
+            cmds.append([self.python, "-c", "import " + ", ".join(WARM_IMPORTS)])
+        return cmds
 
     def help_text(self, sub: str) -> str | None:
         """``baton SUB --help`` output, or None when the subcommand does not exist (yet)."""

@@ -311,7 +311,8 @@ class ColdCache:
     """Drops the page cache before a timed run: ``sync; echo 3 > /proc/sys/vm/drop_caches`` plus
     ``posix_fadvise(DONTNEED)`` on the named data files. Failures are counted, not raised, and reported.
 
-    ``warm`` commands (e.g. ``restic version``, ``baton backup --help``) run after the drop, untimed, so the
+    ``warm`` commands (e.g. ``restic version``, ``baton backup --help`` plus an import of Baton's engines:
+    ``bench.batonctl.WARM_IMPORTS``) run after the drop, untimed, so the
     timed run does not count loading the tool's own program files as data read: the *data* is cold, the
     tool is as warm as on a server that runs it every day. The data files are dropped again afterwards.
     """

@@ -37,6 +37,6 @@ class Context:
     def cold_for(self, tool: str, step: str, *paths: Path) -> None:
         """Cold data cache before timing ``tool``'s ``step``, with the tool's program files warmed."""
         if tool == "baton":
-            self.cold(*paths, warm=[[self.baton.exe, step, "--help"]], env=self.baton.env)
+            self.cold(*paths, warm=self.baton.warm_commands(step), env=self.baton.env)
         else:
             self.cold(*paths, warm=WARM.get(tool, []))

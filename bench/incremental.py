@@ -6,7 +6,9 @@ over three owners: A attaches and writes a third, is killed with SIGKILL; B take
 next third, is killed; C takes over and writes the rest and stays the owner. Then, each after a cold cache:
 
 1. ``baton backup NAME`` (incremental from the record),
-2. ``baton backup NAME --full``,
+2. ``baton backup NAME --full`` into a second repository of its own (seeded and then backed up in full once per
+   round, like the incremental's), so it too stores the round's new data, as restic and borg do; into the
+   incremental's repository it would find every new chunk already stored and only hash,
 3. ``restic backup`` of the image file (its previous snapshot is the parent),
 4. ``borg create`` of the image file (fixed 64 KiB chunker),
 
@@ -154,6 +156,7 @@ def run(ctx: Context) -> JSON:
     disk = _Disk(ctx, img)
     b = ctx.baton
     brepo = d / "baton-repo"
+    frepo = d / "baton-full-repo"  # the --full rows' own repository (module docstring)
     restic, borg = Restic(d), Borg(d)
     peers_ok: dict[str, str | None] = {"restic": None, "borg": None}
     section: JSON = {
@@ -165,12 +168,13 @@ def run(ctx: Context) -> JSON:
         "image": image,
         "method": "rounds of whole-chunk O_DIRECT writes through the tracked device by owners A, B, C with "
                   "kill -9 takeovers; cold cache (fadvise DONTNEED + drop_caches) before every timed run; "
-                  "peers back up the image file",
+                  "peers back up the image file; Baton --full into a repository of its own",
     }
     try:
         try:
             b.init(img, "64K")
             b.repo_init(str(brepo))
+            b.repo_init(str(frepo))
         except StepFailed as e:
             disk.attach_error = f"init failed: {e}"
         # Seed: the first owner attaches; everybody takes an untimed first backup.
@@ -183,6 +187,8 @@ def run(ctx: Context) -> JSON:
             try:
                 out, m = b.backup(NAME, str(brepo))
                 seeds["baton"] = {**m.to_json(), "mode": out.get("mode"), "reason": out.get("reason")}
+                out, m = b.backup(NAME, str(frepo), full=True)
+                seeds["baton_full"] = {**m.to_json(), "mode": out.get("mode"), "reason": out.get("reason")}
             except StepFailed as e:
                 disk.backup_error = f"seed backup failed: {e}"
         ctx.log("incremental: seed backups (untimed)")
@@ -227,7 +233,7 @@ def run(ctx: Context) -> JSON:
                         series[key].fail(disk.baton_error)
                         continue
                     try:
-                        series[key].add(*_timed_baton(ctx, disk, brepo, full, changed))
+                        series[key].add(*_timed_baton(ctx, disk, frepo if full else brepo, full, changed))
                     except StepFailed as e:
                         series[key].fail(str(e))
                 for tname, tool in (("restic", restic), ("borg", borg)):
@@ -278,7 +284,8 @@ def run(ctx: Context) -> JSON:
         notes = b.cleanup(NAME) if disk.attached or disk.takeovers else []
         if notes:
             section["cleanup"] = notes
-        section["repo_bytes"] = {"baton": tree_bytes(brepo), "restic": restic.size(), "borg": borg.size()}
+        section["repo_bytes"] = {"baton": tree_bytes(brepo), "baton_full": tree_bytes(frepo),
+                                 "restic": restic.size(), "borg": borg.size()}
         for p in (img,):
             p.unlink(missing_ok=True)
     return section

@@ -96,6 +96,13 @@ def test_bench_smoke_writes_complete_results(tmp_path: Path) -> None:
             assert row["wall_s"]["median"] > 0 and row["bytes_read"]["median"] > 0
             assert "command" in row["runs"][0]
         assert cell["contenders"]["physical_bound"]["wall_s"]["median"] > 0
+        # Baton --full goes into a repository of its own, so it stores the round's new data as the incremental
+        # does (into the incremental's repository it would find every new chunk stored and only hash).
+        inc_row, full_row = cell["contenders"]["baton_incremental"], cell["contenders"]["baton_full"]
+        if inc_row["available"] and full_row["available"]:
+            for i, f in zip(inc_row["runs"], full_row["runs"], strict=True):
+                assert f["reported"]["mode"] == "full" and i["reported"]["mode"] == "incremental", (i, f)
+                assert f["reported"]["bytes_stored"] >= 0.9 * i["reported"]["bytes_stored"] > 0, (i, f)
     raw = data["sections"]["tracking"]["results"]["raw-loop"]
     assert raw["available"], raw
     assert raw["randwrite-4k-qd16"]["iops"]["median"] > 0
