@@ -256,9 +256,7 @@ class DirectDev:
     def _read_into(self, view: memoryview, pos: int) -> None:
         """One aligned read filling ``view`` from ``pos``; past EOF of a regular file, zeros (as a block device
         would never be short)."""
-        got = os.preadv(self.fd, [view], pos)
-        if got < len(view):
-            view[got:] = bytes(len(view) - got)
+        _zero_after(view, os.preadv(self.fd, [view], pos))
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
@@ -348,22 +346,23 @@ class DirectRead:
     def result(self, got: int) -> memoryview:
         """The bytes asked for, as a read-only view of ``buf``, once ``got`` bytes of it were read: zeros after
         a short read (past the end of a regular file, as a block device never is short)."""
-        if got < len(self.buf):
-            self.buf[got:] = bytes(len(self.buf) - got)
+        _zero_after(self.buf, got)
         self.dev.bytes_read += self.length
         return self.buf[self.skip:self.skip + self.length].toreadonly()
 
 
+def _zero_after(view: memoryview, got: int) -> None:
+    """Zeros in ``view`` after the ``got`` bytes a read filled: past the end of a regular file (a block device
+    is never short)."""
+    if got < len(view):
+        view[got:] = bytes(len(view) - got)
+
+
 def direct_read(dev: object, offset: int, length: int) -> DirectRead | None:
-    """:meth:`DirectDev.direct_read` of ``dev`` (a DirectDev, or a SubDev window of one); None for any other
+    """``dev.direct_read`` (:meth:`DirectDev.direct_read`, or a SubDev window of one); None for any other
     device, or where that gives None."""
-    base = 0
-    while isinstance(dev, SubDev):
-        if offset < 0 or offset + length > dev.size:
-            raise ValueError(f"I/O at {offset}+{length} outside a {dev.size}-byte window")
-        base += dev.base
-        dev = dev.dev
-    return dev.direct_read(base + offset, length) if isinstance(dev, DirectDev) else None
+    plan = getattr(dev, "direct_read", None)
+    return plan(offset, length) if plan is not None else None
 
 
 def reads_direct(dev: object) -> bool:
@@ -731,6 +730,10 @@ class SubDev:
     def pread_view(self, offset: int, length: int) -> memoryview:
         self._check(offset, length)
         return read_view(self.dev, self.base + offset, length)
+
+    def direct_read(self, offset: int, length: int) -> DirectRead | None:
+        self._check(offset, length)
+        return direct_read(self.dev, self.base + offset, length)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check(offset, len(data))
