@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from baton.daemon import protocol
-from baton.errors import BatonError, DaemonError, DeviceBusy, NotAttached, UsageError, exit_code
+from baton.errors import BatonError, DeviceBusy, NotAttached, UsageError, exit_code
 from baton.frontends.base import FrontendConfig
 from baton.host import check_not_in_use
 from baton.host.attachments import check_name, dev_dir, run_dir
 from baton.util import pid_alive
 
 PREFIX = "snap-"
-READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
 
@@ -102,27 +100,8 @@ def mount(snapshot: str, repo_url: str, *, name: str | None = None, key_file: st
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     args = [sys.executable, "-m", "baton.mount", "serve", m.snapshot_id, repo_url, full, str(cache_bytes),
             key_file or ""]
-    logf = open(d / "mount.log", "ab")  # noqa: SIM115 - handed to the child
-    r, w = os.pipe()
-    try:
-        proc = subprocess.Popen([*args, str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, start_new_session=True, close_fds=True)
-    finally:
-        os.close(w)
-        logf.close()
-    msg = protocol.read_ready(r, proc, READY_TIMEOUT)
-    if msg is None:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        raise DaemonError(f"the mount daemon of {full} did not become ready (exit status {proc.poll()})",
-                          hint=f"see {d / 'mount.log'}")
-    if not msg.get("ok"):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        with contextlib.suppress(OSError):
-            _remove_files(full)
-        protocol.raise_reply(msg)
-    res: dict[str, Any] = msg["result"]
+    res: dict[str, Any] = protocol.spawn_until_ready(args, d / "mount.log", what=f"the mount daemon of {full}",
+                                                     on_refused=lambda: _remove_files(full))
     return res
 
 

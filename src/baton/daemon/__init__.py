@@ -20,7 +20,6 @@ Layer: above the engines (a backup runs inside the daemon) and the frontends; be
 from typing import TYPE_CHECKING, Any
 
 from baton.daemon.client import (
-    READY_TIMEOUT,
     attach,
     backup,
     daemon_gone,
@@ -30,6 +29,7 @@ from baton.daemon.client import (
     name_status,
     request,
 )
+from baton.daemon.protocol import READY_TIMEOUT
 from baton.daemon.runtime import default_name
 
 if TYPE_CHECKING:

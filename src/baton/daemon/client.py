@@ -4,8 +4,9 @@ commands; none of them touches a daemon's files or socket in any other way.
 
 `baton backup NAME` and `baton status NAME` are a request to a running daemon: this module imports at the top
 only what they need (the protocol's client half, the state files as str paths, the errors). The frontends
-(and through them the tracker), ``subprocess`` and ``signal`` are imported by :func:`attach` and the clean-up
-of a dead daemon, which use them; the record code only where a disk's record is read.
+(and through them the tracker) are imported by :func:`attach` and the clean-up of a dead daemon, which use
+them, and ``subprocess`` by the spawn (:func:`baton.daemon.protocol.spawn_until_ready`); the record code only
+where a disk's record is read.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from baton.daemon.runtime import (
 from baton.errors import BatonError, DaemonError, DeviceBusy, DeviceError, NotAttached, UsageError
 from baton.host.attachments import attachments, read_state
 from baton.util import pid_alive
-
-READY_TIMEOUT = 60.0  # seconds `attach` waits for the daemon to say it is ready (or why not)
 
 
 def request(name: str, op: dict[str, Any], *, timeout: float | None = 30.0,
@@ -92,8 +91,6 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str | Non
     ``frontend`` is a kind or ``auto``, the default (the daemon chooses: :func:`baton.frontends.choose`). A dm
     stack that NAME's dead daemon left serving is left for the new daemon to adopt when it may be dm again.
     """
-    import signal
-    import subprocess
 
     from baton import frontends
 
@@ -146,25 +143,8 @@ def attach(disk: str, *, node: str, name: str | None = None, frontend: str | Non
     if foreground:
         os.execve(sys.executable, [*args, "--ready-fd", "-1"], env)
     log_path(name).parent.mkdir(parents=True, exist_ok=True)
-    logf = open(log_path(name), "ab")  # noqa: SIM115 - handed to the child
-    r, w = os.pipe()
-    try:
-        proc = subprocess.Popen([*args, "--ready-fd", str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True, close_fds=True, env=env)
-    finally:
-        os.close(w)
-        logf.close()
-    msg = protocol.read_ready(r, proc, READY_TIMEOUT)
-    if msg is None:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        raise DaemonError(f"the daemon for {name} did not become ready (exit status {proc.poll()}); see "
-                          f"{log_path(name)}")
-    if not msg.get("ok"):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        protocol.raise_reply(msg)
-    res: dict[str, Any] = msg["result"]
+    res: dict[str, Any] = protocol.spawn_until_ready([*args, "--ready-fd"], log_path(name),
+                                                     what=f"the daemon for {name}", env=env)
     res["cleaned_up"] = cleaned
     return res
 

@@ -13,7 +13,8 @@ failure that is not a Baton error, becomes the caller's ``default``, DaemonError
 command that asked is the one the error would have had in-process. Every failure of a request is answered,
 never swallowed; one that is not a Baton error is also logged with its traceback.
 
-One module, two halves: the client half (:func:`request`, :func:`raise_reply`, :func:`read_ready`) is what
+One module, two halves: the client half (:func:`request`, :func:`raise_reply`, :func:`read_ready`,
+:func:`spawn_until_ready`, which imports ``subprocess`` when it runs) is what
 every command that asks a daemon imports, so the module's own imports are only what that half needs (socket,
 json, the errors); the server half (:class:`ControlServer`, :class:`AfterReply`, :func:`error_reply`) imports
 ``logging`` where it logs a failure.
@@ -83,6 +84,54 @@ def read_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[s
         return None
     msg: dict[str, Any] = json.loads(line)
     return msg
+
+
+READY_TIMEOUT = 60.0  # seconds a starting daemon has to say it is ready (or why not) on its ready pipe
+
+
+def spawn_until_ready(argv: list[str], log: Path, *, what: str, env: dict[str, str] | None = None,
+                      on_refused: Callable[[], None] | None = None, timeout: float = READY_TIMEOUT) -> Any:
+    """Start a daemon (a new session; stdin /dev/null; stdout and stderr appended to ``log``) with the write end
+    of a ready pipe as its last argument, and return the result of the one line it writes there
+    (:func:`read_ready`). The per-disk daemons and the mount daemons start this way.
+
+    A daemon that answers with an error has given up: it gets 10 s to exit, ``on_refused`` cleans up after it
+    (OSError ignored), and the error is raised as its Baton class. One that exits, closes the pipe or stays
+    silent for ``timeout`` seconds without answering is stopped (SIGTERM) if still running, and DaemonError
+    names ``what``, how it ended (exit status, signal, or silence) and ``log``."""
+    import signal
+    import subprocess
+
+    logf = open(log, "ab")  # noqa: SIM115 - handed to the child
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([*argv, str(w)], pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=logf, start_new_session=True, close_fds=True, env=env)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+        logf.close()
+    msg = read_ready(r, proc, timeout)
+    if msg is None:
+        # It closed the pipe (exiting: reaped within moments) or stayed silent (still running: stopped).
+        try:
+            rc: int | None = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            rc = None
+            os.kill(proc.pid, signal.SIGTERM)
+        how = (f"gave no answer within {timeout:.0f} s and was stopped" if rc is None
+               else f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}")
+        raise DaemonError(f"{what} did not become ready: it {how}", hint=f"its log says why: see {log}")
+    if not msg.get("ok"):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if on_refused is not None:
+            with contextlib.suppress(OSError):
+                on_refused()
+        raise_reply(msg)
+    return msg.get("result")
 
 
 def raise_reply(msg: dict[str, Any], default: type[BatonError] = DaemonError) -> None:
