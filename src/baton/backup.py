@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from baton.device import AioReads, DirectRead, data_extents, direct_read, open_aio, read_view, reads_direct
+from baton.device import AioLease, DirectRead, data_extents, direct_read, open_aio, read_view, reads_direct
 from baton.errors import ObjectNotFound, RepoCorrupt, UsageError
 from baton.format.record import (
     FLAG_DISTRUSTED,
@@ -222,7 +222,7 @@ class _AioGroup:
         self.error: OSError | None = None
 
 
-def _aio_reads(tracker: Tracker, groups: Iterator[Group], aio: AioReads
+def _aio_reads(tracker: Tracker, groups: Iterator[Group], aio: AioLease
                ) -> Generator[tuple[Group, GroupRead], None, None]:
     """What :func:`_pool_reads` yields, read by the kernel's asynchronous reads (:class:`baton.device.AioReads`)
     straight into each run's buffer, with the same bounds (READ_DEPTH groups, READ_BYTES). A run's read is

@@ -425,6 +425,7 @@ class AioReads:
             raise OSError(ctypes.get_errno(), f"io_setup: {os.strerror(ctypes.get_errno())}")
         self._inflight: dict[int, tuple[Any, Any, Any]] = {}   # iocb data -> (token, read, iocb)
         self._next = 0
+        self.pid = os.getpid()   # a context belongs to the process that made it (a forked child has none)
 
     def _call(self, *args: Any) -> int:
         while True:
@@ -480,19 +481,80 @@ class AioReads:
 
     def close(self) -> None:
         """Wait for every read in flight (io_destroy does), then forget them. Idempotent."""
-        if self._ctx.value:
+        if self._ctx.value and self.pid == os.getpid():
             self._call(self._destroy, self._ctx)
-            self._ctx.value = 0
+        self._ctx.value = 0
         self._inflight.clear()
 
 
-def open_aio(depth: int) -> AioReads | None:
-    """An :class:`AioReads` of ``depth``, or None where native AIO is not to be had (another system, the
-    system-wide limit ``fs.aio-max-nr`` reached, BATON_AIO=off): the caller reads with threads instead."""
+class AioLease:
+    """One user's hold on an :class:`AioReads` kept by the process (:func:`open_aio`): the same calls, and a
+    :meth:`close` that waits for the reads still in flight by reaping them and hands the context back for
+    the next user instead of destroying it.
+
+    Why: ``io_destroy`` took 28-36 ms here each time (the kernel waits out an RCU grace period), a tenth of a
+    1 % incremental of 4 GiB after a takeover. The kernel frees a kept context when the process exits; each
+    counts its depth against the system-wide ``fs.aio-max-nr`` (65,536 by default) for the life of the
+    process, one per backup the process runs at a time."""
+
+    def __init__(self, ctx: AioReads) -> None:
+        self._ctx: AioReads | None = ctx
+        self.depth = ctx.depth
+
+    def _held(self) -> AioReads:
+        if self._ctx is None:
+            raise ValueError("this AIO lease was closed")
+        return self._ctx
+
+    @property
+    def in_flight(self) -> int:
+        return self._ctx.in_flight if self._ctx is not None else 0
+
+    def submit(self, reads: list[tuple[Any, DirectRead]]) -> None:
+        self._held().submit(reads)
+
+    def reap(self, min_nr: int = 1) -> list[tuple[Any, DirectRead, int]]:
+        return self._held().reap(min_nr)
+
+    def close(self) -> None:
+        """Wait for every read in flight, then hand the context back. Idempotent: only the first call does
+        anything (the context may have a new user by the second). A context whose reaping fails is destroyed
+        instead (io_destroy waits for what is left)."""
+        ctx, self._ctx = self._ctx, None
+        if ctx is None:
+            return
+        try:
+            while ctx.in_flight:
+                ctx.reap(ctx.in_flight)
+        except OSError:
+            ctx.close()
+            return
+        except BaseException:
+            ctx.close()
+            raise
+        with _AIO_LOCK:
+            _AIO_FREE.append(ctx)
+
+
+_AIO_LOCK = threading.Lock()
+_AIO_FREE: list[AioReads] = []   # contexts between users (AioLease), of this process only
+
+
+def open_aio(depth: int) -> AioLease | None:
+    """Native AIO of at least ``depth`` reads for one user until its :meth:`AioLease.close`: a context a
+    previous user of this process handed back, else a new one (kept after). None where native AIO is not to
+    be had (another system, the system-wide limit ``fs.aio-max-nr`` reached, BATON_AIO=off): the caller reads
+    with threads instead."""
     if os.environ.get(AIO_ENV, "").lower() in ("off", "0", "no"):
         return None
+    pid = os.getpid()
+    with _AIO_LOCK:
+        _AIO_FREE[:] = [a for a in _AIO_FREE if a.pid == pid]   # a forked child's copies are not its own
+        for i in range(len(_AIO_FREE) - 1, -1, -1):   # the one handed back last first
+            if _AIO_FREE[i].depth >= depth:
+                return AioLease(_AIO_FREE.pop(i))
     try:
-        return AioReads(depth)
+        return AioLease(AioReads(depth))
     except OSError:
         return None
 
