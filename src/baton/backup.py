@@ -338,8 +338,8 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
     """Back up the tracked disk into ``repo``. Returns the result dict printed by ``baton backup --json``.
 
     ``fault`` (tests only) is called at named points ("after-freeze", "after-batch", "before-commit",
-    "after-publish", "after-commit") so fault-injection tests can kill the process exactly there. ``batch_chunks`` (default:
-    :func:`batch_chunks_default`) is the checkpoint interval.
+    "after-publish", "after-commit") so fault-injection tests can kill the process exactly there.
+    ``batch_chunks`` (default: :func:`batch_chunks_default`) is the checkpoint interval.
 
     Pipeline: up to READ_DEPTH groups of runs of frozen chunks, READ_BYTES in all, are read by a thread pool
     (one O_DIRECT read per run of RUN_BYTES at most; a group is one run of a full backup, or consecutive short
@@ -478,7 +478,7 @@ def run_backup(tracker: Tracker, repo: Repository, *, node: str, name: str = "",
             info["consistency"] = getattr(around_freeze, "report", None)
         m = w.commit(info)
         if fault:
-            fault("after-publish")  # the snapshot is complete in the repository; the record does not know it yet
+            fault("after-publish")  # the snapshot is complete in the repository; the record doesn't know it
         stats = w.statistics()
         cbw = tracker.end_backup()
         entry = HistoryEntry(

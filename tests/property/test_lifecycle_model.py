@@ -3,8 +3,8 @@
 This is the oracle for DESIGN.md's invariants 1 and 2. A Hypothesis state machine drives one shared disk
 through writes, kills of the owner at every named point (idle, in the middle of a write's mark, and during
 full and incremental backups: after the freeze, after each checkpoint, during an upload, before the commit,
-after the snapshot is published and before the record knows it, and after the commit), takeovers by other nodes, clean detaches with offline backups, ``--full`` backups, restores,
-forget + prune, backups that alternate between two repositories, repository faults (ENOSPC, a lost index, a
+after the snapshot is published and before the record knows it, and after the commit), takeovers by other
+nodes, clean detaches with offline backups, ``--full`` backups, restores, forget + prune, backups that alternate between two repositories, repository faults (ENOSPC, a lost index, a
 corrupt pack) and record damage (a header copy, a bitmap page). On a format-v3 record (the default layout)
 owners alternate between a userspace frontend (writes through the tracker, marked in Baton's bitmaps) and a
 simulated dm frontend (``SimEra``: writes recorded only in dm-era's metadata, folded into the record at the
@@ -12,9 +12,9 @@ takeover, at every backup's freeze and at a clean detach, with power failures in
 dm-era distrusts what a crashed dm owner left; era metadata lost or re-created).
 
 * The shadow disk is the oracle. Every backup that returns (the CLI would exit 0), and every complete snapshot
-  a killed backup left, is restored at once and must equal the shadow at its freeze point, byte for byte; earlier ones are restored again at random (after
-  forget/prune, faults and takeovers). A restore may fail only with a typed error when the repository was
-  damaged on purpose; it may never return wrong bytes.
+  a killed backup left, is restored at once and must equal the shadow at its freeze point, byte for byte;
+  earlier ones are restored again at random (after forget/prune, faults and takeovers). A restore may fail only
+  with a typed error when the repository was damaged on purpose; it may never return wrong bytes.
 * "A kill" is a process kill plus a power loss of the record device: every later record write fails, the
   storage the dying process uses refuses every call, the volatile cache of the record device is dropped,
   kept or torn (seeded), and the Record/Tracker/Repository objects are abandoned, cleaning up nothing.
@@ -427,9 +427,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             self._end_offline()
 
     def _left_complete(self, repo_i: int, before: set[str], frozen_image: bytes) -> None:
-        """A killed backup may have published its snapshot (killed after-publish or after-commit, or by an
-        upload fault after the manifest's put): a complete snapshot it left must restore its freeze point like
-        any other, now and later."""
+        """A backup killed after-publish or after-commit left its snapshot complete: it must restore its freeze
+        point like any other, now and later. (An upload kill dies before its put, and the manifest's is the
+        last: it never leaves one.)"""
         plain = Repository.open(self.urls[repo_i], store=self.bases[repo_i])
         for key in sorted({o.key for o in self.bases[repo_i].list("snapshots/")} - before):
             m = plain.read_manifest(key.split("/", 1)[1])

@@ -30,8 +30,8 @@ pack being filled and the pack being stored (one buffer each of the repository's
 for the one before it to be stored, and a stored pack's buffer is filled again): 8 + 1 + 8 + 16 + 16 = 49 MiB at
 16 MiB packs (96 MiB at 32 MiB packs and a 16 MiB queue, the settings before), plus the local store's O_DIRECT
 bounce buffer (4 MiB, on the uploader thread), plus an incremental's leaves of the parent's tree (about 300 KiB
-each as lists of ids): up to MAX_CHANGED_LEAVES changed and PREFETCH_LEAVES loading ahead. While a writer is open the C allocator keeps freed large buffers
-for reuse (``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of
+each as lists of ids): up to MAX_CHANGED_LEAVES changed and PREFETCH_LEAVES loading ahead. While a writer is
+open the C allocator keeps freed large buffers for reuse (``baton.device.reuse_big_buffers``: each read buffer reuses the memory of one freed before, instead of
 being faulted in anew); each checkpoint and closing the writer give back what it holds free.
 Measured, in-process full backup of the 1 GiB benchmark image, interleaved runs: peak RSS 113-116 MiB
 (the interpreter and libraries 33 MiB of it) against 146-176 MiB at 32 MiB packs and a 16 MiB queue, with
@@ -88,9 +88,10 @@ MAX_UPLOADS = 0              # sealed packs waiting while the uploader stores on
                              # the one before it; 1 was no faster with O_DIRECT pack writes, and held 32 MiB more)
 UPLOADERS = 1                # threads storing packs (2, with MAX_UPLOADS 2, measured no faster on 2 cores)
 INDEX_EVERY_PACKS = 16       # write an index file at least every N packs
-PREFETCH_LEAVES = 16         # leaves of the parent's tree loading ahead of the chunks that change them (~300 KiB each):
-                             # a small incremental puts all its chunks before it takes the first result, so with 4
-                             # the other leaves (12 of a 4 GiB disk's 16) loaded one by one at its commit, 15 ms
+PREFETCH_LEAVES = 16         # leaves of the parent's tree loading ahead of the chunks that change them
+                             # (~300 KiB each): a small incremental puts all its chunks before it takes the
+                             # first result, so with 4 the other leaves (12 of a 4 GiB disk's 16) loaded one
+                             # by one at its commit, 15 ms
 MAX_CHANGED_LEAVES = 64      # leaves held in memory before the tree is flushed to pages (counted per encode task:
                              # plus the leaves one task's chunks touch, at most 16 at 64 KiB chunks)
 PAGE_UPLOADS = 8             # index pages stored concurrently at a flush
