@@ -727,15 +727,22 @@ def release_free_memory() -> None:
 
 
 def libc_handle() -> Any:
+    """The C library through ctypes (None if it can't be loaded), loaded once: by its glibc name first, which
+    the process has mapped already; ``ctypes.util.find_library`` runs ``ldconfig -p`` in a child process
+    (about 7 ms of a restore's start), so it is asked only where that name is not there."""
     import ctypes
-    import ctypes.util
 
     global _libc
-    if _libc is None:  # loaded once: find_library runs ldconfig, milliseconds a call
+    if _libc is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
         except OSError:
-            return None
+            import ctypes.util
+
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            except OSError:
+                return None
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
         _libc = libc
     return _libc

@@ -1,5 +1,6 @@
-"""`baton backup NAME` talks to a running daemon: its client path must not import the record, tracker or
-repository code (they cost about 100 ms of start-up per command, most of a small incremental's client time)."""
+"""Start-up costs. `baton backup NAME` talks to a running daemon: its client path must not import the record,
+tracker or repository code (they cost about 100 ms of start-up per command, most of a small incremental's client
+time). Commands that do load them skip what costs start-up time for nothing: crc32c's package init, ldconfig."""
 
 from __future__ import annotations
 
@@ -56,3 +57,16 @@ def test_record_crc32c_matches_the_package() -> None:
         data = os.urandom(n)
         assert crc32c(data) == package.crc32c(data)
         assert crc32c(memoryview(bytearray(data))) == package.crc32c(data)
+
+
+def test_libc_loads_without_running_ldconfig() -> None:
+    """``baton.device.libc_handle`` loads glibc by name: ``ctypes.util.find_library`` runs ``ldconfig -p`` in a
+    child process (about 7 ms of a restore's start)."""
+    code = ("import json, sys\n"
+            "import baton.device as d\n"
+            "libc = d.libc_handle()\n"
+            "print(json.dumps({'loaded': libc is not None and hasattr(libc, 'fallocate'),\n"
+            "                  'find_library': 'ctypes.util' in sys.modules}))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"loaded": True, "find_library": False}
