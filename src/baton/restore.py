@@ -60,6 +60,7 @@ BATCH_BYTES = 8 << 20       # disk bytes per batch (one aligned buffer; 128 chun
 PREFETCH_BATCHES = 4        # batches being fetched and decoded ahead of the one handed to the writes
 WRITE_BATCHES = 3           # batches whose writes may still be in flight
 WRITE_DEPTH = 4             # positional writes to the target in flight
+LEAVES_AHEAD = 4            # leaves of the snapshot's tree loading on the worker pool ahead of the one read
 DIRECT_WRITES = True        # O_DIRECT writes from the aligned buffers where the target takes them
 
 
@@ -245,7 +246,7 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
     the whole buffer into the image digest (one call, outside the GIL) while the writes run. PREFETCH_BATCHES batches are
     fetched ahead; WRITE_BATCHES batches may be writing. Memory bound: (PREFETCH_BATCHES + WRITE_BATCHES +
     1) buffers of BATCH_BYTES (64 MiB at the defaults) plus the ranged reads in flight (one per worker, up to
-    16 MiB each)."""
+    16 MiB each) and LEAVES_AHEAD leaves of the tree loaded ahead (about 300 KiB each as lists of ids)."""
     disk = manifest.disk
     target_path, kind = t.path, t.kind
     cs = disk.chunk_size
@@ -269,7 +270,11 @@ def _write(repo: Repository, manifest: Manifest, t: _Target, progress: Callable[
         pending: deque[_Batch] = deque()
         writing: deque[_Batch] = deque()
         try:
-            batches = _batches(reader.iter_ids(), disk.chunk_count, per_batch)
+            # The chunk index loads on the pool while this thread loads the tree's first pages, and the next
+            # leaves load there ahead of the batches: each is a cold fetch of its own at the start.
+            pool.submit(repo.chunk_index)  # an error here is raised again by the first find, in this thread
+            batches = _batches(reader.iter_ids(ahead=LEAVES_AHEAD, submit=pool.submit), disk.chunk_count,
+                               per_batch)
             exhausted = False
             while True:
                 while not exhausted and len(pending) < PREFETCH_BATCHES:

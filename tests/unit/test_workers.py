@@ -122,6 +122,43 @@ def test_a_prefetched_leaf_is_the_leaf_and_is_checked() -> None:
         bad.leaf(1)
 
 
+def test_reading_the_tree_in_order_loads_the_next_leaves_ahead() -> None:
+    """``iter_ids(ahead=N, submit=...)`` (a restore's): the same ids in the same order, every leaf after the
+    first loaded through ``submit`` (at most N started ahead of the one read), and each leaf loaded once."""
+    rng = random.Random(SEED)
+    repo = Repository.init(f"memory://workers-{uuid.uuid4().hex}")
+    disk = DiskIdentity("t", 5 * 4096 * CS - 3 * CS, CS)   # five leaves (the last one short) under a root
+    img = bytearray(disk.size)
+    for c in rng.sample(range(disk.chunk_count), 500):
+        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    m = _backup(repo, disk, img, range(disk.chunk_count), None)
+    pool = shared_pool("baton-pages", writer_mod.PAGE_UPLOADS)
+    plain = list(repo.tree(m).iter_ids())
+    assert len(plain) == disk.chunk_count
+
+    loads: list[bytes] = []
+    submitted: list[bytes] = []
+    most_waiting = 0
+
+    def load(pid: bytes) -> tuple[int, list[bytes]]:
+        loads.append(pid)
+        return repo.load_page(pid)
+
+    tree = TreeReader(bytes.fromhex(m.root), disk.chunk_count, load)
+
+    def submit(fn, pid):  # type: ignore[no-untyped-def]
+        nonlocal most_waiting
+        submitted.append(pid)
+        most_waiting = max(most_waiting, tree.prefetching + 1)
+        return pool.submit(fn, pid)
+
+    assert list(tree.iter_ids(ahead=2, submit=submit)) == plain
+    leaves = [tree.page_id(0, n) for n in range(5)]
+    assert submitted == leaves[1:]            # the first is read at once; the others came through the pool
+    assert most_waiting == 2
+    assert sorted(loads) == sorted([bytes.fromhex(m.root), *leaves]) and tree.prefetching == 0
+
+
 def test_an_incremental_loads_its_leaves_on_the_page_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     """The parent's leaves an incremental changes load on the page pool while its chunks are encoded (a cold
     leaf took its caller 2-3 ms), and the snapshot is the same as without."""

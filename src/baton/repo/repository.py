@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -34,6 +34,9 @@ from baton.repo.locks import RepoLock
 from baton.repo.model import DiskIdentity, Manifest
 from baton.repo.tree import TreeReader
 from baton.storage import ObjectInfo, RetryPolicy, Store, open_store
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 PACK_TARGET = 16 << 20  # new repositories (each keeps its own in its config): see docs/format.md, pack_target
 INDEX_FILE_ENTRIES = 200_000  # entries per index file written by prune, rebuild-index and heal_index (~17 MiB raw)
@@ -774,8 +777,12 @@ class SnapshotReader:
     def chunk_id(self, chunk_index: int) -> bytes:
         return self.tree.chunk_id(chunk_index)
 
-    def iter_ids(self) -> Iterator[bytes]:
-        return self.tree.iter_ids()
+    def iter_ids(self, *, ahead: int = 0,
+                 submit: Callable[[Callable[[bytes], tuple[int, list[bytes]]], bytes],
+                                  Future[tuple[int, list[bytes]]]] | None = None) -> Iterator[bytes]:
+        """Every chunk id in disk order; see :meth:`TreeReader.iter_ids` (``ahead`` leaves loading on
+        ``submit``'s pool)."""
+        return self.tree.iter_ids(ahead=ahead, submit=submit)
 
     def read(self, chunk_index: int) -> bytes:
         return self.repo.read_chunk(self.chunk_id(chunk_index), self.chunk_length(chunk_index))

@@ -109,12 +109,21 @@ class TreeReader:
             raise IndexError(chunk_index)
         return self.leaf(chunk_index // PAGE_FANOUT)[chunk_index % PAGE_FANOUT]
 
-    def iter_ids(self) -> Iterator[bytes]:
-        """Every chunk id in disk order."""
+    def iter_ids(self, *, ahead: int = 0,
+                 submit: Callable[[Callable[[bytes], tuple[int, list[bytes]]], bytes],
+                                  Future[tuple[int, list[bytes]]]] | None = None) -> Iterator[bytes]:
+        """Every chunk id in disk order. With ``submit`` (a pool's), the next ``ahead`` leaves load on the pool
+        while the caller takes this one's ids (:meth:`prefetch_leaf`): a restore reads the tree in order, and
+        each leaf is a cold fetch of its own."""
         if not self.shape:
             return
-        for leaf_no in range(self.shape[0]):
-            yield from self.leaf(leaf_no)
+        n = self.shape[0]
+        for leaf_no in range(n):
+            ids = self.leaf(leaf_no)
+            if submit is not None:
+                for k in range(leaf_no + 1, min(n, leaf_no + 1 + ahead)):
+                    self.prefetch_leaf(k, submit)
+            yield from ids
 
     def iter_pages(self) -> Iterator[tuple[int, bytes]]:
         """(level, page id) of every stored (non-zero) page, top down; shared subtrees are visited once each."""
