@@ -33,6 +33,24 @@ def test_aligned_view_is_aligned_and_writable() -> None:
         assert addr % ALIGN == 0
 
 
+def test_a_short_read_leaves_zeros_whatever_the_buffer_held() -> None:
+    """aligned_view's memory is not zeroed: DirectRead.result must zero what a read did not fill (past the end
+    of a regular file), so no stale byte of earlier reads reaches a backup."""
+    from baton.device import DirectRead
+
+    class _Counted:
+        bytes_read = 0
+
+    for got in (0, 100, ALIGN, 2 * ALIGN - 1):
+        buf = aligned_view(2 * ALIGN)
+        buf[:] = b"\xab" * len(buf)
+        r = DirectRead(_Counted(), -1, 0, buf, 10, 2 * ALIGN - 10)  # type: ignore[arg-type]
+        v = r.result(got)
+        assert v.readonly and len(v) == 2 * ALIGN - 10
+        assert bytes(buf[got:]) == bytes(2 * ALIGN - got)
+        assert bytes(v[max(0, got - 10):]) == bytes(len(v) - max(0, got - 10))
+
+
 def test_pread_view_matches_pread(tmp_path) -> None:  # type: ignore[no-untyped-def]
     print("seed", SEED)
     rng = random.Random(SEED)
