@@ -187,6 +187,43 @@ def test_an_incremental_loads_its_leaves_on_the_page_pool(monkeypatch: pytest.Mo
     assert _image(repo, m2) == bytes(img)
 
 
+def test_the_chunk_index_loads_on_the_page_pool_and_its_error_fails_the_backup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup's chunk-index load and heal (``Repository.prepare_backup``) run on the page pool while the caller
+    freezes and reads; the snapshot is the same as without. If they fail, the backup fails with their error
+    and publishes nothing (the error is never lost with the thread)."""
+    rng = random.Random(SEED)
+    repo = Repository.init(f"memory://workers-{uuid.uuid4().hex}")
+    disk = DiskIdentity("x", 2 * 4096 * CS, CS)
+    img = bytearray(disk.size)
+    for c in rng.sample(range(disk.chunk_count), 200):
+        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    m1 = _backup(repo, disk, img, range(disk.chunk_count), None)
+    real = Repository.prepare_backup
+    ran_on: list[str] = []
+
+    def recording(self: Repository) -> None:
+        ran_on.append(threading.current_thread().name)
+        real(self)
+
+    monkeypatch.setattr(Repository, "prepare_backup", recording)
+    changed = sorted(rng.sample(range(disk.chunk_count), 30))
+    for c in changed:
+        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    m2 = _backup(repo, disk, img, changed, m1)
+    assert len(ran_on) == 1 and ran_on[0].startswith("baton-pages"), ran_on
+    assert _image(repo, m2) == bytes(img)
+
+    def failing(self: Repository) -> None:
+        raise OSError(28, "No space left on device (chunk-index cache)")
+
+    monkeypatch.setattr(Repository, "prepare_backup", failing)
+    before = set(repo.snapshot_ids())
+    with pytest.raises(OSError, match="No space left"):
+        _backup(repo, disk, img, changed[:3], m2)
+    assert set(repo.snapshot_ids()) == before
+
+
 def test_a_process_that_exits_while_its_threads_start_exits() -> None:
     """The per-disk daemon starts its pools from a daemon thread; a daemon that stops right after it starts (a
     failed or quick attach) left that thread stopped mid-way and the pools' threads waiting for it, and the

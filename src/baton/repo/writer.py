@@ -141,14 +141,20 @@ class BackupWriter:
         self.snapshot_id = snapshot_id
         self._lock = RepoLock.acquire_shared(repo.store, "backup", node, ttl=lock_ttl or DEFAULT_TTL,
                                              wait=lock_wait)
+        self._page_pool = shared_pool("baton-pages", PAGE_UPLOADS)
         try:
             # Under the shared lock (no prune can run now): catch up with other clients (new index files, a
             # prune's rewrite, forgotten snapshots) and index packs no index file covers (lost index files):
-            # an incremental references its parent's chunks by id, and they must stay findable.
-            repo.prepare_backup()
+            # an incremental references its parent's chunks by id, and they must stay findable. The listings
+            # run here; loading the chunk index (a new daemon's first: its node cache, about 10 ms at 4 GiB)
+            # and the heal run on the page pool, while the caller freezes the disk and issues its first reads.
+            # Every chunk-index lookup waits for that load (the repository's lock); the first results taken
+            # (_drain) and the commit raise its error, if it failed.
+            repo.refresh()
             if parent is not None and parent.snapshot_id not in repo.snapshot_ids():
                 raise RepoError(f"parent snapshot {parent.snapshot_id} was forgotten while this backup started",
                                 hint="run the backup again")
+            self._index_ready: Future[None] | None = self._page_pool.submit(repo.prepare_backup)
         except BaseException:
             self._lock.release()
             raise
@@ -159,7 +165,6 @@ class BackupWriter:
         self._pending: set[bytes] = set()                # in a pack of this writer, not yet in an index file
         # The process's shared threads (baton.workers): a daemon's backups reuse them instead of starting ~10.
         self._pool = shared_pool("baton-encode", workers)
-        self._page_pool = shared_pool("baton-pages", PAGE_UPLOADS)
         self._uploader = shared_pool("baton-upload", UPLOADERS)
         # Encode tasks in submission order: (chunk index, length) per chunk, and the task (None: zero chunks).
         self._inflight: deque[tuple[list[tuple[int, int]], Future[list[tuple[bytes, bytes | None, int]]] | None]] \
@@ -392,6 +397,9 @@ class BackupWriter:
         done)."""
         if keep == 0:
             self._submit_batch()
+        if self._index_ready is not None and (keep == 0 or self._index_ready.done()):
+            ready, self._index_ready = self._index_ready, None
+            ready.result()  # the chunk index this backup deduplicates against, and its heal: loaded, or the error
         while self._inflight and (self._inflight_bytes > keep or
                                   self._inflight[0][1] is None or self._inflight[0][1].done()):
             items, fut = self._inflight.popleft()
@@ -591,7 +599,9 @@ class BackupWriter:
 
     def _shutdown(self) -> None:
         # The pools are shared: this writer's own tasks are cancelled or waited for, never the pools shut down.
-        finish([*(fut for _items, fut in self._inflight), *self._uploads, *self._base.drop_prefetched()])
+        finish([*(fut for _items, fut in self._inflight), *self._uploads, *self._base.drop_prefetched(),
+                *([self._index_ready] if self._index_ready is not None else [])])
+        self._index_ready = None
         self._inflight.clear()
         self._uploads.clear()
         self._spare.clear()  # the pack buffers go before the allocator is asked to give memory back
