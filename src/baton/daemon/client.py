@@ -56,11 +56,10 @@ def _cleanup_stale(name: str, st: dict[str, Any], *, keep_frontend: bool = False
     daemon to adopt (a dm stack keeps serving and tracking without its daemon).
     """
     done: list[str] = []
-    # A killed daemon can linger for a moment as a dying/zombie process; give init time to reap it.
-    pid = int(st.get("pid", 0))
-    deadline = time.monotonic() + 10
-    while pid and os.path.exists(f"/proc/{pid}") and not pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # A killed daemon that is a zombie is not waited for: by then the kernel has closed its files, its FUSE
+    # connection and its locks, and it holds only its pid until its parent (init, or the cluster's process
+    # that started `baton attach`) reaps it. Waiting for the reap cost a takeover up to 1.2 s where init
+    # reaps late. A daemon still inside its exit is the frontend's case (FUSE: _unwedge_dying_daemon).
     from baton import frontends
 
     kind = str(st.get("frontend") or "")
