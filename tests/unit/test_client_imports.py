@@ -7,9 +7,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 HEAVY = ("baton.record.core", "baton.format.record", "crc32c", "baton.tracker.core", "baton.repo", "baton.backup",
          "baton.daemon.offline", "baton.host.inuse", "blake3", "zstandard")
+
+
+def _child_json(code: str) -> Any:
+    """What ``code``, run by a fresh interpreter, prints as JSON (it must exit 0)."""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
 
 
 def test_backup_client_path_imports_no_engine_code() -> None:
@@ -18,9 +26,7 @@ def test_backup_client_path_imports_no_engine_code() -> None:
             "from baton.daemon import backup, request, daemon_gone\n"
             "from baton.storage import check_url\n"
             "print(json.dumps(sorted(sys.modules)))\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    loaded = set(json.loads(p.stdout))
+    loaded = set(_child_json(code))
     assert not [m for m in HEAVY if m in loaded], sorted(m for m in loaded if m.startswith(HEAVY))
 
 
@@ -40,9 +46,7 @@ def test_record_codec_loads_crc32c_without_the_package_init() -> None:
             "print(json.dumps({'package_ran': 'crc32c' in sys.modules,\n"
             "                  'metadata': 'importlib.metadata' in sys.modules,\n"
             "                  'check': r.crc32c(b'123456789')}))\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    got = json.loads(p.stdout)
+    got = _child_json(code)
     assert got == {"package_ran": False, "metadata": False, "check": 0xE3069283}, got
 
 
@@ -67,6 +71,4 @@ def test_libc_loads_without_running_ldconfig() -> None:
             "libc = d.libc_handle()\n"
             "print(json.dumps({'loaded': libc is not None and hasattr(libc, 'fallocate'),\n"
             "                  'find_library': 'ctypes.util' in sys.modules}))\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == {"loaded": True, "find_library": False}
+    assert _child_json(code) == {"loaded": True, "find_library": False}

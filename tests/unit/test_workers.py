@@ -36,6 +36,13 @@ def _image(repo: Repository, m: Manifest) -> bytes:
     return b"".join(r.read(i) for i in range(r.chunk_count))
 
 
+def _rewrite(img: bytearray, rng: random.Random, chunks: list[int] | range) -> list[int]:
+    """New random content in ``chunks`` of ``img``; returns them sorted (the chunks a backup must put)."""
+    for c in chunks:
+        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    return sorted(chunks)
+
+
 def _encode_threads() -> set[int]:
     return {t.ident for t in threading.enumerate() if t.name.startswith("baton-encode") and t.ident}
 
@@ -50,8 +57,7 @@ def test_backups_in_one_process_reuse_its_threads() -> None:
     m1 = _backup(repo, disk, img, range(256), None)
     after_first = _encode_threads()
     assert after_first
-    for c in range(0, 256, 3):
-        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    _rewrite(img, rng, range(0, 256, 3))
     m2 = _backup(repo, disk, img, range(0, 256, 3), m1)
     assert _encode_threads() == after_first
     assert _image(repo, m2) == bytes(img)
@@ -97,8 +103,7 @@ def test_a_prefetched_leaf_is_the_leaf_and_is_checked() -> None:
     repo = Repository.init(f"memory://workers-{uuid.uuid4().hex}")
     disk = DiskIdentity("t", 3 * 4096 * CS, CS)   # three leaves under a root
     img = bytearray(disk.size)
-    for c in rng.sample(range(disk.chunk_count), 300):
-        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    _rewrite(img, rng, rng.sample(range(disk.chunk_count), 300))
     m = _backup(repo, disk, img, range(disk.chunk_count), None)
     pool = shared_pool("baton-pages", writer_mod.PAGE_UPLOADS)
 
@@ -129,8 +134,7 @@ def test_reading_the_tree_in_order_loads_the_next_leaves_ahead() -> None:
     repo = Repository.init(f"memory://workers-{uuid.uuid4().hex}")
     disk = DiskIdentity("t", 5 * 4096 * CS - 3 * CS, CS)   # five leaves (the last one short) under a root
     img = bytearray(disk.size)
-    for c in rng.sample(range(disk.chunk_count), 500):
-        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    _rewrite(img, rng, rng.sample(range(disk.chunk_count), 500))
     m = _backup(repo, disk, img, range(disk.chunk_count), None)
     pool = shared_pool("baton-pages", writer_mod.PAGE_UPLOADS)
     plain = list(repo.tree(m).iter_ids())
@@ -166,8 +170,7 @@ def test_an_incremental_loads_its_leaves_on_the_page_pool(monkeypatch: pytest.Mo
     repo = Repository.init(f"memory://workers-{uuid.uuid4().hex}")
     disk = DiskIdentity("i", 4 * 4096 * CS, CS)
     img = bytearray(disk.size)
-    for c in rng.sample(range(disk.chunk_count), 400):
-        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    _rewrite(img, rng, rng.sample(range(disk.chunk_count), 400))
     m1 = _backup(repo, disk, img, range(disk.chunk_count), None)
     fresh = repo
     loaders: list[str] = []
@@ -178,9 +181,7 @@ def test_an_incremental_loads_its_leaves_on_the_page_pool(monkeypatch: pytest.Mo
         return real(pid)
 
     monkeypatch.setattr(fresh, "load_page", recording)
-    changed = sorted(rng.sample(range(disk.chunk_count), 40))
-    for c in changed:
-        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    changed = _rewrite(img, rng, rng.sample(range(disk.chunk_count), 40))
     m2 = _backup(fresh, disk, img, changed, m1)
     leaves = [name for name in loaders if name.startswith("baton-pages")]
     assert len(leaves) == 4 and len(loaders) == 5, loaders   # each changed leaf on the pool; the root here
@@ -196,25 +197,22 @@ def test_the_chunk_index_loads_on_the_page_pool_and_its_error_fails_the_backup(
     repo = Repository.init(f"memory://workers-{uuid.uuid4().hex}")
     disk = DiskIdentity("x", 2 * 4096 * CS, CS)
     img = bytearray(disk.size)
-    for c in rng.sample(range(disk.chunk_count), 200):
-        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    _rewrite(img, rng, rng.sample(range(disk.chunk_count), 200))
     m1 = _backup(repo, disk, img, range(disk.chunk_count), None)
     real = Repository.prepare_backup
     ran_on: list[str] = []
 
-    def recording(self: Repository) -> None:
+    def recording(self: Repository, **kw: bool) -> None:
         ran_on.append(threading.current_thread().name)
-        real(self)
+        real(self, **kw)
 
     monkeypatch.setattr(Repository, "prepare_backup", recording)
-    changed = sorted(rng.sample(range(disk.chunk_count), 30))
-    for c in changed:
-        img[c * CS:(c + 1) * CS] = rng.randbytes(CS)
+    changed = _rewrite(img, rng, rng.sample(range(disk.chunk_count), 30))
     m2 = _backup(repo, disk, img, changed, m1)
     assert len(ran_on) == 1 and ran_on[0].startswith("baton-pages"), ran_on
     assert _image(repo, m2) == bytes(img)
 
-    def failing(self: Repository) -> None:
+    def failing(self: Repository, **kw: bool) -> None:
         raise OSError(28, "No space left on device (chunk-index cache)")
 
     monkeypatch.setattr(Repository, "prepare_backup", failing)

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import blake3
 
@@ -32,11 +32,8 @@ from baton.repo.crypto import decode_blob
 from baton.repo.keys import RepoConfig, RepoKeys, create_key_file, new_config, read_key_file, unlock
 from baton.repo.locks import RepoLock
 from baton.repo.model import DiskIdentity, Manifest
-from baton.repo.tree import TreeReader
+from baton.repo.tree import SubmitLoad, TreeReader
 from baton.storage import ObjectInfo, RetryPolicy, Store, open_store
-
-if TYPE_CHECKING:
-    from concurrent.futures import Future
 
 PACK_TARGET = 16 << 20  # new repositories (each keeps its own in its config): see docs/format.md, pack_target
 INDEX_FILE_ENTRIES = 200_000  # entries per index file written by prune, rebuild-index and heal_index (~17 MiB raw)
@@ -352,9 +349,10 @@ class Repository:
             self._stats["refreshes"] = self._stats.get("refreshes", 0) + 1
         return {"index_files_new": len(new), "index_files_gone": len(gone), "manifests_dropped": len(dropped)}
 
-    def prepare_backup(self) -> None:
-        """Make the chunk index current for a backup that holds the shared lock: :meth:`refresh`, then
-        :meth:`heal_index` the first time (per loaded index) only.
+    def prepare_backup(self, *, refreshed: bool = False) -> None:
+        """Make the chunk index current for a backup that holds the shared lock: :meth:`refresh` (unless the
+        caller just did: the backup writer refreshes before the freeze and calls this on its page pool, where
+        the index loads if none is loaded yet), then :meth:`heal_index` the first time (per loaded index) only.
 
         Why only then: a pack no index file covers comes from lost index files, or from a backup that died
         between a pack upload and its index file (its packs are referenced by nothing). The first case shows
@@ -363,7 +361,8 @@ class Repository:
         chunk-index cache this index started from, when it had healed: FLAG_HEALED); the second needs no heal (dedup only misses; restore, verify
         and prune heal on their own). Listing every pack on every backup cost a fixed ~10-80 ms locally and
         grows with the repository (one LIST per 1000 packs on S3)."""
-        self.refresh(load=True)
+        if not refreshed:
+            self.refresh(load=True)
         self._heal_once()
 
     def _heal_once(self) -> int:
@@ -777,9 +776,7 @@ class SnapshotReader:
     def chunk_id(self, chunk_index: int) -> bytes:
         return self.tree.chunk_id(chunk_index)
 
-    def iter_ids(self, *, ahead: int = 0,
-                 submit: Callable[[Callable[[bytes], tuple[int, list[bytes]]], bytes],
-                                  Future[tuple[int, list[bytes]]]] | None = None) -> Iterator[bytes]:
+    def iter_ids(self, *, ahead: int = 0, submit: SubmitLoad | None = None) -> Iterator[bytes]:
         """Every chunk id in disk order; see :meth:`TreeReader.iter_ids` (``ahead`` leaves loading on
         ``submit``'s pool)."""
         return self.tree.iter_ids(ahead=ahead, submit=submit)

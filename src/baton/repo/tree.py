@@ -16,6 +16,9 @@ from concurrent.futures import Future
 from baton.errors import RepoCorrupt
 from baton.format.repo_index import PAGE_FANOUT, ZERO_ID
 
+LoadPage = Callable[[bytes], tuple[int, list[bytes]]]     # page id -> (level, ids), fetched and checked
+SubmitLoad = Callable[[LoadPage, bytes], Future[tuple[int, list[bytes]]]]   # a pool's submit, for page loads
+
 
 def tree_shape(chunk_count: int) -> list[int]:
     """Pages per level, leaves first. ``[1]`` for up to PAGE_FANOUT chunks; ``[]`` only for an empty disk."""
@@ -36,8 +39,7 @@ def page_len(shape: list[int], chunk_count: int, level: int, index: int) -> int:
 class TreeReader:
     """Random access to a tree's ids. ``load(page_id) -> (level, ids)`` fetches and checks one stored page."""
 
-    def __init__(self, root: bytes, chunk_count: int, load: Callable[[bytes], tuple[int, list[bytes]]],
-                 cache_pages: int = 64) -> None:
+    def __init__(self, root: bytes, chunk_count: int, load: LoadPage, cache_pages: int = 64) -> None:
         self.root = root
         self.chunk_count = chunk_count
         self.shape = tree_shape(chunk_count)
@@ -83,9 +85,7 @@ class TreeReader:
     def leaf(self, leaf_no: int) -> list[bytes]:
         return self.page_ids(0, leaf_no)
 
-    def prefetch_leaf(self, leaf_no: int,
-                      submit: Callable[[Callable[[bytes], tuple[int, list[bytes]]], bytes],
-                                       Future[tuple[int, list[bytes]]]]) -> None:
+    def prefetch_leaf(self, leaf_no: int, submit: SubmitLoad) -> None:
         """Start loading leaf ``leaf_no`` through ``submit`` (a pool's), so that :meth:`leaf` later takes it
         loaded, checked as any page is. The pages above it load here, in the caller's thread (one per 4096
         leaves, cached). Call from the thread that reads the tree; :attr:`prefetching` says how many wait."""
@@ -109,9 +109,7 @@ class TreeReader:
             raise IndexError(chunk_index)
         return self.leaf(chunk_index // PAGE_FANOUT)[chunk_index % PAGE_FANOUT]
 
-    def iter_ids(self, *, ahead: int = 0,
-                 submit: Callable[[Callable[[bytes], tuple[int, list[bytes]]], bytes],
-                                  Future[tuple[int, list[bytes]]]] | None = None) -> Iterator[bytes]:
+    def iter_ids(self, *, ahead: int = 0, submit: SubmitLoad | None = None) -> Iterator[bytes]:
         """Every chunk id in disk order. With ``submit`` (a pool's), the next ``ahead`` leaves load on the pool
         while the caller takes this one's ids (:meth:`prefetch_leaf`): a restore reads the tree in order, and
         each leaf is a cold fetch of its own."""

@@ -154,7 +154,7 @@ class BackupWriter:
             if parent is not None and parent.snapshot_id not in repo.snapshot_ids():
                 raise RepoError(f"parent snapshot {parent.snapshot_id} was forgotten while this backup started",
                                 hint="run the backup again")
-            self._index_ready: Future[None] | None = self._page_pool.submit(repo.prepare_backup)
+            self._index_ready: Future[None] | None = self._page_pool.submit(repo.prepare_backup, refreshed=True)
         except BaseException:
             self._lock.release()
             raise
